@@ -1,0 +1,49 @@
+//! Embeds every `.avsc` under the workspace's `schemas/` directory, so that binaries carry the
+//! event catalogue without reading the source tree at run time.
+
+use std::{env, fs, io::Write, path::Path};
+
+fn collect(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
+    entries.sort_by_key(|e| e.path());
+    for entry in entries {
+        let path = entry.path();
+        if path.is_dir() {
+            println!("cargo:rerun-if-changed={}", path.display());
+            collect(&path, root, out);
+        } else if path.extension().is_some_and(|e| e == "avsc") {
+            let rel = path
+                .strip_prefix(root)
+                .map(|p| p.to_string_lossy().replace('\\', "/"))
+                .unwrap_or_default();
+            out.push((rel, path.to_string_lossy().into_owned()));
+        }
+    }
+}
+
+fn main() {
+    let manifest = env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+    let schemas = Path::new(&manifest).join("../../schemas");
+    println!("cargo:rerun-if-changed={}", schemas.display());
+    let mut files = Vec::new();
+    collect(&schemas, &schemas, &mut files);
+    for (_, abs) in &files {
+        println!("cargo:rerun-if-changed={abs}");
+    }
+    let out_dir = env::var("OUT_DIR").unwrap_or_default();
+    let mut f = match fs::File::create(Path::new(&out_dir).join("catalogue_files.rs")) {
+        Ok(f) => f,
+        Err(e) => panic!("cannot write catalogue_files.rs: {e}"),
+    };
+    let mut body = String::from("/// (path relative to schemas/, contents) of every embedded schema file.\npub const FILES: &[(&str, &str)] = &[\n");
+    for (rel, abs) in &files {
+        body.push_str(&format!("    ({rel:?}, include_str!({abs:?})),\n"));
+    }
+    body.push_str("];\n");
+    if let Err(e) = f.write_all(body.as_bytes()) {
+        panic!("cannot write catalogue_files.rs: {e}");
+    }
+}

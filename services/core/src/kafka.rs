@@ -1,0 +1,121 @@
+//! Kafka adapter basics: client configuration, readiness, and topic provisioning.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+    error::{KafkaError, RDKafkaErrorCode},
+};
+use serde::Deserialize;
+
+use crate::catalogue::TopicSpec;
+
+/// Where the brokers are and how to talk to them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated host:port list.
+    pub bootstrap: String,
+    /// Replication factor of topics feedloop creates (use 3 on a real cluster).
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Extra librdkafka properties (TLS, SASL, tuning), passed through verbatim.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+const fn default_replication() -> i32 {
+    1
+}
+
+impl KafkaConfig {
+    pub fn new(bootstrap: impl Into<String>) -> Self {
+        Self {
+            bootstrap: bootstrap.into(),
+            replication_factor: default_replication(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// A librdkafka configuration with the bootstrap servers, `client.id` and the extra
+    /// properties.
+    pub fn client_config(&self, client_id: &str) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", client_id);
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+}
+
+/// Why a Kafka operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaAdminError {
+    #[error("Kafka client error: {0}")]
+    Client(#[from] KafkaError),
+    #[error("creating topic {topic} failed: {code}")]
+    CreateTopic { topic: String, code: RDKafkaErrorCode },
+    #[error("Kafka at {bootstrap} not reachable within {timeout:?}: {source}")]
+    NotReady {
+        bootstrap: String,
+        timeout: Duration,
+        source: KafkaError,
+    },
+    #[error("Kafka metadata call panicked or was cancelled")]
+    Join,
+}
+
+/// Waits until the cluster answers a metadata request.
+pub async fn wait_ready(config: &KafkaConfig, timeout: Duration) -> Result<(), KafkaAdminError> {
+    let consumer: BaseConsumer = config.client_config("feedloop-ready").create()?;
+    let bootstrap = config.bootstrap.clone();
+    tokio::task::spawn_blocking(move || {
+        consumer
+            .fetch_metadata(None, timeout)
+            .map(|_| ())
+            .map_err(|source| KafkaAdminError::NotReady {
+                bootstrap,
+                timeout,
+                source,
+            })
+    })
+    .await
+    .map_err(|_| KafkaAdminError::Join)?
+}
+
+/// Creates the topics that do not exist yet; existing ones are left as they are.
+pub async fn ensure_topics(
+    config: &KafkaConfig,
+    topics: &[TopicSpec],
+) -> Result<(), KafkaAdminError> {
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config("feedloop-admin").create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            let topic = NewTopic::new(
+                t.name,
+                t.partitions,
+                TopicReplication::Fixed(config.replication_factor),
+            );
+            if t.compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaAdminError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}

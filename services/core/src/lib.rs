@@ -1,0 +1,24 @@
+//! feedloop's shared library: the domain model, ports and adapters every service builds on.
+//!
+//! - [`avro`]: Confluent wire format, typed codec, schema normalization and compatibility.
+//! - [`catalogue`]: the event catalogue (`schemas/`), topics and subjects.
+//! - [`model`]: Rust types of the catalogue records.
+//! - [`registry_client`]: a caching client of a Confluent-compatible schema registry.
+//! - [`config`], [`telemetry`], [`retry`], [`http`], [`error`]: service plumbing.
+//! - [`kafka`], [`postgres`]: adapters.
+
+pub mod avro;
+pub mod catalogue;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod kafka;
+pub mod model;
+pub mod postgres;
+pub mod registry_client;
+pub mod retry;
+pub mod shutdown;
+pub mod telemetry;
+
+/// feedloop's version, as recorded in produced records.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

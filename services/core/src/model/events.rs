@@ -1,0 +1,237 @@
+//! Interaction events reported by mobile clients (`feedloop.events`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// `io.feedloop.events.Platform`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    Ios,
+    Android,
+    Web,
+    #[serde(other)]
+    Other,
+}
+
+/// `io.feedloop.events.Envelope`: what every event carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub user_id: String,
+    #[serde(default)]
+    pub anonymous_id: Option<String>,
+    #[serde(default)]
+    pub device_id: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Skew-corrected event time, epoch milliseconds.
+    pub timestamp: i64,
+    /// Event time by the client's clock, epoch milliseconds.
+    pub client_timestamp: i64,
+    #[serde(default)]
+    pub sent_at: Option<i64>,
+    pub received_at: i64,
+    pub app_id: String,
+    pub platform: Platform,
+    pub app_version: String,
+    #[serde(default)]
+    pub os_version: Option<String>,
+    #[serde(default)]
+    pub clock_skew_flagged: bool,
+}
+
+/// A logged feature value (a branch of the `features` map's union; null is `None`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FeatureValue {
+    Bool(bool),
+    Long(i64),
+    Double(f64),
+    String(String),
+}
+
+/// `io.feedloop.events.MatchImpression`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatchImpression {
+    pub envelope: Envelope,
+    pub match_id: Uuid,
+    pub candidate_id: String,
+    pub request_id: String,
+    pub model_version: String,
+    #[serde(default)]
+    pub experiment_id: Option<String>,
+    #[serde(default)]
+    pub experiment_arm: Option<String>,
+    pub rank: i32,
+    pub score: f64,
+    #[serde(default)]
+    pub features: BTreeMap<String, Option<FeatureValue>>,
+}
+
+/// `io.feedloop.events.Decision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Accept,
+    Skip,
+    #[serde(other)]
+    Unknown,
+}
+
+/// `io.feedloop.events.MatchDecision`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatchDecision {
+    pub envelope: Envelope,
+    pub match_id: Uuid,
+    pub decision: Decision,
+    #[serde(default)]
+    pub decision_latency_ms: Option<i64>,
+}
+
+/// `io.feedloop.events.ChatEndedBy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatEndedBy {
+    #[serde(rename = "self")]
+    Myself,
+    Peer,
+    Network,
+    #[serde(other)]
+    Unknown,
+}
+
+/// `io.feedloop.events.ChatEnded`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatEnded {
+    pub envelope: Envelope,
+    pub match_id: Uuid,
+    pub duration_ms: i64,
+    pub ended_by: ChatEndedBy,
+}
+
+/// `io.feedloop.events.ReportReason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportReason {
+    Spam,
+    Harassment,
+    Nudity,
+    Underage,
+    #[serde(other)]
+    Other,
+}
+
+/// `io.feedloop.events.ReportSubmitted`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportSubmitted {
+    pub envelope: Envelope,
+    #[serde(default)]
+    pub match_id: Option<Uuid>,
+    pub reported_user_id: String,
+    pub reason: ReportReason,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// `io.feedloop.events.UserBlocked`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserBlocked {
+    pub envelope: Envelope,
+    #[serde(default)]
+    pub match_id: Option<Uuid>,
+    pub blocked_user_id: String,
+}
+
+/// The event types of the catalogue, with their names on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    MatchImpression,
+    MatchDecision,
+    ChatEnded,
+    ReportSubmitted,
+    UserBlocked,
+}
+
+impl EventType {
+    pub const ALL: [Self; 5] = [
+        Self::MatchImpression,
+        Self::MatchDecision,
+        Self::ChatEnded,
+        Self::ReportSubmitted,
+        Self::UserBlocked,
+    ];
+
+    /// The `event_type` clients send, e.g. `match_impression`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MatchImpression => "match_impression",
+            Self::MatchDecision => "match_decision",
+            Self::ChatEnded => "chat_ended",
+            Self::ReportSubmitted => "report_submitted",
+            Self::UserBlocked => "user_blocked",
+        }
+    }
+
+    /// Full Avro record name.
+    pub fn record(self) -> &'static str {
+        match self {
+            Self::MatchImpression => "io.feedloop.events.MatchImpression",
+            Self::MatchDecision => "io.feedloop.events.MatchDecision",
+            Self::ChatEnded => "io.feedloop.events.ChatEnded",
+            Self::ReportSubmitted => "io.feedloop.events.ReportSubmitted",
+            Self::UserBlocked => "io.feedloop.events.UserBlocked",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// Any interaction event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    MatchImpression(MatchImpression),
+    MatchDecision(MatchDecision),
+    ChatEnded(ChatEnded),
+    ReportSubmitted(ReportSubmitted),
+    UserBlocked(UserBlocked),
+}
+
+impl Event {
+    pub fn envelope(&self) -> &Envelope {
+        match self {
+            Self::MatchImpression(e) => &e.envelope,
+            Self::MatchDecision(e) => &e.envelope,
+            Self::ChatEnded(e) => &e.envelope,
+            Self::ReportSubmitted(e) => &e.envelope,
+            Self::UserBlocked(e) => &e.envelope,
+        }
+    }
+
+    pub fn event_type(&self) -> EventType {
+        match self {
+            Self::MatchImpression(_) => EventType::MatchImpression,
+            Self::MatchDecision(_) => EventType::MatchDecision,
+            Self::ChatEnded(_) => EventType::ChatEnded,
+            Self::ReportSubmitted(_) => EventType::ReportSubmitted,
+            Self::UserBlocked(_) => EventType::UserBlocked,
+        }
+    }
+
+    /// The match the event is about, if any: the Kafka key that keeps one match on one
+    /// partition.
+    pub fn match_id(&self) -> Option<Uuid> {
+        match self {
+            Self::MatchImpression(e) => Some(e.match_id),
+            Self::MatchDecision(e) => Some(e.match_id),
+            Self::ChatEnded(e) => Some(e.match_id),
+            Self::ReportSubmitted(e) => e.match_id,
+            Self::UserBlocked(e) => e.match_id,
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Logs (structured `tracing`) and metrics (the `metrics` crate, rendered for Prometheus).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Installs the global tracing subscriber: JSON lines when `json`, human-readable otherwise;
+/// the filter comes from `RUST_LOG` (default `info`). Calling it twice is harmless.
+pub fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = if json {
+        registry
+            .with(fmt::layer().json().with_current_span(false).with_writer(std::io::stderr))
+            .try_init()
+    } else {
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init()
+    };
+    // Already installed (several services in one process, or tests): keep the first.
+    drop(result);
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use. Several services running in
+/// one process (the dev stack, tests) share it. `None` if another recorder was installed first.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .as_ref()
+}
+
+/// Renders all metrics in the Prometheus text format.
+pub fn render_metrics() -> String {
+    prometheus().map(PrometheusHandle::render).unwrap_or_default()
+}

@@ -1,0 +1,205 @@
+//! The Kafka-compatible broker of the dev stack: `$KAFKA_BOOTSTRAP` if set, otherwise a tansu
+//! broker in its own process.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use feedloop_core::kafka::{KafkaConfig, wait_ready};
+use nix::sys::signal::Signal;
+
+use super::{
+    DevError,
+    process::{Guarded, free_port, tail},
+};
+
+/// The install command DESIGN.md and the test script use.
+pub const TANSU_INSTALL: &str =
+    "cargo install tansu --locked --version 0.6.0 --features dynostore,libsql";
+
+/// How a tansu broker stores its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// In memory: fastest; lost when the broker stops.
+    Memory,
+    /// SQLite in the broker's directory: survives kill -9 and restart.
+    Sqlite,
+}
+
+/// A broker the stack talks to.
+#[derive(Debug)]
+pub enum Broker {
+    /// A cluster someone else runs (`KAFKA_BOOTSTRAP`).
+    External { bootstrap: String },
+    /// A tansu broker this stack started.
+    Tansu(TansuBroker),
+}
+
+#[derive(Debug)]
+pub struct TansuBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+    storage: Storage,
+    process: Option<Guarded>,
+}
+
+/// Finds the tansu binary: `$TANSU_BIN`, `PATH`, or `~/.cargo/bin`.
+pub fn tansu_bin() -> Result<PathBuf, DevError> {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        candidates.push(Path::new(&home).join("bin/tansu"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(Path::new(&home).join(".cargo/bin/tansu"));
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        DevError::Prerequisite(format!(
+            "the tansu broker is not installed: run `{TANSU_INSTALL}`, or point KAFKA_BOOTSTRAP at a Kafka cluster"
+        ))
+    })
+}
+
+impl Broker {
+    /// `$KAFKA_BOOTSTRAP` if set, else a fresh tansu broker.
+    pub async fn start(storage: Storage) -> Result<Self, DevError> {
+        match std::env::var("KAFKA_BOOTSTRAP") {
+            Ok(bootstrap) if !bootstrap.trim().is_empty() => {
+                let broker = Self::External { bootstrap };
+                broker.wait_ready().await?;
+                Ok(broker)
+            }
+            _ => Ok(Self::Tansu(TansuBroker::start(storage).await?)),
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match self {
+            Self::External { bootstrap } => bootstrap.clone(),
+            Self::Tansu(t) => t.bootstrap(),
+        }
+    }
+
+    async fn wait_ready(&self) -> Result<(), DevError> {
+        wait_ready(&KafkaConfig::new(self.bootstrap()), Duration::from_secs(30))
+            .await
+            .map_err(|e| DevError::Start {
+                what: "kafka",
+                detail: e.to_string(),
+            })
+    }
+
+    /// The tansu process, when this stack runs one (for fault injection).
+    pub fn tansu(&mut self) -> Option<&mut TansuBroker> {
+        match self {
+            Self::Tansu(t) => Some(t),
+            Self::External { .. } => None,
+        }
+    }
+}
+
+impl TansuBroker {
+    pub async fn start(storage: Storage) -> Result<Self, DevError> {
+        let dir = tempfile::Builder::new()
+            .prefix("feedloop-tansu-")
+            .tempdir()
+            .map_err(|e| DevError::io("creating the broker directory", e))?;
+        let port = free_port().map_err(|e| DevError::io("finding a free port", e))?;
+        let mut broker = Self {
+            dir,
+            port,
+            storage,
+            process: None,
+        };
+        broker.launch().await?;
+        Ok(broker)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tansu.log")
+    }
+
+    async fn launch(&mut self) -> Result<(), DevError> {
+        let bin = tansu_bin()?;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let storage = match self.storage {
+            Storage::Memory => "memory://tansu/".to_owned(),
+            Storage::Sqlite => format!("sqlite://{}", self.dir.path().join("broker.db").display()),
+        };
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| DevError::io("opening the broker log", e))?;
+        let err_log = log
+            .try_clone()
+            .map_err(|e| DevError::io("opening the broker log", e))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("broker")
+            .args(["--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", &storage])
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err_log));
+        let process = Guarded::spawn("tansu", &mut cmd, Some(self.dir.path()))
+            .map_err(|e| DevError::io("starting tansu", e))?;
+        self.process = Some(process);
+        let ready = wait_ready(&KafkaConfig::new(self.bootstrap()), Duration::from_secs(30)).await;
+        let running = self.process.as_mut().is_some_and(Guarded::is_running);
+        match ready {
+            Ok(()) if running => Ok(()),
+            other => Err(DevError::Start {
+                what: "tansu",
+                detail: format!(
+                    "{}\n{}",
+                    other.err().map(|e| e.to_string()).unwrap_or_default(),
+                    tail(&self.log_path(), 20)
+                ),
+            }),
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Guarded::pid)
+    }
+
+    /// Sends a signal to the broker (SIGSTOP / SIGCONT simulate an outage).
+    pub fn signal(&self, signal: Signal) -> Result<(), DevError> {
+        self.process
+            .as_ref()
+            .ok_or(DevError::NotRunning("tansu"))?
+            .signal(signal)
+            .map_err(|e| DevError::io("signalling tansu", e.into()))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.stop_with(Signal::SIGTERM, Duration::from_secs(10));
+        }
+    }
+
+    /// Stops and starts the broker again on the same port (memory storage starts empty).
+    pub async fn restart(&mut self) -> Result<(), DevError> {
+        self.stop();
+        self.launch().await
+    }
+}
+
+impl Drop for TansuBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,39 @@
+//! The dev stack: a throwaway Postgres, a Kafka-compatible broker and feedloop's services on one
+//! machine. `feedloop dev up` runs it; the integration tests use it as a library.
+
+pub mod broker;
+pub mod postgres;
+pub mod process;
+pub mod stack;
+
+pub use broker::{Broker, Storage, TansuBroker};
+pub use postgres::PgCluster;
+pub use stack::{Endpoints, Stack, StackOptions};
+
+/// Why the dev stack could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("missing prerequisite: {0}")]
+    Prerequisite(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what} did not start:\n{detail}")]
+    Start { what: &'static str, detail: String },
+    #[error("{0} is not running")]
+    NotRunning(&'static str),
+    #[error("registry: {0}")]
+    Registry(#[from] feedloop_registry::StartError),
+    #[error("schema registration: {0}")]
+    Schemas(String),
+    #[error("kafka: {0}")]
+    Kafka(#[from] feedloop_core::kafka::KafkaAdminError),
+}
+
+impl DevError {
+    pub fn io(what: &'static str, source: std::io::Error) -> Self {
+        Self::Io { what, source }
+    }
+}

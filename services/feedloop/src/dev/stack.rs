@@ -1,0 +1,213 @@
+//! The whole dev stack, started in dependency order, and the endpoints file that describes it.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use feedloop_core::{
+    catalogue::{Catalogue, TOPICS},
+    config::Secret,
+    kafka::{KafkaConfig, ensure_topics},
+    registry_client::RegistryClient,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{DevError, broker::Broker, broker::Storage, postgres::PgCluster};
+
+/// Name of the endpoints file in the stack's directory.
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+/// Name of the pid file `feedloop dev down` signals.
+pub const PID_FILE: &str = "dev.pid";
+/// The registry user the stack configures; its password is the admin token.
+pub const REGISTRY_USER: &str = "feedloop";
+
+/// What to start and what to reuse.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Use this Postgres instead of a throwaway cluster.
+    pub postgres_url: Option<String>,
+    /// Broker storage when the stack runs its own tansu.
+    pub broker_storage: Storage,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            postgres_url: None,
+            broker_storage: Storage::Memory,
+        }
+    }
+}
+
+/// How to reach everything the stack runs. Written to `DIR/endpoints.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub postgres_url: String,
+    pub kafka_bootstrap: String,
+    pub registry_url: String,
+    pub registry_user: String,
+    pub registry_password: String,
+    pub admin_token: String,
+    /// Pid of the process running the stack.
+    pub pid: u32,
+}
+
+/// Postgres the stack owns or borrows.
+#[derive(Debug)]
+pub enum Postgres {
+    Owned(PgCluster),
+    External(String),
+}
+
+impl Postgres {
+    pub fn url(&self) -> String {
+        match self {
+            Self::Owned(c) => c.url(),
+            Self::External(url) => url.clone(),
+        }
+    }
+
+    /// The throwaway cluster, if this stack owns one (for fault injection).
+    pub fn cluster(&mut self) -> Option<&mut PgCluster> {
+        match self {
+            Self::Owned(c) => Some(c),
+            Self::External(_) => None,
+        }
+    }
+}
+
+/// A running dev stack. Dropping it stops everything.
+#[derive(Debug)]
+pub struct Stack {
+    pub postgres: Postgres,
+    pub broker: Broker,
+    pub registry_url: String,
+    admin_token: String,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Stack {
+    /// Starts Postgres, the broker and the registry; runs migrations, creates the topics and
+    /// registers the catalogue.
+    pub async fn up(options: StackOptions) -> Result<Self, DevError> {
+        let postgres = match options.postgres_url {
+            Some(url) => Postgres::External(url),
+            None => Postgres::Owned(PgCluster::start().await?),
+        };
+        let broker = Broker::start(options.broker_storage).await?;
+        let admin_token = uuid::Uuid::new_v4().simple().to_string();
+        let shutdown = CancellationToken::new();
+
+        let registry_config = feedloop_registry::Config {
+            http: feedloop_registry::config::HttpConfig {
+                listen: "127.0.0.1:0".into(),
+                max_body_bytes: 1 << 20,
+                request_timeout_ms: 30_000,
+            },
+            postgres: feedloop_registry::config::PostgresConfig {
+                url: Secret::new(postgres.url()),
+                max_connections: 8,
+            },
+            auth: feedloop_registry::config::AuthConfig {
+                users: BTreeMap::from([(REGISTRY_USER.to_owned(), Secret::new(admin_token.clone()))]),
+            },
+            log: feedloop_registry::config::LogConfig { json: false },
+        };
+        let registry = feedloop_registry::start(registry_config, shutdown.child_token()).await?;
+        let registry_url = format!("http://{}", registry.addr);
+        let registry_task = tokio::spawn(async move {
+            match registry.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "Registry stopped"),
+                Err(e) => tracing::error!(error = %e, "Registry task failed"),
+            }
+        });
+
+        let stack = Self {
+            postgres,
+            broker,
+            registry_url,
+            admin_token,
+            shutdown,
+            tasks: vec![registry_task],
+        };
+        ensure_topics(&stack.kafka_config(), TOPICS).await?;
+        stack.register_catalogue().await?;
+        Ok(stack)
+    }
+
+    /// A registry client with the stack's credentials.
+    pub fn registry_client(&self) -> Result<RegistryClient, DevError> {
+        RegistryClient::new(
+            &self.registry_url,
+            Some((REGISTRY_USER.to_owned(), Secret::new(self.admin_token.clone()))),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| DevError::Schemas(e.to_string()))
+    }
+
+    pub fn kafka_config(&self) -> KafkaConfig {
+        KafkaConfig::new(self.broker.bootstrap())
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    async fn register_catalogue(&self) -> Result<(), DevError> {
+        let client = self.registry_client()?;
+        let catalogue = Catalogue::embedded().map_err(|e| DevError::Schemas(e.to_string()))?;
+        for (subject, schema) in catalogue.subjects().map_err(|e| DevError::Schemas(e.to_string()))? {
+            client
+                .register(&subject, &schema)
+                .await
+                .map_err(|e| DevError::Schemas(format!("{subject}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            postgres_url: self.postgres.url(),
+            kafka_bootstrap: self.broker.bootstrap(),
+            registry_url: self.registry_url.clone(),
+            registry_user: REGISTRY_USER.to_owned(),
+            registry_password: self.admin_token.clone(),
+            admin_token: self.admin_token.clone(),
+            pid: std::process::id(),
+        }
+    }
+
+    /// Writes `dir/endpoints.json` atomically (and the pid file).
+    pub fn write_endpoints(&self, dir: &Path) -> Result<PathBuf, DevError> {
+        std::fs::create_dir_all(dir).map_err(|e| DevError::io("creating the stack directory", e))?;
+        let path = dir.join(ENDPOINTS_FILE);
+        let tmp = dir.join(format!(".{ENDPOINTS_FILE}.tmp"));
+        let json = serde_json::to_vec_pretty(&self.endpoints())
+            .map_err(|e| DevError::io("encoding endpoints", std::io::Error::other(e)))?;
+        std::fs::write(&tmp, json).map_err(|e| DevError::io("writing endpoints", e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| DevError::io("writing endpoints", e))?;
+        std::fs::write(dir.join(PID_FILE), std::process::id().to_string())
+            .map_err(|e| DevError::io("writing the pid file", e))?;
+        Ok(path)
+    }
+
+    /// Stops the services, then the broker and Postgres.
+    pub async fn down(mut self) {
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        // Broker and Postgres stop when dropped.
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,5 @@
+//! The feedloop CLI as a library: the dev stack (also used by the integration tests) and the
+//! schema tooling.
+
+pub mod dev;
+pub mod schemas;

@@ -1,0 +1,212 @@
+//! `feedloop`: the command line of the feedback pipeline.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use feedloop::{
+    dev::{Stack, StackOptions, stack::PID_FILE},
+    schemas,
+};
+use feedloop_core::{
+    avro::compat::CompatibilityLevel, catalogue::Catalogue, config::Secret,
+    registry_client::RegistryClient, shutdown, telemetry,
+};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "feedloop: user feedback in, labeled training data out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a local stack (Postgres, broker, services) for development.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+    /// Work with the event catalogue in schemas/.
+    Schemas {
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCommand {
+    /// Start the stack, write DIR/endpoints.json, and run until SIGTERM or `dev down`.
+    Up {
+        /// Directory for the endpoints and pid files.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Use this Postgres instead of a throwaway cluster.
+        #[arg(long)]
+        postgres: Option<String>,
+    },
+    /// Stop the stack started with `dev up --dir DIR`.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SchemasCommand {
+    /// Register every catalogue record with a schema registry.
+    Register {
+        /// Registry base URL.
+        #[arg(long)]
+        registry: String,
+        /// HTTP Basic user.
+        #[arg(long, env = "FEEDLOOP_REGISTRY_USER")]
+        user: Option<String>,
+        /// HTTP Basic password.
+        #[arg(long, env = "FEEDLOOP_REGISTRY_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+    /// Fail if any .avsc breaks compatibility with its previous committed version.
+    Check {
+        /// Repository root (default: the git repository holding the current directory).
+        #[arg(long)]
+        repo: Option<PathBuf>,
+        /// Compatibility level to enforce.
+        #[arg(long, default_value = "FULL")]
+        compatibility: CompatibilityLevel,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_tracing(false);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("feedloop: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("feedloop: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev { command } => match command {
+            DevCommand::Up { dir, postgres } => dev_up(dir, postgres).await,
+            DevCommand::Down { dir } => dev_down(dir).await,
+        },
+        Command::Schemas { command } => match command {
+            SchemasCommand::Register {
+                registry,
+                user,
+                password,
+            } => register(&registry, user, password).await,
+            SchemasCommand::Check {
+                repo,
+                compatibility,
+            } => check(repo, compatibility),
+        },
+    }
+}
+
+async fn dev_up(dir: PathBuf, postgres: Option<String>) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown::on_signal();
+    let stack = Stack::up(StackOptions {
+        postgres_url: postgres,
+        ..StackOptions::default()
+    })
+    .await
+    .context("starting the dev stack")?;
+    let path = stack.write_endpoints(&dir)?;
+    let endpoints = stack.endpoints();
+    println!("feedloop dev stack is up");
+    println!("  postgres  {}", endpoints.postgres_url);
+    println!("  kafka     {}", endpoints.kafka_bootstrap);
+    println!("  registry  {} (user {})", endpoints.registry_url, endpoints.registry_user);
+    println!("  endpoints {}", path.display());
+    println!("Stop with: feedloop dev down --dir {}", dir.display());
+    shutdown.cancelled().await;
+    stack.down().await;
+    let _ = std::fs::remove_file(dir.join(feedloop::dev::stack::ENDPOINTS_FILE));
+    let _ = std::fs::remove_file(dir.join(PID_FILE));
+    println!("feedloop dev stack stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dev_down(dir: PathBuf) -> anyhow::Result<ExitCode> {
+    use nix::{sys::signal::{Signal, kill}, unistd::Pid};
+    let pid_path = dir.join(PID_FILE);
+    let text = std::fs::read_to_string(&pid_path)
+        .with_context(|| format!("no stack is running from {} ({} missing)", dir.display(), pid_path.display()))?;
+    let pid = Pid::from_raw(text.trim().parse().context("malformed pid file")?);
+    if kill(pid, Signal::SIGTERM).is_err() {
+        let _ = std::fs::remove_file(&pid_path);
+        bail!("the stack (pid {pid}) is not running; removed its stale pid file");
+    }
+    for _ in 0..600 {
+        if kill(pid, None).is_err() {
+            println!("feedloop dev stack stopped");
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the stack (pid {pid}) did not stop within 30 s")
+}
+
+async fn register(url: &str, user: Option<String>, password: Option<String>) -> anyhow::Result<ExitCode> {
+    let auth = user.map(|u| (u, Secret::new(password.unwrap_or_default())));
+    let client = RegistryClient::new(url, auth, Duration::from_secs(30))?;
+    let catalogue = Catalogue::embedded()?;
+    for (subject, schema) in catalogue.subjects()? {
+        let id = client
+            .register(&subject, &schema)
+            .await
+            .with_context(|| format!("registering {subject}"))?;
+        println!("{id:>6}  {subject}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(repo: Option<PathBuf>, level: CompatibilityLevel) -> anyhow::Result<ExitCode> {
+    let repo = match repo {
+        Some(r) => r,
+        None => {
+            let out = std::process::Command::new("git")
+                .args(["rev-parse", "--show-toplevel"])
+                .output()
+                .context("running git")?;
+            if !out.status.success() {
+                bail!("not inside a git repository; pass --repo");
+            }
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    let outcomes = schemas::check(&repo, level)?;
+    let mut broken = 0;
+    for o in &outcomes {
+        match (&o.previous, o.violations.is_empty()) {
+            (None, _) => println!("new        {}", o.record),
+            (Some(c), true) => println!("ok         {} (vs {c})", o.record),
+            (Some(c), false) => {
+                broken += 1;
+                println!("BREAKING   {} (vs {c}, {level})", o.record);
+                for v in &o.violations {
+                    println!("           {v}");
+                }
+            }
+        }
+    }
+    if broken > 0 {
+        eprintln!("feedloop: {broken} schema(s) break {level} compatibility with their previous committed version");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("{} schemas checked under {level}: no breaking change", outcomes.len());
+    Ok(ExitCode::SUCCESS)
+}
