@@ -44,7 +44,9 @@ pub fn infra() -> Infra {
             runtime.block_on(async move {
                 let started = async {
                     let pg = PgCluster::start().await.map_err(|e| e.to_string())?;
-                    let broker = Broker::start(Storage::Memory).await.map_err(|e| e.to_string())?;
+                    let broker = Broker::start(Storage::Memory)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     Ok::<_, String>((pg, broker))
                 }
                 .await;
@@ -65,7 +67,8 @@ pub fn infra() -> Infra {
                 }
             });
         });
-        rx.recv().unwrap_or_else(|_| Err("infrastructure thread died".into()))
+        rx.recv()
+            .unwrap_or_else(|_| Err("infrastructure thread died".into()))
     });
     match result {
         Ok(infra) => infra.clone(),

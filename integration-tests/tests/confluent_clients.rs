@@ -49,7 +49,11 @@ fn decision(i: i64) -> MatchDecision {
             clock_skew_flagged: false,
         },
         match_id: uuid::Uuid::now_v7(),
-        decision: if i % 2 == 0 { Decision::Accept } else { Decision::Skip },
+        decision: if i % 2 == 0 {
+            Decision::Accept
+        } else {
+            Decision::Skip
+        },
         decision_latency_ms: Some(100 * i),
     }
 }
@@ -85,7 +89,10 @@ async fn confluent_python_clients_round_trip_through_registry_and_broker() {
         compiled.encode(event, &mut frame).expect("encode");
         let key = event.match_id.to_string();
         producer
-            .send(FutureRecord::to(&rust_topic).key(&key).payload(&frame), Duration::from_secs(30))
+            .send(
+                FutureRecord::to(&rust_topic).key(&key).payload(&frame),
+                Duration::from_secs(30),
+            )
             .await
             .map_err(|(e, _)| e)
             .expect("produce");
@@ -115,10 +122,23 @@ async fn confluent_python_clients_round_trip_through_registry_and_broker() {
     assert_eq!(rust_records.len(), sent.len());
     for (got, want) in rust_records.iter().zip(&sent) {
         assert_eq!(got["match_id"], want.match_id.to_string());
-        assert_eq!(got["decision"], if want.decision == Decision::Accept { "accept" } else { "skip" });
+        assert_eq!(
+            got["decision"],
+            if want.decision == Decision::Accept {
+                "accept"
+            } else {
+                "skip"
+            }
+        );
         assert_eq!(got["envelope"]["user_id"], want.envelope.user_id);
-        assert_eq!(got["envelope"]["device_id"], want.envelope.device_id.clone().unwrap_or_default());
-        assert_eq!(got["decision_latency_ms"], want.decision_latency_ms.unwrap_or_default());
+        assert_eq!(
+            got["envelope"]["device_id"],
+            want.envelope.device_id.clone().unwrap_or_default()
+        );
+        assert_eq!(
+            got["decision_latency_ms"],
+            want.decision_latency_ms.unwrap_or_default()
+        );
     }
     // Python's own round trip, and its registry calls.
     assert_eq!(report["py_back"], report["py_sent"]);

@@ -8,7 +8,12 @@ fn record(fields: &str) -> String {
     format!(r#"{{"type":"record","name":"R","namespace":"t","fields":[{fields}]}}"#)
 }
 
-async fn call(reg: &TestRegistry, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+async fn call(
+    reg: &TestRegistry,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut req = reg.request(method, path);
     if let Some(body) = body {
         req = req
@@ -46,7 +51,13 @@ async fn set_level(reg: &TestRegistry, subject: &str, level: &str) {
 
 /// Registers `old` then `new` under `level`; returns whether `new` was accepted, asserting
 /// Confluent's 409 shape when not.
-async fn evolves(reg: &TestRegistry, subject: &str, level: &str, history: &[String], new: &str) -> bool {
+async fn evolves(
+    reg: &TestRegistry,
+    subject: &str,
+    level: &str,
+    history: &[String],
+    new: &str,
+) -> bool {
     set_level(reg, subject, level).await;
     for old in history {
         let (status, body) = register(reg, subject, old).await;
@@ -133,7 +144,9 @@ async fn transitive_levels_check_every_version_not_just_the_latest() {
     // (a takes its default) but not v1 data (int is not a string).
     let v1 = record(r#"{"name":"a","type":"int"}"#);
     let v2 = record(r#"{"name":"b","type":"int","default":0}"#);
-    let v3 = record(r#"{"name":"a","type":"string","default":""},{"name":"b","type":"int","default":0}"#);
+    let v3 = record(
+        r#"{"name":"a","type":"string","default":""},{"name":"b","type":"int","default":0}"#,
+    );
     let history = [v1, v2];
     assert!(evolves(&reg, "tr-bw", "BACKWARD", &history, &v3).await);
     assert!(!evolves(&reg, "tr-bwt", "BACKWARD_TRANSITIVE", &history, &v3).await);
@@ -162,12 +175,17 @@ async fn verbose_compatibility_says_why() {
         .map(|m| m.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     assert!(
-        messages.iter().any(|m| m.contains("READER_FIELD_MISSING_DEFAULT_VALUE")
-            && m.contains("'email'")
-            && m.contains("/fields/1")),
+        messages
+            .iter()
+            .any(|m| m.contains("READER_FIELD_MISSING_DEFAULT_VALUE")
+                && m.contains("'email'")
+                && m.contains("/fields/1")),
         "{messages:?}"
     );
-    assert!(messages.iter().any(|m| m.contains("oldSchemaVersion: 1")), "{messages:?}");
+    assert!(
+        messages.iter().any(|m| m.contains("oldSchemaVersion: 1")),
+        "{messages:?}"
+    );
     // Without verbose, just the verdict.
     let (_, body) = call(
         &reg,
@@ -207,14 +225,32 @@ async fn registration_is_idempotent_and_ids_are_global() {
     let (_, other) = register(&reg, "idem-other", &schema).await;
     assert_eq!(other["id"].as_i64(), Some(id));
     let (_, by_id) = call(&reg, Method::GET, &format!("/schemas/ids/{id}"), None).await;
-    assert!(by_id["schema"].as_str().unwrap_or_default().contains("\"an int\""), "{by_id}");
-    let (_, usages) = call(&reg, Method::GET, &format!("/schemas/ids/{id}/versions"), None).await;
+    assert!(
+        by_id["schema"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"an int\""),
+        "{by_id}"
+    );
+    let (_, usages) = call(
+        &reg,
+        Method::GET,
+        &format!("/schemas/ids/{id}/versions"),
+        None,
+    )
+    .await;
     assert_eq!(
         usages,
         json!([{"subject": "idem", "version": 1}, {"subject": "idem-other", "version": 1}])
     );
     // Lookup finds the version; an unknown schema is 40403.
-    let (status, found) = call(&reg, Method::POST, "/subjects/idem", Some(json!({"schema": respelled}))).await;
+    let (status, found) = call(
+        &reg,
+        Method::POST,
+        "/subjects/idem",
+        Some(json!({"schema": respelled})),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(found["version"], 1);
     assert_eq!(found["id"].as_i64(), Some(id));
@@ -238,22 +274,59 @@ async fn soft_and_permanent_delete() {
     register(&reg, "del", &v2).await;
 
     // Permanent delete before a soft delete is refused.
-    let (status, body) = call(&reg, Method::DELETE, "/subjects/del/versions/1?permanent=true", None).await;
+    let (status, body) = call(
+        &reg,
+        Method::DELETE,
+        "/subjects/del/versions/1?permanent=true",
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error_code"], 40407);
     let (status, body) = call(&reg, Method::DELETE, "/subjects/del?permanent=true", None).await;
-    assert_eq!((status, body["error_code"].clone()), (StatusCode::NOT_FOUND, json!(40405)));
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (StatusCode::NOT_FOUND, json!(40405))
+    );
 
     // Soft-delete version 1: hidden, but visible with deleted=true.
     let (status, body) = call(&reg, Method::DELETE, "/subjects/del/versions/1", None).await;
     assert_eq!((status, body), (StatusCode::OK, json!(1)));
     let (_, body) = call(&reg, Method::DELETE, "/subjects/del/versions/1", None).await;
     assert_eq!(body["error_code"], 40406);
-    assert_eq!(call(&reg, Method::GET, "/subjects/del/versions", None).await.1, json!([2]));
-    assert_eq!(call(&reg, Method::GET, "/subjects/del/versions?deleted=true", None).await.1, json!([1, 2]));
+    assert_eq!(
+        call(&reg, Method::GET, "/subjects/del/versions", None)
+            .await
+            .1,
+        json!([2])
+    );
+    assert_eq!(
+        call(
+            &reg,
+            Method::GET,
+            "/subjects/del/versions?deleted=true",
+            None
+        )
+        .await
+        .1,
+        json!([1, 2])
+    );
     let (status, body) = call(&reg, Method::GET, "/subjects/del/versions/1", None).await;
-    assert_eq!((status, body["error_code"].clone()), (StatusCode::NOT_FOUND, json!(40402)));
-    assert_eq!(call(&reg, Method::GET, "/subjects/del/versions/1?deleted=true", None).await.1["version"], 1);
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (StatusCode::NOT_FOUND, json!(40402))
+    );
+    assert_eq!(
+        call(
+            &reg,
+            Method::GET,
+            "/subjects/del/versions/1?deleted=true",
+            None
+        )
+        .await
+        .1["version"],
+        1
+    );
 
     // Soft-delete the subject: gone from the list, kept with deleted=true.
     let (status, body) = call(&reg, Method::DELETE, "/subjects/del", None).await;
@@ -261,11 +334,24 @@ async fn soft_and_permanent_delete() {
     let (_, body) = call(&reg, Method::DELETE, "/subjects/del", None).await;
     assert_eq!(body["error_code"], 40404);
     let (_, subjects) = call(&reg, Method::GET, "/subjects", None).await;
-    assert!(!subjects.as_array().is_some_and(|s| s.contains(&json!("del"))), "{subjects}");
+    assert!(
+        !subjects
+            .as_array()
+            .is_some_and(|s| s.contains(&json!("del"))),
+        "{subjects}"
+    );
     let (_, subjects) = call(&reg, Method::GET, "/subjects?deleted=true", None).await;
-    assert!(subjects.as_array().is_some_and(|s| s.contains(&json!("del"))), "{subjects}");
+    assert!(
+        subjects
+            .as_array()
+            .is_some_and(|s| s.contains(&json!("del"))),
+        "{subjects}"
+    );
     let (status, body) = call(&reg, Method::GET, "/subjects/del/versions", None).await;
-    assert_eq!((status, body["error_code"].clone()), (StatusCode::NOT_FOUND, json!(40401)));
+    assert_eq!(
+        (status, body["error_code"].clone()),
+        (StatusCode::NOT_FOUND, json!(40401))
+    );
 
     // Ids survive a soft delete; a permanent delete removes the versions for good.
     let (_, first) = register(&reg, "keep", &v1).await;
@@ -273,34 +359,106 @@ async fn soft_and_permanent_delete() {
     assert_eq!((status, body), (StatusCode::OK, json!([1, 2])));
     let (_, subjects) = call(&reg, Method::GET, "/subjects?deleted=true", None).await;
     assert_eq!(subjects, json!(["keep"]));
-    let (status, _) = call(&reg, Method::GET, &format!("/schemas/ids/{}", first["id"]), None).await;
+    let (status, _) = call(
+        &reg,
+        Method::GET,
+        &format!("/schemas/ids/{}", first["id"]),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
 
     // Registering again after a delete starts a live history again.
     let (status, _) = register(&reg, "del", &v1).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(call(&reg, Method::GET, "/subjects/del/versions", None).await.1, json!([1]));
+    assert_eq!(
+        call(&reg, Method::GET, "/subjects/del/versions", None)
+            .await
+            .1,
+        json!([1])
+    );
 }
 
 #[tokio::test]
 async fn errors_use_confluent_codes() {
     let reg = TestRegistry::start().await;
     let cases: Vec<(Method, &str, Option<Value>, StatusCode, i64)> = vec![
-        (Method::GET, "/subjects/nope/versions", None, StatusCode::NOT_FOUND, 40401),
-        (Method::GET, "/subjects/nope/versions/latest", None, StatusCode::NOT_FOUND, 40401),
-        (Method::GET, "/schemas/ids/4242", None, StatusCode::NOT_FOUND, 40403),
-        (Method::GET, "/subjects/nope/versions/zero", None, StatusCode::UNPROCESSABLE_ENTITY, 42202),
-        (Method::POST, "/subjects/x/versions", Some(json!({"schema": "{\"type\":\"record\"}"})), StatusCode::UNPROCESSABLE_ENTITY, 42201),
-        (Method::POST, "/subjects/x/versions", Some(json!({"schema": "not json"})), StatusCode::UNPROCESSABLE_ENTITY, 42201),
-        (Method::POST, "/subjects/x/versions", Some(json!({"nope": 1})), StatusCode::BAD_REQUEST, 400),
-        (Method::PUT, "/config", Some(json!({"compatibility": "SIDEWAYS"})), StatusCode::UNPROCESSABLE_ENTITY, 42203),
-        (Method::GET, "/config/nope", None, StatusCode::NOT_FOUND, 40408),
+        (
+            Method::GET,
+            "/subjects/nope/versions",
+            None,
+            StatusCode::NOT_FOUND,
+            40401,
+        ),
+        (
+            Method::GET,
+            "/subjects/nope/versions/latest",
+            None,
+            StatusCode::NOT_FOUND,
+            40401,
+        ),
+        (
+            Method::GET,
+            "/schemas/ids/4242",
+            None,
+            StatusCode::NOT_FOUND,
+            40403,
+        ),
+        (
+            Method::GET,
+            "/subjects/nope/versions/zero",
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42202,
+        ),
+        (
+            Method::POST,
+            "/subjects/x/versions",
+            Some(json!({"schema": "{\"type\":\"record\"}"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42201,
+        ),
+        (
+            Method::POST,
+            "/subjects/x/versions",
+            Some(json!({"schema": "not json"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42201,
+        ),
+        (
+            Method::POST,
+            "/subjects/x/versions",
+            Some(json!({"nope": 1})),
+            StatusCode::BAD_REQUEST,
+            400,
+        ),
+        (
+            Method::PUT,
+            "/config",
+            Some(json!({"compatibility": "SIDEWAYS"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+        ),
+        (
+            Method::GET,
+            "/config/nope",
+            None,
+            StatusCode::NOT_FOUND,
+            40408,
+        ),
     ];
     for (method, path, body, status, code) in cases {
         let (got, answer) = call(&reg, method.clone(), path, body).await;
         assert_eq!(got, status, "{method} {path}: {answer}");
-        assert_eq!(answer["error_code"].as_i64(), Some(code), "{method} {path}: {answer}");
-        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+        assert_eq!(
+            answer["error_code"].as_i64(),
+            Some(code),
+            "{method} {path}: {answer}"
+        );
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
     }
 }
 
@@ -308,7 +466,11 @@ async fn errors_use_confluent_codes() {
 async fn api_requires_credentials_but_ops_routes_do_not() {
     let reg = TestRegistry::start().await;
     let http = reqwest::Client::new();
-    let anonymous = http.get(format!("{}/subjects", reg.url)).send().await.expect("send");
+    let anonymous = http
+        .get(format!("{}/subjects", reg.url))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
     let wrong = http
         .get(format!("{}/subjects", reg.url))
@@ -320,7 +482,11 @@ async fn api_requires_credentials_but_ops_routes_do_not() {
     let body: Value = wrong.json().await.expect("json");
     assert_eq!(body["error_code"], 401);
     for path in ["/healthz", "/readyz", "/metrics"] {
-        let resp = http.get(format!("{}{path}", reg.url)).send().await.expect("send");
+        let resp = http
+            .get(format!("{}{path}", reg.url))
+            .send()
+            .await
+            .expect("send");
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
     }
     let metrics = http
@@ -331,27 +497,51 @@ async fn api_requires_credentials_but_ops_routes_do_not() {
         .text()
         .await
         .expect("text");
-    assert!(metrics.contains("feedloop_registry_http_requests_total"), "{metrics}");
+    assert!(
+        metrics.contains("feedloop_registry_http_requests_total"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn oversized_bodies_are_refused() {
     let reg = TestRegistry::start().await;
     let huge = "x".repeat(128 * 1024);
-    let (status, _) = call(&reg, Method::POST, "/subjects/big/versions", Some(json!({"schema": huge}))).await;
+    let (status, _) = call(
+        &reg,
+        Method::POST,
+        "/subjects/big/versions",
+        Some(json!({"schema": huge})),
+    )
+    .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
 #[tokio::test]
 async fn config_per_subject_and_global() {
     let reg = TestRegistry::start().await;
-    assert_eq!(call(&reg, Method::GET, "/config", None).await.1, json!({"compatibilityLevel": "BACKWARD"}));
+    assert_eq!(
+        call(&reg, Method::GET, "/config", None).await.1,
+        json!({"compatibilityLevel": "BACKWARD"})
+    );
     let (_, body) = call(&reg, Method::GET, "/config/s?defaultToGlobal=true", None).await;
     assert_eq!(body, json!({"compatibilityLevel": "BACKWARD"}));
     set_level(&reg, "s", "FULL_TRANSITIVE").await;
-    assert_eq!(call(&reg, Method::GET, "/config/s", None).await.1, json!({"compatibilityLevel": "FULL_TRANSITIVE"}));
-    let (status, body) = call(&reg, Method::PUT, "/config", Some(json!({"compatibility": "NONE"}))).await;
-    assert_eq!((status, body), (StatusCode::OK, json!({"compatibility": "NONE"})));
+    assert_eq!(
+        call(&reg, Method::GET, "/config/s", None).await.1,
+        json!({"compatibilityLevel": "FULL_TRANSITIVE"})
+    );
+    let (status, body) = call(
+        &reg,
+        Method::PUT,
+        "/config",
+        Some(json!({"compatibility": "NONE"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"compatibility": "NONE"}))
+    );
     // The global level now applies to subjects without their own.
     let v1 = record(r#"{"name":"a","type":"int"}"#);
     let v2 = record(r#"{"name":"a","type":"string"}"#);
@@ -359,16 +549,24 @@ async fn config_per_subject_and_global() {
     assert_eq!(register(&reg, "g", &v2).await.0, StatusCode::OK);
     let (_, body) = call(&reg, Method::DELETE, "/config/s", None).await;
     assert_eq!(body, json!({"compatibilityLevel": "FULL_TRANSITIVE"}));
-    assert_eq!(call(&reg, Method::GET, "/config/s", None).await.1["error_code"], 40408);
+    assert_eq!(
+        call(&reg, Method::GET, "/config/s", None).await.1["error_code"],
+        40408
+    );
 }
 
 #[tokio::test]
 async fn rust_client_registers_encodes_and_decodes() {
-    use feedloop_core::{catalogue::Catalogue, model::{Decision, MatchDecision, Envelope, Platform}};
+    use feedloop_core::{
+        catalogue::Catalogue,
+        model::{Decision, Envelope, MatchDecision, Platform},
+    };
     let reg = TestRegistry::start().await;
     let client = reg.client();
     let catalogue = Catalogue::embedded().expect("catalogue");
-    let schema = catalogue.composed("io.feedloop.events.MatchDecision").expect("composes");
+    let schema = catalogue
+        .composed("io.feedloop.events.MatchDecision")
+        .expect("composes");
     let compiled = client
         .register_compiled("feedloop.events-io.feedloop.events.MatchDecision", &schema)
         .await
@@ -404,6 +602,9 @@ async fn rust_client_registers_encodes_and_decodes() {
     // An id the registry never issued is a typed error.
     let mut unknown = frame.clone();
     unknown[1..5].copy_from_slice(&9999u32.to_be_bytes());
-    let err = fresh.decode::<MatchDecision>(&unknown).await.expect_err("unknown id");
+    let err = fresh
+        .decode::<MatchDecision>(&unknown)
+        .await
+        .expect_err("unknown id");
     assert!(err.to_string().contains("unknown schema id 9999"), "{err}");
 }

@@ -38,7 +38,9 @@ fn main() {
         Ok(f) => f,
         Err(e) => panic!("cannot write catalogue_files.rs: {e}"),
     };
-    let mut body = String::from("/// (path relative to schemas/, contents) of every embedded schema file.\npub const FILES: &[(&str, &str)] = &[\n");
+    let mut body = String::from(
+        "/// (path relative to schemas/, contents) of every embedded schema file.\npub const FILES: &[(&str, &str)] = &[\n",
+    );
     for (rel, abs) in &files {
         body.push_str(&format!("    ({rel:?}, include_str!({abs:?})),\n"));
     }

@@ -98,6 +98,15 @@ pub const TOPICS: &[TopicSpec] = &[
     },
 ];
 
+/// Records carried by topics whose names are only known at run time: (record, topic pattern).
+pub const DYNAMIC_TOPIC_RECORDS: &[(&str, &str)] =
+    &[("io.feedloop.labels.LabeledExample", "feedloop.labels.<dataset>")];
+
+/// The topic of a dataset's labeled examples.
+pub fn labels_topic(dataset: &str) -> String {
+    format!("feedloop.labels.{dataset}")
+}
+
 /// Why the catalogue is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {
@@ -172,12 +181,11 @@ impl Catalogue {
     ) -> Result<Self, CatalogueError> {
         let mut by_name: BTreeMap<String, SchemaFile> = BTreeMap::new();
         for (path, contents) in files {
-            let json: Value = serde_json::from_str(&contents).map_err(|source| {
-                CatalogueError::Json {
+            let json: Value =
+                serde_json::from_str(&contents).map_err(|source| CatalogueError::Json {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                })?;
             let name = json
                 .get("name")
                 .and_then(Value::as_str)
@@ -319,7 +327,10 @@ impl Catalogue {
             }
             "array" => {
                 if let Some(items) = map.get("items") {
-                    out.insert("items".into(), self.inline(record, items, namespace, defined)?);
+                    out.insert(
+                        "items".into(),
+                        self.inline(record, items, namespace, defined)?,
+                    );
                 }
             }
             "map" => {
@@ -358,24 +369,50 @@ mod tests {
             subjects.len(),
             TOPICS.iter().map(|t| t.records.len()).sum::<usize>()
         );
-        assert!(subjects.iter().any(|(s, _)| s
-            == "feedloop.events-io.feedloop.events.MatchImpression"));
-        assert!(subjects.iter().any(|(s, _)| s == "feedloop.deadletter-value"));
+        assert!(
+            subjects
+                .iter()
+                .any(|(s, _)| s == "feedloop.events-io.feedloop.events.MatchImpression")
+        );
+        assert!(
+            subjects
+                .iter()
+                .any(|(s, _)| s == "feedloop.deadletter-value")
+        );
     }
 
     #[test]
     fn every_file_is_used_somewhere() {
         let cat = catalogue();
-        let on_topics: HashSet<&str> = TOPICS.iter().flat_map(|t| t.records.iter().copied()).collect();
+        let on_topics: HashSet<&str> = TOPICS
+            .iter()
+            .flat_map(|t| t.records.iter().copied())
+            .chain(DYNAMIC_TOPIC_RECORDS.iter().map(|(r, _)| *r))
+            .collect();
+        let templates = cat
+            .files()
+            .filter(|f| f.template)
+            .map(|f| f.full_name.as_str());
         let composed: Vec<String> = on_topics
             .iter()
+            .copied()
+            .chain(templates)
             .map(|r| cat.composed(r).expect("composes"))
             .collect();
         for file in cat.files() {
             let used = on_topics.contains(file.full_name.as_str())
                 || file.template
-                || composed.iter().any(|c| c.contains(&format!("\"{}\"", file.full_name.rsplit('.').next().unwrap_or_default())));
-            assert!(used, "{} is neither on a topic, a template, nor used by one", file.path);
+                || composed.iter().any(|c| {
+                    c.contains(&format!(
+                        "\"{}\"",
+                        file.full_name.rsplit('.').next().unwrap_or_default()
+                    ))
+                });
+            assert!(
+                used,
+                "{} is neither on a topic, a template, nor used by one",
+                file.path
+            );
         }
     }
 
@@ -397,7 +434,8 @@ mod tests {
             .files()
             .find(|f| f.template)
             .expect("the cdc envelope template");
-        cat.composed(&template.full_name).expect("template composes");
+        cat.composed(&template.full_name)
+            .expect("template composes");
     }
 
     #[test]

@@ -114,25 +114,20 @@ fn set_path(table: &mut Table, path: &[String], raw: &str) -> Result<(), ConfigE
             }
         };
     }
-    let value = match cur.get(last) {
-        Some(Value::String(_)) => Value::String(raw.to_owned()),
-        Some(Value::Integer(_)) => Value::Integer(
-            raw.trim()
-                .parse()
-                .map_err(|_| ConfigError::invalid(&key, format!("expected an integer, got {raw:?}")))?,
-        ),
-        Some(Value::Float(_)) => Value::Float(
-            raw.trim()
-                .parse()
-                .map_err(|_| ConfigError::invalid(&key, format!("expected a number, got {raw:?}")))?,
-        ),
-        Some(Value::Boolean(_)) => Value::Boolean(
-            raw.trim()
-                .parse()
-                .map_err(|_| ConfigError::invalid(&key, format!("expected true or false, got {raw:?}")))?,
-        ),
-        _ => parse_scalar(raw),
-    };
+    let value =
+        match cur.get(last) {
+            Some(Value::String(_)) => Value::String(raw.to_owned()),
+            Some(Value::Integer(_)) => Value::Integer(raw.trim().parse().map_err(|_| {
+                ConfigError::invalid(&key, format!("expected an integer, got {raw:?}"))
+            })?),
+            Some(Value::Float(_)) => Value::Float(raw.trim().parse().map_err(|_| {
+                ConfigError::invalid(&key, format!("expected a number, got {raw:?}"))
+            })?),
+            Some(Value::Boolean(_)) => Value::Boolean(raw.trim().parse().map_err(|_| {
+                ConfigError::invalid(&key, format!("expected true or false, got {raw:?}"))
+            })?),
+            _ => parse_scalar(raw),
+        };
     cur.insert(last.clone(), value);
     Ok(())
 }
@@ -203,7 +198,8 @@ mod tests {
         token: Secret,
     }
 
-    const DEFAULTS: &str = "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 10\ntoken = \"s3cret\"\n";
+    const DEFAULTS: &str =
+        "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 10\ntoken = \"s3cret\"\n";
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -95,7 +95,11 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A status and message answered as `{"code": …, "message": …}`.
-pub fn json_error(status: StatusCode, code: &str, message: impl Into<String>) -> axum::response::Response {
+pub fn json_error(
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+) -> axum::response::Response {
     (
         status,
         axum::Json(serde_json::json!({ "code": code, "message": message.into() })),
@@ -110,7 +114,10 @@ mod tests {
 
     fn headers(auth: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).expect("ascii"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(auth).expect("ascii"),
+        );
         h
     }
 

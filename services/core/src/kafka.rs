@@ -59,7 +59,10 @@ pub enum KafkaAdminError {
     #[error("Kafka client error: {0}")]
     Client(#[from] KafkaError),
     #[error("creating topic {topic} failed: {code}")]
-    CreateTopic { topic: String, code: RDKafkaErrorCode },
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("Kafka at {bootstrap} not reachable within {timeout:?}: {source}")]
     NotReady {
         bootstrap: String,

@@ -171,7 +171,12 @@ impl RegistryClient {
     /// Registers `schema` under `subject` (idempotent) and returns its id.
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryClientError> {
         let key = (subject.to_owned(), schema.to_owned());
-        if let Some(id) = self.registered.read().ok().and_then(|m| m.get(&key).copied()) {
+        if let Some(id) = self
+            .registered
+            .read()
+            .ok()
+            .and_then(|m| m.get(&key).copied())
+        {
             return Ok(id);
         }
         let body: IdBody = self
@@ -226,7 +231,10 @@ impl RegistryClient {
     }
 
     /// Decodes a Confluent frame, fetching its writer schema if not cached yet.
-    pub async fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, RegistryClientError> {
+    pub async fn decode<T: DeserializeOwned>(
+        &self,
+        bytes: &[u8],
+    ) -> Result<T, RegistryClientError> {
         let frame = wire::split(bytes).map_err(CodecError::from)?;
         let schema = self.schema(frame.schema_id).await?;
         Ok(schema.decode_body(frame.body)?)
@@ -243,7 +251,8 @@ impl RegistryClient {
 
     /// All subjects.
     pub async fn subjects(&self) -> Result<Vec<String>, RegistryClientError> {
-        self.send(self.request(reqwest::Method::GET, "/subjects")).await
+        self.send(self.request(reqwest::Method::GET, "/subjects"))
+            .await
     }
 
     /// Sets the compatibility level of `subject`, or the global one when `None`.

@@ -12,7 +12,12 @@ pub fn init_tracing(json: bool) {
     let registry = tracing_subscriber::registry().with(filter);
     let result = if json {
         registry
-            .with(fmt::layer().json().with_current_span(false).with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     } else {
         registry
@@ -35,5 +40,7 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
 
 /// Renders all metrics in the Prometheus text format.
 pub fn render_metrics() -> String {
-    prometheus().map(PrometheusHandle::render).unwrap_or_default()
+    prometheus()
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
 }

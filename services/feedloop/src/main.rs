@@ -14,7 +14,10 @@ use feedloop_core::{
 };
 
 #[derive(Debug, Parser)]
-#[command(version, about = "feedloop: user feedback in, labeled training data out")]
+#[command(
+    version,
+    about = "feedloop: user feedback in, labeled training data out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,7 +83,10 @@ enum SchemasCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_tracing(false);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("feedloop: cannot start the async runtime: {e}");
@@ -129,7 +135,10 @@ async fn dev_up(dir: PathBuf, postgres: Option<String>) -> anyhow::Result<ExitCo
     println!("feedloop dev stack is up");
     println!("  postgres  {}", endpoints.postgres_url);
     println!("  kafka     {}", endpoints.kafka_bootstrap);
-    println!("  registry  {} (user {})", endpoints.registry_url, endpoints.registry_user);
+    println!(
+        "  registry  {} (user {})",
+        endpoints.registry_url, endpoints.registry_user
+    );
     println!("  endpoints {}", path.display());
     println!("Stop with: feedloop dev down --dir {}", dir.display());
     shutdown.cancelled().await;
@@ -141,10 +150,18 @@ async fn dev_up(dir: PathBuf, postgres: Option<String>) -> anyhow::Result<ExitCo
 }
 
 async fn dev_down(dir: PathBuf) -> anyhow::Result<ExitCode> {
-    use nix::{sys::signal::{Signal, kill}, unistd::Pid};
+    use nix::{
+        sys::signal::{Signal, kill},
+        unistd::Pid,
+    };
     let pid_path = dir.join(PID_FILE);
-    let text = std::fs::read_to_string(&pid_path)
-        .with_context(|| format!("no stack is running from {} ({} missing)", dir.display(), pid_path.display()))?;
+    let text = std::fs::read_to_string(&pid_path).with_context(|| {
+        format!(
+            "no stack is running from {} ({} missing)",
+            dir.display(),
+            pid_path.display()
+        )
+    })?;
     let pid = Pid::from_raw(text.trim().parse().context("malformed pid file")?);
     if kill(pid, Signal::SIGTERM).is_err() {
         let _ = std::fs::remove_file(&pid_path);
@@ -160,7 +177,11 @@ async fn dev_down(dir: PathBuf) -> anyhow::Result<ExitCode> {
     bail!("the stack (pid {pid}) did not stop within 30 s")
 }
 
-async fn register(url: &str, user: Option<String>, password: Option<String>) -> anyhow::Result<ExitCode> {
+async fn register(
+    url: &str,
+    user: Option<String>,
+    password: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let auth = user.map(|u| (u, Secret::new(password.unwrap_or_default())));
     let client = RegistryClient::new(url, auth, Duration::from_secs(30))?;
     let catalogue = Catalogue::embedded()?;
@@ -204,9 +225,14 @@ fn check(repo: Option<PathBuf>, level: CompatibilityLevel) -> anyhow::Result<Exi
         }
     }
     if broken > 0 {
-        eprintln!("feedloop: {broken} schema(s) break {level} compatibility with their previous committed version");
+        eprintln!(
+            "feedloop: {broken} schema(s) break {level} compatibility with their previous committed version"
+        );
         return Ok(ExitCode::FAILURE);
     }
-    println!("{} schemas checked under {level}: no breaking change", outcomes.len());
+    println!(
+        "{} schemas checked under {level}: no breaking change",
+        outcomes.len()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -80,7 +80,11 @@ pub fn working_tree(repo: &Path) -> Result<Vec<(String, String)>, SchemasError> 
                     path: path.display().to_string(),
                     source: e,
                 })?;
-                let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
                 out.push((rel, text));
             }
         }
@@ -94,7 +98,10 @@ pub fn working_tree(repo: &Path) -> Result<Vec<(String, String)>, SchemasError> 
 
 /// The `.avsc` files at `commit`, relative to `schemas/`.
 fn at_commit(repo: &Path, commit: &str) -> Result<Vec<(String, String)>, SchemasError> {
-    let listing = git(repo, &["ls-tree", "-r", "--name-only", commit, "--", "schemas/"])?;
+    let listing = git(
+        repo,
+        &["ls-tree", "-r", "--name-only", commit, "--", "schemas/"],
+    )?;
     let mut out = Vec::new();
     for path in listing.lines().filter(|p| p.ends_with(".avsc")) {
         let text = git(repo, &["show", &format!("{commit}:{path}")])?;

@@ -53,13 +53,22 @@ pub fn router(state: AppState, max_body_bytes: usize, timeout: std::time::Durati
         .route("/schemas/ids/{id}/subjects", get(subjects_by_id))
         .route("/schemas/ids/{id}/versions", get(versions_by_id))
         .route("/subjects", get(list_subjects))
-        .route("/subjects/{subject}", axum::routing::post(lookup).delete(delete_subject))
-        .route("/subjects/{subject}/versions", get(list_versions).post(register))
+        .route(
+            "/subjects/{subject}",
+            axum::routing::post(lookup).delete(delete_subject),
+        )
+        .route(
+            "/subjects/{subject}/versions",
+            get(list_versions).post(register),
+        )
         .route(
             "/subjects/{subject}/versions/{version}",
             get(get_version).delete(delete_version),
         )
-        .route("/subjects/{subject}/versions/{version}/schema", get(get_version_schema))
+        .route(
+            "/subjects/{subject}/versions/{version}/schema",
+            get(get_version_schema),
+        )
         .route(
             "/subjects/{subject}/versions/{version}/referencedby",
             get(|| async { reply(Vec::<i32>::new()) }),
@@ -79,7 +88,10 @@ pub fn router(state: AppState, max_body_bytes: usize, timeout: std::time::Durati
                 .put(put_subject_config)
                 .delete(delete_subject_config),
         )
-        .route("/mode", get(|| async { reply(serde_json::json!({"mode": "READWRITE"})) }))
+        .route(
+            "/mode",
+            get(|| async { reply(serde_json::json!({"mode": "READWRITE"})) }),
+        )
         .route(
             "/mode/{subject}",
             get(|| async { reply(serde_json::json!({"mode": "READWRITE"})) }),
@@ -90,7 +102,10 @@ pub fn router(state: AppState, max_body_bytes: usize, timeout: std::time::Durati
         .merge(ops_routes())
         .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .layer(middleware::from_fn(record))
         .with_state(state)
 }
@@ -237,7 +252,11 @@ async fn list_versions(
     Ok(reply(versions).into_response())
 }
 
-async fn register(State(s): State<AppState>, Path(subject): Path<String>, body: Bytes) -> ApiResult {
+async fn register(
+    State(s): State<AppState>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> ApiResult {
     let schema = prepared(&body)?;
     let (id, _version) = s.registry.register(&subject, schema).await?;
     Ok(reply(serde_json::json!({ "id": id })).into_response())
@@ -377,7 +396,10 @@ async fn get_subject_config(
     let store = s.registry.store();
     let level = match store.level(Some(&subject)).await? {
         Some(level) => level,
-        None if f.default_to_global => store.level(None).await?.unwrap_or(CompatibilityLevel::Backward),
+        None if f.default_to_global => store
+            .level(None)
+            .await?
+            .unwrap_or(CompatibilityLevel::Backward),
         None => return Err(RegistryError::SubjectConfigNotFound(subject)),
     };
     Ok(reply(serde_json::json!({"compatibilityLevel": level.as_str()})).into_response())
@@ -393,7 +415,10 @@ async fn put_subject_config(
     Ok(reply(serde_json::json!({"compatibility": level.as_str()})).into_response())
 }
 
-async fn delete_subject_config(State(s): State<AppState>, Path(subject): Path<String>) -> ApiResult {
+async fn delete_subject_config(
+    State(s): State<AppState>,
+    Path(subject): Path<String>,
+) -> ApiResult {
     let previous = s
         .registry
         .store()

@@ -65,7 +65,10 @@ impl Config {
             ));
         }
         if self.http.max_body_bytes == 0 {
-            return Err(ConfigError::invalid("http.max_body_bytes", "must be positive"));
+            return Err(ConfigError::invalid(
+                "http.max_body_bytes",
+                "must be positive",
+            ));
         }
         if self.postgres.max_connections == 0 {
             return Err(ConfigError::invalid(

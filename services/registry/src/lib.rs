@@ -46,7 +46,11 @@ pub struct Running {
 /// Connects, migrates, binds and serves until `shutdown` is cancelled.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
-    let pool = postgres::connect(config.postgres.url.expose(), config.postgres.max_connections).await?;
+    let pool = postgres::connect(
+        config.postgres.url.expose(),
+        config.postgres.max_connections,
+    )
+    .await?;
     postgres::migrate(&pool).await?;
     let listener = TcpListener::bind(&config.http.listen)
         .await

@@ -13,8 +13,15 @@ pub const LABEL_ROUTE: &str = "route";
 pub const LABEL_STATUS: &str = "status";
 
 pub fn describe() {
-    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status.");
-    describe_histogram!(HTTP_DURATION, metrics::Unit::Seconds, "HTTP request latency, by route.");
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route and status."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        metrics::Unit::Seconds,
+        "HTTP request latency, by route."
+    );
     describe_counter!(SCHEMAS_REGISTERED, "New subject versions registered.");
     describe_counter!(INCOMPATIBLE, "Registrations refused as incompatible.");
 }

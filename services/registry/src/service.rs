@@ -3,7 +3,9 @@
 
 use apache_avro::Schema;
 use feedloop_core::avro::{
-    canonical, compat::{self, CompatibilityLevel, Violation}, parse_schema,
+    canonical,
+    compat::{self, CompatibilityLevel, Violation},
+    parse_schema,
 };
 use sha2::{Digest, Sha256};
 
@@ -22,7 +24,11 @@ pub struct Prepared {
 }
 
 /// Validates a submission: only Avro, no references, valid JSON and valid Avro.
-pub fn prepare(schema: &str, schema_type: Option<&str>, has_references: bool) -> Result<Prepared, RegistryError> {
+pub fn prepare(
+    schema: &str,
+    schema_type: Option<&str>,
+    has_references: bool,
+) -> Result<Prepared, RegistryError> {
     if let Some(t) = schema_type
         && !t.eq_ignore_ascii_case("AVRO")
     {
@@ -96,13 +102,20 @@ pub struct Registry {
 fn parse_stored(v: &VersionRow) -> Result<Schema, RegistryError> {
     // Stored schemas were validated when registered.
     parse_schema(&v.schema).map_err(|e| {
-        RegistryError::InvalidSchema(format!("stored version {} no longer parses: {e}", v.version))
+        RegistryError::InvalidSchema(format!(
+            "stored version {} no longer parses: {e}",
+            v.version
+        ))
     })
 }
 
 /// Confluent's verbose explanation: every violation, then the old versions involved, then the
 /// level.
-fn explain(violations: &[Violation], previous: &[VersionRow], level: CompatibilityLevel) -> Vec<String> {
+fn explain(
+    violations: &[Violation],
+    previous: &[VersionRow],
+    level: CompatibilityLevel,
+) -> Vec<String> {
     let mut out: Vec<String> = violations.iter().map(Violation::describe).collect();
     let mut versions: Vec<i32> = violations.iter().map(|v| v.old_version).collect();
     versions.dedup();
@@ -112,7 +125,9 @@ fn explain(violations: &[Violation], previous: &[VersionRow], level: Compatibili
             out.push(format!("{{oldSchema: '{}'}}", old.schema));
         }
     }
-    out.push(format!("{{validateFields: 'false', compatibility: '{level}'}}"));
+    out.push(format!(
+        "{{validateFields: 'false', compatibility: '{level}'}}"
+    ));
     out
 }
 
@@ -144,7 +159,11 @@ impl Registry {
 
     /// Registers `schema` under `subject`. Re-registering a schema the subject already has
     /// returns the existing id; an incompatible one is refused with the reasons.
-    pub async fn register(&self, subject: &str, schema: Prepared) -> Result<(i32, i32), RegistryError> {
+    pub async fn register(
+        &self,
+        subject: &str,
+        schema: Prepared,
+    ) -> Result<(i32, i32), RegistryError> {
         let mut tx = self.store.lock_subject(subject).await?;
         let current = live(self.store.versions(&mut tx, subject).await?);
         if let Some(existing) = current.iter().find(|v| v.schema == schema.text) {
@@ -160,7 +179,10 @@ impl Registry {
                 details: explain(&violations, &current, level),
             });
         }
-        let id = self.store.schema_id(&mut tx, &schema.text, &schema.fingerprint).await?;
+        let id = self
+            .store
+            .schema_id(&mut tx, &schema.text, &schema.fingerprint)
+            .await?;
         let version = self.store.add_version(&mut tx, subject, id).await?;
         tx.commit().await?;
         observability::registered();
@@ -180,11 +202,17 @@ impl Registry {
             .into_iter()
             .rev()
             .find(|v| v.schema == schema.text)
-            .ok_or_else(|| RegistryError::SchemaNotFound("not registered under this subject".into()))
+            .ok_or_else(|| {
+                RegistryError::SchemaNotFound("not registered under this subject".into())
+            })
     }
 
     /// Versions of `subject` a reader may see; 40401 if there are none.
-    pub async fn visible(&self, subject: &str, include_deleted: bool) -> Result<Vec<VersionRow>, RegistryError> {
+    pub async fn visible(
+        &self,
+        subject: &str,
+        include_deleted: bool,
+    ) -> Result<Vec<VersionRow>, RegistryError> {
         let versions: Vec<VersionRow> = self
             .store
             .subject_versions(subject)
@@ -198,7 +226,12 @@ impl Registry {
         Ok(versions)
     }
 
-    pub async fn version(&self, subject: &str, spec: VersionSpec, include_deleted: bool) -> Result<VersionRow, RegistryError> {
+    pub async fn version(
+        &self,
+        subject: &str,
+        spec: VersionSpec,
+        include_deleted: bool,
+    ) -> Result<VersionRow, RegistryError> {
         let versions = self.visible(subject, include_deleted).await?;
         spec.find(&versions)
             .cloned()
@@ -207,13 +240,21 @@ impl Registry {
 
     /// Deletes a subject: soft by default (versions hidden, ids kept), permanent only after a
     /// soft delete. Returns the versions deleted.
-    pub async fn delete_subject(&self, subject: &str, permanent: bool) -> Result<Vec<i32>, RegistryError> {
+    pub async fn delete_subject(
+        &self,
+        subject: &str,
+        permanent: bool,
+    ) -> Result<Vec<i32>, RegistryError> {
         let mut tx = self.store.lock_subject(subject).await?;
         let all = self.store.versions(&mut tx, subject).await?;
         if all.is_empty() {
             return Err(RegistryError::SubjectNotFound(subject.to_owned()));
         }
-        let live: Vec<i32> = all.iter().filter(|v| !v.deleted).map(|v| v.version).collect();
+        let live: Vec<i32> = all
+            .iter()
+            .filter(|v| !v.deleted)
+            .map(|v| v.version)
+            .collect();
         let deleted = if permanent {
             if !live.is_empty() {
                 return Err(RegistryError::SubjectNotSoftDeleted(subject.to_owned()));
@@ -232,12 +273,22 @@ impl Registry {
         if permanent {
             self.store.delete_level(subject).await?;
         }
-        tracing::info!(subject, permanent, versions = deleted.len(), "Subject deleted");
+        tracing::info!(
+            subject,
+            permanent,
+            versions = deleted.len(),
+            "Subject deleted"
+        );
         Ok(deleted)
     }
 
     /// Deletes one version, soft or (after a soft delete) permanent.
-    pub async fn delete_version(&self, subject: &str, spec: VersionSpec, permanent: bool) -> Result<i32, RegistryError> {
+    pub async fn delete_version(
+        &self,
+        subject: &str,
+        spec: VersionSpec,
+        permanent: bool,
+    ) -> Result<i32, RegistryError> {
         let mut tx = self.store.lock_subject(subject).await?;
         let all = self.store.versions(&mut tx, subject).await?;
         if all.is_empty() {
@@ -285,10 +336,11 @@ impl Registry {
                 if current.is_empty() {
                     return Err(RegistryError::SubjectNotFound(subject.to_owned()));
                 }
-                vec![spec
-                    .find(&current)
-                    .cloned()
-                    .ok_or(RegistryError::VersionNotFound(spec.label()))?]
+                vec![
+                    spec.find(&current)
+                        .cloned()
+                        .ok_or(RegistryError::VersionNotFound(spec.label()))?,
+                ]
             }
             None => current,
         };

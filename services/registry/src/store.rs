@@ -32,7 +32,10 @@ impl Store {
 
     /// Starts a transaction holding the subject's lock, so that concurrent registrations of one
     /// subject are serialized.
-    pub async fn lock_subject(&self, subject: &str) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    pub async fn lock_subject(
+        &self,
+        subject: &str,
+    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('registry.subject:' || $1, 0))")
             .bind(subject)
@@ -143,7 +146,11 @@ impl Store {
             .collect()
     }
 
-    pub async fn subjects(&self, include_deleted: bool, prefix: &str) -> Result<Vec<String>, sqlx::Error> {
+    pub async fn subjects(
+        &self,
+        include_deleted: bool,
+        prefix: &str,
+    ) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(
             "SELECT DISTINCT subject FROM registry.subject_versions
               WHERE ($1 OR NOT deleted) AND starts_with(subject, $2)
@@ -180,16 +187,21 @@ impl Store {
         subject: &str,
         versions: &[i32],
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM registry.subject_versions WHERE subject = $1 AND version = ANY($2)")
-            .bind(subject)
-            .bind(versions)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "DELETE FROM registry.subject_versions WHERE subject = $1 AND version = ANY($2)",
+        )
+        .bind(subject)
+        .bind(versions)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
     /// The level configured for `subject` (or globally when `None`).
-    pub async fn level(&self, subject: Option<&str>) -> Result<Option<CompatibilityLevel>, sqlx::Error> {
+    pub async fn level(
+        &self,
+        subject: Option<&str>,
+    ) -> Result<Option<CompatibilityLevel>, sqlx::Error> {
         let text: Option<String> =
             sqlx::query_scalar("SELECT compatibility FROM registry.config WHERE scope = $1")
                 .bind(subject.unwrap_or(GLOBAL))
@@ -209,7 +221,11 @@ impl Store {
             .unwrap_or(CompatibilityLevel::Backward))
     }
 
-    pub async fn set_level(&self, subject: Option<&str>, level: CompatibilityLevel) -> Result<(), sqlx::Error> {
+    pub async fn set_level(
+        &self,
+        subject: Option<&str>,
+        level: CompatibilityLevel,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO registry.config (scope, compatibility) VALUES ($1, $2)
              ON CONFLICT (scope) DO UPDATE SET compatibility = EXCLUDED.compatibility",
@@ -222,7 +238,10 @@ impl Store {
     }
 
     /// Removes the subject's level; returns what it was.
-    pub async fn delete_level(&self, subject: &str) -> Result<Option<CompatibilityLevel>, sqlx::Error> {
+    pub async fn delete_level(
+        &self,
+        subject: &str,
+    ) -> Result<Option<CompatibilityLevel>, sqlx::Error> {
         let text: Option<String> = sqlx::query_scalar(
             "DELETE FROM registry.config WHERE scope = $1 RETURNING compatibility",
         )
@@ -233,6 +252,9 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 }

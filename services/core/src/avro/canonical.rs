@@ -70,13 +70,15 @@ fn write_schema(value: &Value, out: &mut String) {
                                 out.push(',');
                             }
                             match f {
-                                Value::Object(fm) => write_object(fm, FIELD_KEYS, out, |k, v, out| {
-                                    if k == "type" {
-                                        write_schema(v, out)
-                                    } else {
-                                        write_json(v, out)
-                                    }
-                                }),
+                                Value::Object(fm) => {
+                                    write_object(fm, FIELD_KEYS, out, |k, v, out| {
+                                        if k == "type" {
+                                            write_schema(v, out)
+                                        } else {
+                                            write_json(v, out)
+                                        }
+                                    })
+                                }
                                 other => write_json(other, out),
                             }
                         }

@@ -54,7 +54,9 @@ pub struct CompiledSchema {
 
 impl std::fmt::Debug for CompiledSchema {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CompiledSchema").field("id", &self.id).finish()
+        f.debug_struct("CompiledSchema")
+            .field("id", &self.id)
+            .finish()
     }
 }
 

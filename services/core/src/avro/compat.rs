@@ -52,8 +52,10 @@ pub struct Incompatibility {
 /// Returns every reason why `reader` cannot read data written with `writer`; empty means
 /// compatible.
 pub fn reader_writer_incompatibilities(reader: &Schema, writer: &Schema) -> Vec<Incompatibility> {
-    let (Ok(rnames), Ok(wnames)) = (ResolvedSchema::try_from(reader), ResolvedSchema::try_from(writer))
-    else {
+    let (Ok(rnames), Ok(wnames)) = (
+        ResolvedSchema::try_from(reader),
+        ResolvedSchema::try_from(writer),
+    ) else {
         return vec![Incompatibility {
             kind: IncompatibilityKind::TypeMismatch,
             location: "/".into(),
@@ -296,9 +298,10 @@ impl<'a> Checker<'a, '_> {
             );
         }
         for (i, rfield) in reader.fields.iter().enumerate() {
-            let wfield = writer.fields.iter().find(|w| {
-                w.name == rfield.name || rfield.aliases.iter().any(|a| *a == w.name)
-            });
+            let wfield = writer
+                .fields
+                .iter()
+                .find(|w| w.name == rfield.name || rfield.aliases.iter().any(|a| *a == w.name));
             match wfield {
                 Some(wfield) => self.at(&["fields", &i.to_string(), "type"], |c| {
                     c.check(&rfield.schema, &wfield.schema)
@@ -408,7 +411,9 @@ impl fmt::Display for CompatibilityLevel {
 
 /// A compatibility level name that does not exist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid compatibility level {0:?}: expected one of NONE, BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE")]
+#[error(
+    "invalid compatibility level {0:?}: expected one of NONE, BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE"
+)]
 pub struct InvalidLevel(pub String);
 
 impl FromStr for CompatibilityLevel {
@@ -584,7 +589,10 @@ mod tests {
             kinds(&ab, &abc),
             vec![IncompatibilityKind::MissingEnumSymbols]
         );
-        assert!(kinds(&ab_default, &abc_default).is_empty(), "default absorbs");
+        assert!(
+            kinds(&ab_default, &abc_default).is_empty(),
+            "default absorbs"
+        );
     }
 
     #[test]
@@ -651,7 +659,11 @@ mod tests {
             2
         );
         assert!(check_level(CompatibilityLevel::None, &v3, &prev).is_empty());
-        assert!(fwd[0].describe().contains("READER_FIELD_MISSING_DEFAULT_VALUE"));
+        assert!(
+            fwd[0]
+                .describe()
+                .contains("READER_FIELD_MISSING_DEFAULT_VALUE")
+        );
         assert!(fwd[0].describe().contains("in the old schema"));
     }
 

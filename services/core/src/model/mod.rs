@@ -20,12 +20,20 @@ mod tests {
     use super::*;
     use crate::{avro::CompiledSchema, catalogue::Catalogue};
 
-    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(record: &str, value: &T) {
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+        record: &str,
+        value: &T,
+    ) {
         let cat = Catalogue::embedded().expect("catalogue");
-        let schema = CompiledSchema::new(1, &cat.composed(record).expect("composes")).expect("compiles");
+        let schema =
+            CompiledSchema::new(1, &cat.composed(record).expect("composes")).expect("compiles");
         let mut buf = Vec::new();
-        schema.encode(value, &mut buf).unwrap_or_else(|e| panic!("{record}: {e}"));
-        let back: T = schema.decode_body(&buf[5..]).unwrap_or_else(|e| panic!("{record}: {e}"));
+        schema
+            .encode(value, &mut buf)
+            .unwrap_or_else(|e| panic!("{record}: {e}"));
+        let back: T = schema
+            .decode_body(&buf[5..])
+            .unwrap_or_else(|e| panic!("{record}: {e}"));
         assert_eq!(&back, value, "{record}");
     }
 
@@ -144,7 +152,11 @@ mod tests {
                 .enumerate()
                 .flat_map(|(i, c)| {
                     let lower = c.to_ascii_lowercase();
-                    if c.is_ascii_uppercase() && i > 0 { vec!['_', lower] } else { vec![lower] }
+                    if c.is_ascii_uppercase() && i > 0 {
+                        vec!['_', lower]
+                    } else {
+                        vec![lower]
+                    }
                 })
                 .collect();
             assert_eq!(snake, t.name());

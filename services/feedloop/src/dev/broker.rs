@@ -147,7 +147,10 @@ impl TansuBroker {
             .args(["--advertised-listener-url", &url])
             .args(["--storage-engine", &storage])
             .current_dir(self.dir.path())
-            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log));
         let process = Guarded::spawn("tansu", &mut cmd, Some(self.dir.path()))

@@ -75,14 +75,15 @@ impl PgCluster {
             .tempdir()
             .map_err(|e| DevError::io("creating the Postgres directory", e))?;
         let owner = if Uid::effective().is_root() {
-            let user = User::from_name("postgres")
-                .ok()
-                .flatten()
-                .ok_or_else(|| DevError::Prerequisite(
-                    "running as root needs a `postgres` system user to own the throwaway cluster".into(),
-                ))?;
-            chown(root.path(), Some(user.uid), Some(user.gid))
-                .map_err(|e| DevError::io("handing the Postgres directory to postgres", e.into()))?;
+            let user = User::from_name("postgres").ok().flatten().ok_or_else(|| {
+                DevError::Prerequisite(
+                    "running as root needs a `postgres` system user to own the throwaway cluster"
+                        .into(),
+                )
+            })?;
+            chown(root.path(), Some(user.uid), Some(user.gid)).map_err(|e| {
+                DevError::io("handing the Postgres directory to postgres", e.into())
+            })?;
             Some((user.uid, user.gid))
         } else {
             None
@@ -121,7 +122,14 @@ impl PgCluster {
             .command("initdb")
             .arg("-D")
             .arg(self.data_dir())
-            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .output()
             .map_err(|e| DevError::io("running initdb", e))?;
         if !out.status.success() {
@@ -157,14 +165,22 @@ impl PgCluster {
             .arg("-k")
             .arg(self.root.path())
             .args([
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", "wal_level=logical",
-                "-c", "max_wal_senders=20",
-                "-c", "max_replication_slots=20",
-                "-c", "max_connections=200",
-                "-c", "fsync=off",
-                "-c", "full_page_writes=off",
-                "-c", "shared_buffers=128MB",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "max_wal_senders=20",
+                "-c",
+                "max_replication_slots=20",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "shared_buffers=128MB",
             ])
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log));

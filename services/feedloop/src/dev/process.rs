@@ -31,9 +31,15 @@ pub struct Guarded {
 
 impl Guarded {
     /// Spawns `cmd`, and a watchdog that removes `cleanup_dir` once the child is gone.
-    pub fn spawn(name: &'static str, cmd: &mut Command, cleanup_dir: Option<&Path>) -> io::Result<Self> {
+    pub fn spawn(
+        name: &'static str,
+        cmd: &mut Command,
+        cleanup_dir: Option<&Path>,
+    ) -> io::Result<Self> {
         let child = cmd.stdin(Stdio::null()).spawn()?;
-        let dir = cleanup_dir.map(|d| d.display().to_string()).unwrap_or_default();
+        let dir = cleanup_dir
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
         let watchdog = Command::new("sh")
             .arg("-c")
             .arg(WATCHDOG)

@@ -113,7 +113,10 @@ impl Stack {
                 max_connections: 8,
             },
             auth: feedloop_registry::config::AuthConfig {
-                users: BTreeMap::from([(REGISTRY_USER.to_owned(), Secret::new(admin_token.clone()))]),
+                users: BTreeMap::from([(
+                    REGISTRY_USER.to_owned(),
+                    Secret::new(admin_token.clone()),
+                )]),
             },
             log: feedloop_registry::config::LogConfig { json: false },
         };
@@ -144,7 +147,10 @@ impl Stack {
     pub fn registry_client(&self) -> Result<RegistryClient, DevError> {
         RegistryClient::new(
             &self.registry_url,
-            Some((REGISTRY_USER.to_owned(), Secret::new(self.admin_token.clone()))),
+            Some((
+                REGISTRY_USER.to_owned(),
+                Secret::new(self.admin_token.clone()),
+            )),
             Duration::from_secs(10),
         )
         .map_err(|e| DevError::Schemas(e.to_string()))
@@ -161,7 +167,10 @@ impl Stack {
     async fn register_catalogue(&self) -> Result<(), DevError> {
         let client = self.registry_client()?;
         let catalogue = Catalogue::embedded().map_err(|e| DevError::Schemas(e.to_string()))?;
-        for (subject, schema) in catalogue.subjects().map_err(|e| DevError::Schemas(e.to_string()))? {
+        for (subject, schema) in catalogue
+            .subjects()
+            .map_err(|e| DevError::Schemas(e.to_string()))?
+        {
             client
                 .register(&subject, &schema)
                 .await
@@ -184,7 +193,8 @@ impl Stack {
 
     /// Writes `dir/endpoints.json` atomically (and the pid file).
     pub fn write_endpoints(&self, dir: &Path) -> Result<PathBuf, DevError> {
-        std::fs::create_dir_all(dir).map_err(|e| DevError::io("creating the stack directory", e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DevError::io("creating the stack directory", e))?;
         let path = dir.join(ENDPOINTS_FILE);
         let tmp = dir.join(format!(".{ENDPOINTS_FILE}.tmp"));
         let json = serde_json::to_vec_pretty(&self.endpoints())
