@@ -5,6 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use feedloop_core::{
     catalogue::Catalogue,
+    kafka::{KafkaConfig, create_missing},
     model::{Decision, Envelope, MatchDecision, Platform},
 };
 use feedloop_integration_tests::{TestRegistry, infra};
@@ -67,6 +68,13 @@ async fn confluent_python_clients_round_trip_through_registry_and_broker() {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let rust_topic = format!("it.rust.{run}");
     let py_topic = format!("it.py.{run}");
+
+    create_missing(
+        &KafkaConfig::new(infra.kafka_bootstrap.clone()),
+        &[(rust_topic.as_str(), 1, false), (py_topic.as_str(), 1, false)],
+    )
+    .await
+    .expect("create topics");
 
     // Rust produces catalogue records, framed with the registry's id.
     let schema = Catalogue::embedded()

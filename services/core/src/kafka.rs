@@ -91,22 +91,34 @@ pub async fn wait_ready(config: &KafkaConfig, timeout: Duration) -> Result<(), K
     .map_err(|_| KafkaAdminError::Join)?
 }
 
-/// Creates the topics that do not exist yet; existing ones are left as they are.
+/// Creates the catalogue topics that do not exist yet; existing ones are left as they are.
 pub async fn ensure_topics(
     config: &KafkaConfig,
     topics: &[TopicSpec],
+) -> Result<(), KafkaAdminError> {
+    let specs: Vec<(&str, i32, bool)> = topics
+        .iter()
+        .map(|t| (t.name, t.partitions, t.compacted))
+        .collect();
+    create_missing(config, &specs).await
+}
+
+/// Creates topics given as (name, partitions, compacted) unless they exist.
+pub async fn create_missing(
+    config: &KafkaConfig,
+    topics: &[(&str, i32, bool)],
 ) -> Result<(), KafkaAdminError> {
     let admin: AdminClient<DefaultClientContext> =
         config.client_config("feedloop-admin").create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| {
+        .map(|(name, partitions, compacted)| {
             let topic = NewTopic::new(
-                t.name,
-                t.partitions,
+                name,
+                *partitions,
                 TopicReplication::Fixed(config.replication_factor),
             );
-            if t.compacted {
+            if *compacted {
                 topic.set("cleanup.policy", "compact")
             } else {
                 topic

@@ -142,16 +142,25 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Query flags. Booleans are read leniently: clients send `true`, `True` (Python) or `1`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct Flags {
+    #[serde(deserialize_with = "lenient_bool")]
     deleted: bool,
+    #[serde(deserialize_with = "lenient_bool")]
     permanent: bool,
+    #[serde(deserialize_with = "lenient_bool")]
     verbose: bool,
-    #[serde(rename = "defaultToGlobal")]
+    #[serde(rename = "defaultToGlobal", deserialize_with = "lenient_bool")]
     default_to_global: bool,
     #[serde(rename = "subjectPrefix")]
     subject_prefix: Option<String>,
+}
+
+fn lenient_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let raw = String::deserialize(d)?;
+    Ok(raw.eq_ignore_ascii_case("true") || raw == "1")
 }
 
 #[derive(Debug, Deserialize)]
