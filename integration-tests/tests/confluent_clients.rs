@@ -71,7 +71,10 @@ async fn confluent_python_clients_round_trip_through_registry_and_broker() {
 
     create_missing(
         &KafkaConfig::new(infra.kafka_bootstrap.clone()),
-        &[(rust_topic.as_str(), 1, false), (py_topic.as_str(), 1, false)],
+        &[
+            (rust_topic.as_str(), 1, false),
+            (py_topic.as_str(), 1, false),
+        ],
     )
     .await
     .expect("create topics");

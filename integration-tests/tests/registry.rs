@@ -55,7 +55,7 @@ async fn evolves(
     reg: &TestRegistry,
     subject: &str,
     level: &str,
-    history: &[String],
+    history: &[&str],
     new: &str,
 ) -> bool {
     // The history itself is registered without checks; only the last step is judged.
@@ -84,10 +84,10 @@ async fn adding_a_field_without_default_breaks_backward_only() {
     let reg = TestRegistry::start().await;
     let v1 = record(r#"{"name":"a","type":"int"}"#);
     let v2 = record(r#"{"name":"a","type":"int"},{"name":"b","type":"string"}"#);
-    assert!(!evolves(&reg, "add-bw", "BACKWARD", &[v1.clone()], &v2).await);
-    assert!(evolves(&reg, "add-fw", "FORWARD", &[v1.clone()], &v2).await);
-    assert!(!evolves(&reg, "add-full", "FULL", &[v1.clone()], &v2).await);
-    assert!(evolves(&reg, "add-none", "NONE", &[v1], &v2).await);
+    assert!(!evolves(&reg, "add-bw", "BACKWARD", &[&v1], &v2).await);
+    assert!(evolves(&reg, "add-fw", "FORWARD", &[&v1], &v2).await);
+    assert!(!evolves(&reg, "add-full", "FULL", &[&v1], &v2).await);
+    assert!(evolves(&reg, "add-none", "NONE", &[&v1], &v2).await);
 }
 
 #[tokio::test]
@@ -95,9 +95,9 @@ async fn removing_a_field_without_default_breaks_forward_only() {
     let reg = TestRegistry::start().await;
     let v1 = record(r#"{"name":"a","type":"int"},{"name":"b","type":"string"}"#);
     let v2 = record(r#"{"name":"a","type":"int"}"#);
-    assert!(evolves(&reg, "rm-bw", "BACKWARD", &[v1.clone()], &v2).await);
-    assert!(!evolves(&reg, "rm-fw", "FORWARD", &[v1.clone()], &v2).await);
-    assert!(!evolves(&reg, "rm-full", "FULL", &[v1], &v2).await);
+    assert!(evolves(&reg, "rm-bw", "BACKWARD", &[&v1], &v2).await);
+    assert!(!evolves(&reg, "rm-fw", "FORWARD", &[&v1], &v2).await);
+    assert!(!evolves(&reg, "rm-full", "FULL", &[&v1], &v2).await);
 }
 
 #[tokio::test]
@@ -105,10 +105,10 @@ async fn int_to_long_is_backward_but_long_to_int_breaks() {
     let reg = TestRegistry::start().await;
     let int = record(r#"{"name":"a","type":"int"}"#);
     let long = record(r#"{"name":"a","type":"long"}"#);
-    assert!(evolves(&reg, "widen", "BACKWARD", &[int.clone()], &long).await);
-    assert!(!evolves(&reg, "narrow", "BACKWARD", &[long.clone()], &int).await);
+    assert!(evolves(&reg, "widen", "BACKWARD", &[&int], &long).await);
+    assert!(!evolves(&reg, "narrow", "BACKWARD", &[&long], &int).await);
     // An old int reader cannot read longs: int->long is not FORWARD compatible.
-    assert!(!evolves(&reg, "widen-fw", "FORWARD", &[int], &long).await);
+    assert!(!evolves(&reg, "widen-fw", "FORWARD", &[&int], &long).await);
 }
 
 #[tokio::test]
@@ -121,12 +121,12 @@ async fn enum_symbol_addition() {
     };
     let two = e(r#""A","B""#, "");
     let three = e(r#""A","B","C""#, "");
-    assert!(evolves(&reg, "enum-bw", "BACKWARD", &[two.clone()], &three).await);
-    assert!(!evolves(&reg, "enum-fw", "FORWARD", &[two], &three).await);
+    assert!(evolves(&reg, "enum-bw", "BACKWARD", &[&two], &three).await);
+    assert!(!evolves(&reg, "enum-fw", "FORWARD", &[&two], &three).await);
     // With an enum default, old readers map the new symbol to it: FULL holds.
     let two_d = e(r#""A","B""#, r#","default":"A""#);
     let three_d = e(r#""A","B","C""#, r#","default":"A""#);
-    assert!(evolves(&reg, "enum-full", "FULL", &[two_d], &three_d).await);
+    assert!(evolves(&reg, "enum-full", "FULL", &[&two_d], &three_d).await);
 }
 
 #[tokio::test]
@@ -134,9 +134,9 @@ async fn union_widening() {
     let reg = TestRegistry::start().await;
     let narrow = record(r#"{"name":"a","type":["null","int"],"default":null}"#);
     let wide = record(r#"{"name":"a","type":["null","int","string"],"default":null}"#);
-    assert!(evolves(&reg, "union-bw", "BACKWARD", &[narrow.clone()], &wide).await);
-    assert!(!evolves(&reg, "union-fw", "FORWARD", &[narrow.clone()], &wide).await);
-    assert!(!evolves(&reg, "union-shrink", "BACKWARD", &[wide], &narrow).await);
+    assert!(evolves(&reg, "union-bw", "BACKWARD", &[&narrow], &wide).await);
+    assert!(!evolves(&reg, "union-fw", "FORWARD", &[&narrow], &wide).await);
+    assert!(!evolves(&reg, "union-shrink", "BACKWARD", &[&wide], &narrow).await);
 }
 
 #[tokio::test]
@@ -149,7 +149,7 @@ async fn transitive_levels_check_every_version_not_just_the_latest() {
     let v3 = record(
         r#"{"name":"a","type":"string","default":""},{"name":"b","type":"int","default":0}"#,
     );
-    let history = [v1, v2];
+    let history = [v1.as_str(), v2.as_str()];
     assert!(evolves(&reg, "tr-bw", "BACKWARD", &history, &v3).await);
     assert!(!evolves(&reg, "tr-bwt", "BACKWARD_TRANSITIVE", &history, &v3).await);
     assert!(evolves(&reg, "tr-fw", "FORWARD", &history, &v3).await);

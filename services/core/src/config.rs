@@ -136,14 +136,13 @@ fn set_path(table: &mut Table, path: &[String], raw: &str) -> Result<(), ConfigE
 /// string (a map of passwords must not turn "123" into a number).
 fn parse_scalar(raw: &str) -> Value {
     let trimmed = raw.trim_start();
-    if trimmed.starts_with('[') || trimmed.starts_with('{') {
-        if let Some(v) = format!("v = {raw}")
+    if (trimmed.starts_with('[') || trimmed.starts_with('{'))
+        && let Some(v) = format!("v = {raw}")
             .parse::<Table>()
             .ok()
             .and_then(|mut t| t.remove("v"))
-        {
-            return v;
-        }
+    {
+        return v;
     }
     Value::String(raw.to_owned())
 }

@@ -167,8 +167,9 @@ async fn dev_down(dir: PathBuf) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(&pid_path);
         bail!("the stack (pid {pid}) is not running; removed its stale pid file");
     }
+    // Done when the stack removed its pid file on the way out (or is gone altogether).
     for _ in 0..600 {
-        if kill(pid, None).is_err() {
+        if !pid_path.exists() || kill(pid, None).is_err() {
             println!("feedloop dev stack stopped");
             return Ok(ExitCode::SUCCESS);
         }

@@ -101,4 +101,13 @@ mod tests {
         .expect("parses");
         cfg.validate().expect("valid with a user");
     }
+
+    #[test]
+    fn the_deploy_example_is_valid() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/registry.toml");
+        let cfg: Config = config::load(DEFAULTS, Some(&path), Vec::new()).expect("parses");
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.http.listen, "0.0.0.0:8081");
+    }
 }

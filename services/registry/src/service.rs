@@ -72,7 +72,7 @@ impl VersionSpec {
         }
     }
 
-    fn find<'a>(self, versions: &'a [VersionRow]) -> Option<&'a VersionRow> {
+    fn find(self, versions: &[VersionRow]) -> Option<&VersionRow> {
         match self {
             Self::Latest => versions.last(),
             Self::Number(n) => versions.iter().find(|v| v.version == n),

@@ -301,7 +301,7 @@ impl<'a> Checker<'a, '_> {
             let wfield = writer
                 .fields
                 .iter()
-                .find(|w| w.name == rfield.name || rfield.aliases.iter().any(|a| *a == w.name));
+                .find(|w| w.name == rfield.name || rfield.aliases.contains(&w.name));
             match wfield {
                 Some(wfield) => self.at(&["fields", &i.to_string(), "type"], |c| {
                     c.check(&rfield.schema, &wfield.schema)

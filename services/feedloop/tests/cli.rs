@@ -1,0 +1,244 @@
+//! The feedloop binary, end to end: `dev up` / `dev down` and `schemas check`.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedloop");
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+        .args(args)
+        .status()
+        .expect("git runs");
+    assert!(status.success(), "git {args:?}");
+}
+
+const V1: &str = r#"{"type":"record","name":"Thing","namespace":"t","fields":[
+  {"name":"id","type":"string","doc":"id"},
+  {"name":"size","type":"int","doc":"size"}]}"#;
+
+fn repo_with(first: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("schemas/things")).expect("mkdir");
+    git(dir.path(), &["init", "-q"]);
+    std::fs::write(dir.path().join("schemas/things/thing.avsc"), first).expect("write");
+    git(dir.path(), &["add", "-A"]);
+    git(dir.path(), &["commit", "-qm", "v1"]);
+    dir
+}
+
+fn check(repo: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["schemas", "check", "--repo"])
+        .arg(repo)
+        .args(extra)
+        .output()
+        .expect("feedloop runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn schemas_check_fails_on_a_breaking_change_with_a_reason() {
+    let repo = repo_with(V1);
+    // Uncommitted breaking change: a new field without a default (breaks BACKWARD, so FULL).
+    let breaking = V1.replace(
+        r#"{"name":"size","type":"int","doc":"size"}"#,
+        r#"{"name":"size","type":"int","doc":"size"},{"name":"color","type":"string"}"#,
+    );
+    std::fs::write(repo.path().join("schemas/things/thing.avsc"), &breaking).expect("write");
+    let (ok, text) = check(repo.path(), &[]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("BREAKING   t.Thing"), "{text}");
+    assert!(
+        text.contains("READER_FIELD_MISSING_DEFAULT_VALUE"),
+        "{text}"
+    );
+    assert!(text.contains("'color'"), "{text}");
+    // Under FORWARD the same change is fine.
+    let (ok, text) = check(repo.path(), &["--compatibility", "FORWARD"]);
+    assert!(ok, "{text}");
+
+    // Once committed, the check compares HEAD with the previous commit: still breaking.
+    git(repo.path(), &["commit", "-qam", "v2"]);
+    let (ok, text) = check(repo.path(), &[]);
+    assert!(!ok, "{text}");
+}
+
+#[test]
+fn schemas_check_accepts_compatible_changes_and_new_files() {
+    let repo = repo_with(V1);
+    let compatible = V1.replace(
+        r#"{"name":"size","type":"int","doc":"size"}"#,
+        r#"{"name":"size","type":"int","doc":"size"},{"name":"color","type":"string","default":"red","doc":"c"}"#,
+    );
+    std::fs::write(repo.path().join("schemas/things/thing.avsc"), compatible).expect("write");
+    std::fs::write(
+        repo.path().join("schemas/things/other.avsc"),
+        r#"{"type":"enum","name":"Other","namespace":"t","symbols":["A"]}"#,
+    )
+    .expect("write");
+    let (ok, text) = check(repo.path(), &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("ok         t.Thing"), "{text}");
+    assert!(text.contains("new        t.Other"), "{text}");
+}
+
+#[test]
+fn schemas_check_passes_on_this_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (ok, text) = check(&root, &[]);
+    assert!(ok, "{text}");
+}
+
+/// Kills the stack if the test fails before `dev down`.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new(BIN)
+        .args(["dev", "up", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("dev up starts");
+    let mut up = Up(child);
+    let endpoints_path = dir.path().join("endpoints.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !endpoints_path.exists() {
+        assert!(
+            up.0.try_wait().expect("wait").is_none(),
+            "dev up exited before writing endpoints"
+        );
+        assert!(Instant::now() < deadline, "no endpoints.json after 120 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let endpoints: Value =
+        serde_json::from_slice(&std::fs::read(&endpoints_path).expect("read")).expect("json");
+
+    // Postgres answers and has the control-plane schema.
+    let url = endpoints["postgres_url"].as_str().expect("postgres_url");
+    let pool = sqlx::PgPool::connect(url)
+        .await
+        .expect("postgres reachable");
+    let wal: String = sqlx::query_scalar("SHOW wal_level")
+        .fetch_one(&pool)
+        .await
+        .expect("query");
+    assert_eq!(wal, "logical");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'registry'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("query");
+    assert!(tables >= 3, "registry tables migrated");
+    pool.close().await;
+
+    // The broker has the catalogue topics.
+    let bootstrap = endpoints["kafka_bootstrap"]
+        .as_str()
+        .expect("kafka_bootstrap");
+    let topics = feedloop_core_topics(bootstrap).await;
+    for t in feedloop_core::catalogue::TOPICS {
+        assert!(
+            topics.contains(&t.name.to_owned()),
+            "{} missing from {topics:?}",
+            t.name
+        );
+    }
+
+    // The registry serves the catalogue with the advertised credentials, and refuses others.
+    let registry = endpoints["registry_url"].as_str().expect("registry_url");
+    let user = endpoints["registry_user"].as_str().expect("user");
+    let password = endpoints["registry_password"].as_str().expect("password");
+    let http = reqwest::Client::new();
+    let subjects: Vec<String> = http
+        .get(format!("{registry}/subjects"))
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .expect("registry reachable")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        subjects.contains(&"feedloop.events-io.feedloop.events.MatchImpression".to_owned()),
+        "{subjects:?}"
+    );
+    assert!(
+        subjects.contains(&"feedloop.deadletter-value".to_owned()),
+        "{subjects:?}"
+    );
+    let anonymous = http
+        .get(format!("{registry}/subjects"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(anonymous.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert!(
+        endpoints["admin_token"]
+            .as_str()
+            .is_some_and(|t| t.len() >= 16)
+    );
+
+    // dev down stops it and cleans up.
+    let down = Command::new(BIN)
+        .args(["dev", "down", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("dev down runs");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let status = up.0.wait().expect("wait");
+    assert!(status.success(), "dev up exits cleanly: {status}");
+    assert!(!endpoints_path.exists(), "endpoints.json removed");
+    use sqlx::Connection;
+    assert!(
+        sqlx::PgConnection::connect(url).await.is_err(),
+        "postgres is stopped"
+    );
+}
+
+async fn feedloop_core_topics(bootstrap: &str) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("consumer");
+    tokio::task::spawn_blocking(move || {
+        consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata")
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .collect()
+    })
+    .await
+    .expect("join")
+}
