@@ -154,3 +154,264 @@ impl Drop for TestRegistry {
         self.shutdown.cancel();
     }
 }
+
+/// Kafka configuration of the shared broker.
+pub fn kafka() -> feedloop_core::kafka::KafkaConfig {
+    feedloop_core::kafka::KafkaConfig::new(infra().kafka_bootstrap)
+}
+
+/// A collector configuration for tests: a fresh database and spool, the given registry and
+/// broker, and one application `test-app` with write key [`WRITE_KEY`].
+pub async fn collector_config(
+    registry: &TestRegistry,
+    bootstrap: &str,
+    spool_dir: &std::path::Path,
+) -> feedloop_collector::Config {
+    let mut cfg = feedloop_collector::Config::from_defaults().unwrap_or_else(|e| panic!("defaults: {e}"));
+    cfg.http.listen = "127.0.0.1:0".into();
+    cfg.kafka.bootstrap = bootstrap.to_owned();
+    cfg.kafka.properties.insert("message.timeout.ms".into(), "30000".into());
+    cfg.registry.url = registry.url.clone();
+    cfg.registry.user = registry.user.clone();
+    cfg.registry.password = Secret::new(registry.password.clone());
+    cfg.postgres.url = Secret::new(fresh_database().await);
+    cfg.auth.apps.insert(
+        "test-app".into(),
+        feedloop_collector::config::AppConfig { keys: vec![Secret::new(WRITE_KEY)] },
+    );
+    cfg.spool.dir = spool_dir.to_owned();
+    cfg.spool.ack_timeout_ms = 1000;
+    cfg.log.json = false;
+    cfg.validate().unwrap_or_else(|e| panic!("config: {e}"));
+    cfg
+}
+
+/// The write key of `test-app` in [`collector_config`].
+pub const WRITE_KEY: &str = "wk-test-app-0123456789";
+
+/// A collector running inside the test, with its own registry, database and spool.
+#[derive(Debug)]
+pub struct TestCollector {
+    pub url: String,
+    pub registry: TestRegistry,
+    pub config: feedloop_collector::Config,
+    pub spool: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), feedloop_collector::StartError>>>,
+}
+
+impl TestCollector {
+    /// Starts on the shared broker; `tweak` adjusts the configuration first.
+    pub async fn start(tweak: impl FnOnce(&mut feedloop_collector::Config)) -> Self {
+        let registry = TestRegistry::start().await;
+        let spool = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let mut config = collector_config(&registry, &infra().kafka_bootstrap, spool.path()).await;
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        let running = feedloop_collector::start(config.clone(), shutdown.clone())
+            .await
+            .unwrap_or_else(|e| panic!("collector did not start: {e}"));
+        let collector = Self {
+            url: format!("http://{}", running.addr),
+            registry,
+            config,
+            spool,
+            shutdown,
+            task: Some(running.task),
+        };
+        collector.wait_direct().await;
+        collector
+    }
+
+    /// Waits until the collector rebuilt its idempotency window and publishes directly.
+    pub async fn wait_direct(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let metrics = reqwest::get(format!("{}/metrics", self.url))
+                .await
+                .ok();
+            if let Some(m) = metrics
+                && let Ok(text) = m.text().await
+                && !text.is_empty()
+            {
+                // Ready once a probe batch is acknowledged by the broker, not the spool.
+                let probe = self.post_native(&serde_json::json!([])).await;
+                if probe.0 == reqwest::StatusCode::OK && probe.1["durability"] == "acked" {
+                    return;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "collector never switched to direct publishing");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Posts a native batch with the write key; returns status and JSON body.
+    pub async fn post_native(&self, body: &serde_json::Value) -> (reqwest::StatusCode, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/events", self.url))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("post: {e}"));
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Stops gracefully and waits until flushed.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestCollector {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Builds native events for tests and load.
+pub mod events {
+    use serde_json::{Value, json};
+    use uuid::Uuid;
+
+    /// Epoch ms now.
+    pub fn now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+
+    fn envelope(event_type: &str, user: &str) -> Value {
+        json!({
+            "event_id": Uuid::now_v7(),
+            "event_type": event_type,
+            "user_id": user,
+            "device_id": format!("dev-{user}"),
+            "timestamp": now_ms() - 1000,
+            "sent_at": now_ms(),
+            "platform": "android",
+            "app_version": "5.2.0",
+        })
+    }
+
+    fn with(mut env: Value, props: Value) -> Value {
+        if let Some(o) = env.as_object_mut() {
+            o.insert("properties".into(), props);
+        }
+        env
+    }
+
+    pub fn impression(user: &str, match_id: Uuid) -> Value {
+        with(envelope("match_impression", user), json!({
+            "match_id": match_id, "candidate_id": format!("cand-{match_id}"), "request_id": "req-1",
+            "model_version": "ranker-7", "experiment_id": "exp-1", "experiment_arm": "treatment",
+            "rank": 3, "score": 0.77, "features": {"age_gap": 2, "affinity": 0.4, "same_lang": true}
+        }))
+    }
+
+    pub fn decision(user: &str, match_id: Uuid, accept: bool) -> Value {
+        with(envelope("match_decision", user), json!({
+            "match_id": match_id, "decision": if accept { "accept" } else { "skip" }, "decision_latency_ms": 850
+        }))
+    }
+
+    pub fn chat_ended(user: &str, match_id: Uuid, duration_ms: i64) -> Value {
+        with(envelope("chat_ended", user), json!({"match_id": match_id, "duration_ms": duration_ms, "ended_by": "peer"}))
+    }
+
+    /// The event id of a built event.
+    pub fn id(event: &Value) -> Uuid {
+        event["event_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .unwrap_or_else(|| panic!("event without id: {event}"))
+    }
+}
+
+/// Reading back what landed on a topic.
+pub mod log {
+    use std::{collections::HashSet, time::Duration};
+
+    use rdkafka::{
+        Message, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+        message::Headers,
+    };
+
+    /// A record as read back: event id header, key, value.
+    #[derive(Debug, Clone)]
+    pub struct Landed {
+        pub event_id: Option<uuid::Uuid>,
+        pub key: Vec<u8>,
+        pub value: Vec<u8>,
+        pub partition: i32,
+    }
+
+    /// Every record of `topic` from the beginning to the current end.
+    pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<Landed> {
+        let bootstrap = bootstrap.to_owned();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || read_blocking(&bootstrap, &topic))
+            .await
+            .unwrap_or_else(|e| panic!("read: {e}"))
+    }
+
+    fn read_blocking(bootstrap: &str, topic: &str) -> Vec<Landed> {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "it-read-all")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .unwrap_or_else(|e| panic!("consumer: {e}"));
+        let timeout = Duration::from_secs(10);
+        let md = consumer.fetch_metadata(Some(topic), timeout).unwrap_or_else(|e| panic!("metadata: {e}"));
+        let mut tpl = TopicPartitionList::new();
+        let mut open: HashSet<i32> = HashSet::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                open.insert(p.id());
+                let _ = tpl.add_partition_offset(topic, p.id(), Offset::Beginning);
+            }
+        }
+        let mut out = Vec::new();
+        if open.is_empty() {
+            return out;
+        }
+        consumer.assign(&tpl).unwrap_or_else(|e| panic!("assign: {e}"));
+        // Read to each partition's end-of-partition event (tansu's high watermarks are not
+        // reliable for multi-record batches).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !open.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "topic {topic} not read to its end in 60 s");
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    let event_id = m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == "event_id")
+                            .and_then(|h| h.value)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(|s| uuid::Uuid::parse_str(s).ok())
+                    });
+                    out.push(Landed {
+                        event_id,
+                        key: m.key().unwrap_or_default().to_vec(),
+                        value: m.payload().unwrap_or_default().to_vec(),
+                        partition: m.partition(),
+                    });
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                Some(Err(e)) => panic!("consume {topic}: {e}"),
+                None => {}
+            }
+        }
+        out
+    }
+}

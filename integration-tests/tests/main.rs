@@ -1,4 +1,6 @@
 //! feedloop's integration tests: one binary, real Postgres, real Kafka-compatible broker.
 
+mod collector;
+mod collector_faults;
 mod confluent_clients;
 mod registry;

@@ -64,6 +64,8 @@ pub const TOPICS: &[TopicSpec] = &[
             "io.feedloop.events.ChatEnded",
             "io.feedloop.events.ReportSubmitted",
             "io.feedloop.events.UserBlocked",
+            "io.feedloop.events.ScreenViewed",
+            "io.feedloop.events.UserIdentified",
         ],
     },
     TopicSpec {

@@ -203,6 +203,41 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
             .is_some_and(|t| t.len() >= 16)
     );
 
+    // The collector accepts events with the advertised write key, and only with it.
+    let collector = endpoints["collector_url"].as_str().expect("collector_url");
+    let write_key = endpoints["write_key"].as_str().expect("write_key");
+    let event = serde_json::json!([{
+        "event_id": uuid::Uuid::now_v7(), "event_type": "match_decision", "user_id": "dev-user",
+        "timestamp": chrono_now(), "platform": "ios", "app_version": "1.0",
+        "properties": {"match_id": uuid::Uuid::now_v7(), "decision": "accept"}
+    }]);
+    let mut accepted = false;
+    for _ in 0..100 {
+        let resp = http
+            .post(format!("{collector}/v1/events"))
+            .basic_auth(write_key, Some(""))
+            .json(&event)
+            .send()
+            .await
+            .expect("collector reachable");
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        let body: Value = resp.json().await.expect("json");
+        if body["results"][0]["status"] == "accepted" {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(accepted, "the collector accepted the event");
+    let refused = http
+        .post(format!("{collector}/v1/events"))
+        .basic_auth("not-the-key", Some(""))
+        .json(&event)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+
     // dev down stops it and cleans up.
     let down = Command::new(BIN)
         .args(["dev", "down", "--dir"])
@@ -241,4 +276,12 @@ async fn feedloop_core_topics(bootstrap: &str) -> Vec<String> {
     })
     .await
     .expect("join")
+}
+
+/// Epoch milliseconds now (the collector accepts them as timestamps).
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

@@ -146,6 +146,26 @@ pub struct UserBlocked {
     pub blocked_user_id: String,
 }
 
+/// `io.feedloop.events.ScreenViewed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenViewed {
+    pub envelope: Envelope,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub category: Option<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, Option<FeatureValue>>,
+}
+
+/// `io.feedloop.events.UserIdentified`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserIdentified {
+    pub envelope: Envelope,
+    #[serde(default)]
+    pub trait_names: Vec<String>,
+}
+
 /// The event types of the catalogue, with their names on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
@@ -154,15 +174,19 @@ pub enum EventType {
     ChatEnded,
     ReportSubmitted,
     UserBlocked,
+    ScreenViewed,
+    UserIdentified,
 }
 
 impl EventType {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::MatchImpression,
         Self::MatchDecision,
         Self::ChatEnded,
         Self::ReportSubmitted,
         Self::UserBlocked,
+        Self::ScreenViewed,
+        Self::UserIdentified,
     ];
 
     /// The `event_type` clients send, e.g. `match_impression`.
@@ -173,6 +197,8 @@ impl EventType {
             Self::ChatEnded => "chat_ended",
             Self::ReportSubmitted => "report_submitted",
             Self::UserBlocked => "user_blocked",
+            Self::ScreenViewed => "screen_viewed",
+            Self::UserIdentified => "user_identified",
         }
     }
 
@@ -184,6 +210,8 @@ impl EventType {
             Self::ChatEnded => "io.feedloop.events.ChatEnded",
             Self::ReportSubmitted => "io.feedloop.events.ReportSubmitted",
             Self::UserBlocked => "io.feedloop.events.UserBlocked",
+            Self::ScreenViewed => "io.feedloop.events.ScreenViewed",
+            Self::UserIdentified => "io.feedloop.events.UserIdentified",
         }
     }
 
@@ -200,6 +228,8 @@ pub enum Event {
     ChatEnded(ChatEnded),
     ReportSubmitted(ReportSubmitted),
     UserBlocked(UserBlocked),
+    ScreenViewed(ScreenViewed),
+    UserIdentified(UserIdentified),
 }
 
 impl Event {
@@ -210,6 +240,8 @@ impl Event {
             Self::ChatEnded(e) => &e.envelope,
             Self::ReportSubmitted(e) => &e.envelope,
             Self::UserBlocked(e) => &e.envelope,
+            Self::ScreenViewed(e) => &e.envelope,
+            Self::UserIdentified(e) => &e.envelope,
         }
     }
 
@@ -220,6 +252,8 @@ impl Event {
             Self::ChatEnded(_) => EventType::ChatEnded,
             Self::ReportSubmitted(_) => EventType::ReportSubmitted,
             Self::UserBlocked(_) => EventType::UserBlocked,
+            Self::ScreenViewed(_) => EventType::ScreenViewed,
+            Self::UserIdentified(_) => EventType::UserIdentified,
         }
     }
 
@@ -232,6 +266,7 @@ impl Event {
             Self::ChatEnded(e) => Some(e.match_id),
             Self::ReportSubmitted(e) => e.match_id,
             Self::UserBlocked(e) => e.match_id,
+            Self::ScreenViewed(_) | Self::UserIdentified(_) => None,
         }
     }
 }

@@ -7,7 +7,8 @@ pub mod events;
 pub use deadletter::{DeadLetter, DeadLetterReason};
 pub use events::{
     ChatEnded, ChatEndedBy, Decision, Envelope, Event, EventType, FeatureValue, MatchDecision,
-    MatchImpression, Platform, ReportReason, ReportSubmitted, UserBlocked,
+    MatchImpression, Platform, ReportReason, ReportSubmitted, ScreenViewed, UserBlocked,
+    UserIdentified,
 };
 
 #[cfg(test)]
@@ -116,6 +117,22 @@ mod tests {
                 envelope: envelope(EventType::UserBlocked),
                 match_id: None,
                 blocked_user_id: "u-2".into(),
+            },
+        );
+        round_trip(
+            EventType::ScreenViewed.record(),
+            &ScreenViewed {
+                envelope: envelope(EventType::ScreenViewed),
+                name: Some("Matches".into()),
+                category: None,
+                properties: BTreeMap::from([("tab".to_owned(), Some(FeatureValue::String("new".into())))]),
+            },
+        );
+        round_trip(
+            EventType::UserIdentified.record(),
+            &UserIdentified {
+                envelope: envelope(EventType::UserIdentified),
+                trait_names: vec!["email".into(), "plan".into()],
             },
         );
     }

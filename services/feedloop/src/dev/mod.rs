@@ -26,6 +26,10 @@ pub enum DevError {
     NotRunning(&'static str),
     #[error("registry: {0}")]
     Registry(#[from] feedloop_registry::StartError),
+    #[error("collector: {0}")]
+    Collector(#[from] feedloop_collector::StartError),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("schema registration: {0}")]
     Schemas(String),
     #[error("kafka: {0}")]

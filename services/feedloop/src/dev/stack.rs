@@ -51,6 +51,9 @@ pub struct Endpoints {
     pub registry_user: String,
     pub registry_password: String,
     pub admin_token: String,
+    pub collector_url: String,
+    /// Write key of the `dev` application on the collector.
+    pub write_key: String,
     /// Pid of the process running the stack.
     pub pid: u32,
 }
@@ -85,7 +88,11 @@ pub struct Stack {
     pub postgres: Postgres,
     pub broker: Broker,
     pub registry_url: String,
+    pub collector_url: String,
     admin_token: String,
+    write_key: String,
+    /// Working files of the services (the collector's spool).
+    work: tempfile::TempDir,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -130,15 +137,52 @@ impl Stack {
             }
         });
 
+        let kafka = KafkaConfig::new(broker.bootstrap());
+        ensure_topics(&kafka, TOPICS).await?;
+        let work = tempfile::Builder::new()
+            .prefix("feedloop-dev-")
+            .tempdir()
+            .map_err(|e| DevError::io("creating the stack's work directory", e))?;
+        let write_key = format!("wk-dev-{}", uuid::Uuid::new_v4().simple());
+
+        let mut collector = feedloop_collector::Config::from_defaults()
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        collector.http.listen = "127.0.0.1:0".into();
+        collector.kafka = kafka.clone();
+        collector.registry = feedloop_collector::config::RegistryConfig {
+            url: registry_url.clone(),
+            user: REGISTRY_USER.to_owned(),
+            password: Secret::new(admin_token.clone()),
+        };
+        collector.postgres.url = Secret::new(postgres.url());
+        collector.auth.apps.insert(
+            "dev".into(),
+            feedloop_collector::config::AppConfig { keys: vec![Secret::new(write_key.clone())] },
+        );
+        collector.spool.dir = work.path().join("collector-spool");
+        collector.log.json = false;
+        collector.validate().map_err(|e| DevError::Config(e.to_string()))?;
+        let running = feedloop_collector::start(collector, shutdown.child_token()).await?;
+        let collector_url = format!("http://{}", running.addr);
+        let collector_task = tokio::spawn(async move {
+            match running.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "Collector stopped"),
+                Err(e) => tracing::error!(error = %e, "Collector task failed"),
+            }
+        });
+
         let stack = Self {
             postgres,
             broker,
             registry_url,
+            collector_url,
             admin_token,
+            write_key,
+            work,
             shutdown,
-            tasks: vec![registry_task],
+            tasks: vec![collector_task, registry_task],
         };
-        ensure_topics(&stack.kafka_config(), TOPICS).await?;
         stack.register_catalogue().await?;
         Ok(stack)
     }
@@ -164,6 +208,15 @@ impl Stack {
         &self.admin_token
     }
 
+    pub fn write_key(&self) -> &str {
+        &self.write_key
+    }
+
+    /// The services' working directory.
+    pub fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
     async fn register_catalogue(&self) -> Result<(), DevError> {
         let client = self.registry_client()?;
         let catalogue = Catalogue::embedded().map_err(|e| DevError::Schemas(e.to_string()))?;
@@ -187,6 +240,8 @@ impl Stack {
             registry_user: REGISTRY_USER.to_owned(),
             registry_password: self.admin_token.clone(),
             admin_token: self.admin_token.clone(),
+            collector_url: self.collector_url.clone(),
+            write_key: self.write_key.clone(),
             pid: std::process::id(),
         }
     }

@@ -1,0 +1,293 @@
+//! The HTTP API: `POST /v1/events` (native), `POST /v1/batch` (Segment), the Segment
+//! single-call endpoints, `/openapi.json`, and the operational routes.
+
+use std::{io::Read, sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, MatchedPath, Request, State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use feedloop_core::{http::{json_error, ops_routes}, model::DeadLetterReason};
+use serde_json::value::RawValue;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::{
+    auth::{Keys, RateLimiter},
+    config::{Config, TimeConfig},
+    durable::{DurableError, now_ms},
+    ingest::{Context, Parsed, Reject, native, segment},
+    observability,
+    pipeline::Pipeline,
+};
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+#[derive(Debug)]
+pub struct AppState {
+    pub pipeline: Arc<Pipeline>,
+    pub keys: Keys,
+    pub limiter: RateLimiter,
+    pub time: TimeConfig,
+    pub max_decompressed_bytes: usize,
+    pub max_event_bytes: usize,
+    pub max_batch_len: usize,
+}
+
+type Shared = Arc<AppState>;
+
+pub fn router(state: Shared, config: &Config) -> Router {
+    let api = Router::new()
+        .route("/v1/events", post(native_events))
+        .route("/v1/batch", post(segment_batch))
+        .route("/v1/b", post(segment_batch))
+        .route("/v1/import", post(segment_batch))
+        .route("/v1/track", post(segment_single))
+        .route("/v1/identify", post(segment_single))
+        .route("/v1/page", post(segment_single))
+        .route("/v1/screen", post(segment_single))
+        .layer(DefaultBodyLimit::max(config.http.max_request_bytes));
+    Router::new()
+        .merge(api)
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/readyz", get(ready))
+        .merge(ops_routes())
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, config_timeout(config)))
+        .layer(middleware::from_fn(record))
+        .with_state(state)
+}
+
+fn config_timeout(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_millis(config.http.request_timeout_ms)
+}
+
+async fn record(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    observability::http_request(&route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+async fn ready(State(s): State<Shared>) -> Response {
+    let durable = &s.pipeline.durable;
+    let spool = durable.spool();
+    let spool_full = spool.used_bytes() >= spool.max_bytes() / 100 * 95;
+    if durable.is_spooling() && spool_full {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "broker unreachable and spool full");
+    }
+    (StatusCode::OK, "ready").into_response()
+}
+
+/// A refusal of the whole request.
+fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    json_error(status, code, message)
+}
+
+fn retry_after(mut resp: Response, seconds: u64) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&seconds.max(1).to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+/// Checks content type and encoding, and returns the JSON body.
+fn body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>, max_decompressed: usize) -> Result<Vec<u8>, Response> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            refuse(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body exceeds the size limit")
+        } else {
+            refuse(StatusCode::BAD_REQUEST, "unreadable_body", e.body_text())
+        }
+    })?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    // text/plain is what browsers' sendBeacon (analytics.js) sends.
+    if !(content_type.starts_with("application/json") || content_type.starts_with("text/plain")) {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/json",
+        ));
+    }
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "identity" | "" => Ok(body.to_vec()),
+        "gzip" => {
+            let mut out = Vec::new();
+            let limit = u64::try_from(max_decompressed).unwrap_or(u64::MAX);
+            flate2::read::GzDecoder::new(&body[..])
+                .take(limit + 1)
+                .read_to_end(&mut out)
+                .map_err(|_| refuse(StatusCode::BAD_REQUEST, "bad_gzip", "body is not valid gzip"))?;
+            if out.len() > max_decompressed {
+                return Err(refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("decompressed body exceeds {max_decompressed} bytes"),
+                ));
+            }
+            Ok(out)
+        }
+        other => Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!("Content-Encoding {other} is not supported; use gzip or none"),
+        )),
+    }
+}
+
+fn unauthorized() -> Response {
+    let mut resp = refuse(StatusCode::UNAUTHORIZED, "unauthorized", "a valid write key is required");
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"feedloop\""));
+    resp
+}
+
+fn rate_limit(s: &AppState, app: &str, cost: usize) -> Result<(), Response> {
+    s.limiter.take(app, cost).map_err(|wait| {
+        observability::rate_limited();
+        retry_after(
+            refuse(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "event rate limit exceeded for this write key"),
+            wait.as_secs_f64().ceil() as u64,
+        )
+    })
+}
+
+async fn finish(s: &AppState, app: &str, parsed: Vec<Parsed>, received_at: i64, segment: bool) -> Response {
+    match s.pipeline.ingest(app, parsed, received_at).await {
+        Ok(resp) => {
+            if segment {
+                let mut v = serde_json::to_value(&resp).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("success".into(), serde_json::Value::Bool(true));
+                }
+                (StatusCode::OK, Json(v)).into_response()
+            } else {
+                (StatusCode::OK, Json(resp)).into_response()
+            }
+        }
+        Err(DurableError::SpoolFull) => retry_after(
+            refuse(StatusCode::SERVICE_UNAVAILABLE, "spool_full", "the broker is unreachable and the local spool is full; retry later"),
+            5,
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "Could not make a batch durable");
+            retry_after(refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; retry"), 1)
+        }
+    }
+}
+
+/// A body that is not a batch: refused with 400, and kept as one dead letter.
+async fn malformed(s: &AppState, app: &str, bytes: &[u8], detail: String, received_at: i64) -> Response {
+    let reject = Reject::new(DeadLetterReason::ProtocolViolation, detail.clone(), bytes);
+    if let Ok(record) = s.pipeline.dead_letter(app, &reject, received_at)
+        && let Err(e) = s.pipeline.durable.write(vec![record]).await
+    {
+        tracing::warn!(error = %e, "Could not keep a malformed body");
+    }
+    refuse(StatusCode::BAD_REQUEST, "malformed_batch", detail)
+}
+
+async fn native_events(State(s): State<Shared>, headers: HeaderMap, raw: Result<Bytes, BytesRejection>) -> Response {
+    let received_at = now_ms();
+    let Some(app) = s.keys.app(&headers, None).map(str::to_owned) else {
+        return unauthorized();
+    };
+    let bytes = match body(&headers, raw, s.max_decompressed_bytes) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let (events, sent_at) = match native::split(&bytes, s.max_batch_len) {
+        Ok(split) => split,
+        Err(native::BodyError::TooLong { len, max }) => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_long", format!("{len} events; the limit is {max}"));
+        }
+        Err(e) => return malformed(&s, &app, &bytes, e.to_string(), received_at).await,
+    };
+    if let Err(resp) = rate_limit(&s, &app, events.len()) {
+        return resp;
+    }
+    let ctx = Context { app_id: &app, received_at, max_event_bytes: s.max_event_bytes, time: &s.time };
+    let parsed: Vec<Parsed> = events.iter().map(|e| native::parse_event(e, sent_at, &ctx)).collect();
+    finish(&s, &app, parsed, received_at, false).await
+}
+
+async fn segment_batch(State(s): State<Shared>, headers: HeaderMap, raw: Result<Bytes, BytesRejection>) -> Response {
+    let bytes = match body(&headers, raw, s.max_decompressed_bytes) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    segment_common(&s, &headers, &bytes, false).await
+}
+
+async fn segment_single(State(s): State<Shared>, headers: HeaderMap, raw: Result<Bytes, BytesRejection>) -> Response {
+    let bytes = match body(&headers, raw, s.max_decompressed_bytes) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    segment_common(&s, &headers, &bytes, true).await
+}
+
+async fn segment_common(s: &AppState, headers: &HeaderMap, bytes: &[u8], single: bool) -> Response {
+    let received_at = now_ms();
+    let wrapped;
+    let batch_bytes: &[u8] = if single {
+        // A single call is a batch of one; its writeKey, sentAt and context stay on the message.
+        let message: Result<&RawValue, _> = serde_json::from_slice(bytes);
+        match message {
+            Ok(m) => {
+                wrapped = format!("{{\"batch\":[{}]}}", m.get());
+                wrapped.as_bytes()
+            }
+            Err(_) => bytes,
+        }
+    } else {
+        bytes
+    };
+    let parsed_batch: Result<segment::SegmentBatch<'_>, _> = serde_json::from_slice(batch_bytes);
+    let body_key = match &parsed_batch {
+        Ok(b) => b.write_key.clone(),
+        Err(_) => serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|v| v.get("writeKey").and_then(|k| k.as_str()).map(str::to_owned)),
+    };
+    let Some(app) = s.keys.app(headers, body_key.as_deref()).map(str::to_owned) else {
+        return unauthorized();
+    };
+    let batch = match parsed_batch {
+        Ok(b) => b,
+        Err(e) => {
+            let detail = format!("body is not a Segment batch: {e}");
+            return malformed(s, &app, bytes, detail, received_at).await;
+        }
+    };
+    if batch.batch.len() > s.max_batch_len {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_long",
+            format!("{} events; the limit is {}", batch.batch.len(), s.max_batch_len),
+        );
+    }
+    if let Err(resp) = rate_limit(s, &app, batch.batch.len()) {
+        return resp;
+    }
+    let ctx = Context { app_id: &app, received_at, max_event_bytes: s.max_event_bytes, time: &s.time };
+    let parsed: Vec<Parsed> = batch.batch.iter().map(|m| segment::parse_message(m, &batch, &ctx)).collect();
+    finish(s, &app, parsed, received_at, true).await
+}

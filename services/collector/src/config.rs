@@ -1,0 +1,189 @@
+//! Collector configuration (defaults in `default.toml`).
+
+use std::{collections::BTreeMap, path::{Path, PathBuf}, time::Duration};
+
+use feedloop_core::{
+    config::{self, ConfigError, Secret},
+    kafka::KafkaConfig,
+};
+use serde::Deserialize;
+
+pub const DEFAULTS: &str = include_str!("../default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub kafka: KafkaConfig,
+    pub registry: RegistryConfig,
+    pub postgres: PostgresConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub time: TimeConfig,
+    pub dedup: DedupConfig,
+    pub spool: SpoolConfig,
+    pub suppression: SuppressionConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub max_request_bytes: usize,
+    pub max_decompressed_bytes: usize,
+    pub max_event_bytes: usize,
+    pub max_batch_len: usize,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub user: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub url: Secret,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// Write keys of the application (several allow rotation).
+    pub keys: Vec<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub events_per_second: u32,
+    pub burst: u32,
+}
+
+/// What to do with events whose corrected time lies too far in the future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FuturePolicy {
+    Flag,
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeConfig {
+    pub max_future_ms: i64,
+    pub future: FuturePolicy,
+    pub max_age_ms: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    pub window_ms: u64,
+    pub max_entries: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+    pub ack_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuppressionConfig {
+    pub refresh_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub json: bool,
+}
+
+impl Config {
+    /// Defaults, then `file`, then the environment; validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: Self = config::load_from_env(DEFAULTS, file)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The defaults alone, unvalidated: for embedding (the dev stack, tests), which then fill
+    /// in the endpoints and keys.
+    pub fn from_defaults() -> Result<Self, ConfigError> {
+        config::load(DEFAULTS, None, Vec::new())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.auth.apps.is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.apps",
+                "at least one application with a write key is required",
+            ));
+        }
+        for (app, cfg) in &self.auth.apps {
+            if cfg.keys.is_empty() || cfg.keys.iter().any(|k| k.expose().len() < 16) {
+                return Err(ConfigError::invalid(
+                    &format!("auth.apps.{app}.keys"),
+                    "needs at least one key, each of 16 characters or more",
+                ));
+            }
+        }
+        let positive = [
+            ("http.max_request_bytes", self.http.max_request_bytes as u64),
+            ("http.max_decompressed_bytes", self.http.max_decompressed_bytes as u64),
+            ("http.max_event_bytes", self.http.max_event_bytes as u64),
+            ("http.max_batch_len", self.http.max_batch_len as u64),
+            ("limits.events_per_second", u64::from(self.limits.events_per_second)),
+            ("dedup.window_ms", self.dedup.window_ms),
+            ("dedup.max_entries", self.dedup.max_entries as u64),
+            ("spool.max_bytes", self.spool.max_bytes),
+            ("spool.segment_bytes", self.spool.segment_bytes),
+            ("spool.ack_timeout_ms", self.spool.ack_timeout_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be positive"));
+            }
+        }
+        if self.limits.burst < self.limits.events_per_second {
+            return Err(ConfigError::invalid(
+                "limits.burst",
+                "must be at least limits.events_per_second",
+            ));
+        }
+        if self.http.max_decompressed_bytes < self.http.max_request_bytes {
+            return Err(ConfigError::invalid(
+                "http.max_decompressed_bytes",
+                "must be at least http.max_request_bytes",
+            ));
+        }
+        if !self.registry.user.is_empty() && self.registry.password.is_empty() {
+            return Err(ConfigError::invalid(
+                "registry.password",
+                "required when registry.user is set",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.spool.ack_timeout_ms)
+    }
+}

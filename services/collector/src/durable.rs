@@ -1,0 +1,341 @@
+//! Making accepted records durable before the client hears 2xx: acknowledged by the broker
+//! (idempotent producer, acks=all), or, when the broker does not answer in time, written to the
+//! local spool. While the spool holds anything, new records go to the spool too, so that per-key
+//! order is kept; a drain task empties it, in order, once the broker is back.
+//!
+//! No record is published twice: before draining, the task waits until every earlier attempt
+//! the producer still had in flight has resolved, then reads back the log since the oldest
+//! spooled record and skips the ids it finds there.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use feedloop_core::{catalogue, kafka::KafkaConfig};
+use rdkafka::{
+    ClientConfig,
+    error::KafkaError,
+    message::{Header, OwnedHeaders},
+    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
+};
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    dedup::Dedup,
+    observability,
+    scan::{self, EVENT_ID_HEADER, EVENT_TYPE_HEADER},
+    spool::{Record, Spool, SpoolError},
+};
+
+/// Records read from the spool per drain step.
+const DRAIN_BATCH: usize = 500;
+/// Read-back starts this long before the oldest record it must cover (clock differences
+/// between the collector and the broker's timestamps).
+const SCAN_MARGIN_MS: i64 = 60_000;
+
+/// How a write was made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Acked,
+    Spooled,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DurableError {
+    #[error("the broker is unreachable and the spool is full")]
+    SpoolFull,
+    #[error("the spool failed: {0}")]
+    Spool(SpoolError),
+    #[error("Kafka producer: {0}")]
+    Producer(#[from] KafkaError),
+}
+
+/// Creates the idempotent producer.
+pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    let mut cfg: ClientConfig = config.client_config("feedloop-collector");
+    cfg.set("enable.idempotence", "true").set("acks", "all");
+    cfg.create()
+}
+
+pub struct Durable {
+    producer: FutureProducer,
+    spool: Spool,
+    dedup: Arc<Dedup>,
+    kafka: KafkaConfig,
+    ack_timeout: Duration,
+    /// Records go to the spool (the broker failed us, or the spool is not drained yet).
+    spooling: AtomicBool,
+    /// Serializes spool appends with the drain's switch back to direct mode.
+    switch: Mutex<()>,
+    /// Producer attempts of spooled records that have not resolved yet.
+    unresolved: Arc<AtomicUsize>,
+    wake: Notify,
+    /// Set once the idempotency window has been rebuilt from the log.
+    rebuilt: AtomicBool,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("spooling", &self.is_spooling())
+            .field("unresolved", &self.unresolved.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn headers(r: &Record) -> OwnedHeaders {
+    let id = uuid::Uuid::from_u128(r.id).to_string();
+    OwnedHeaders::new()
+        .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_str()) })
+        .insert(Header { key: EVENT_TYPE_HEADER, value: Some(r.event_type.as_str()) })
+}
+
+fn enqueue(producer: &FutureProducer, r: &Record) -> Result<DeliveryFuture, KafkaError> {
+    let record = FutureRecord::to(&r.topic).key(&r.key).payload(&r.value).headers(headers(r));
+    producer.send_result(record).map_err(|(e, _)| e)
+}
+
+impl Durable {
+    /// Starts in spool mode: direct publishing begins once the drain task has rebuilt the
+    /// idempotency window from the log and emptied whatever a previous run left spooled.
+    pub fn new(producer: FutureProducer, spool: Spool, dedup: Arc<Dedup>, kafka: KafkaConfig, ack_timeout: Duration) -> Self {
+        Self {
+            producer,
+            spool,
+            dedup,
+            kafka,
+            ack_timeout,
+            spooling: AtomicBool::new(true),
+            switch: Mutex::new(()),
+            unresolved: Arc::new(AtomicUsize::new(0)),
+            wake: Notify::new(),
+            rebuilt: AtomicBool::new(false),
+        }
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    pub fn is_spooling(&self) -> bool {
+        self.spooling.load(Ordering::Acquire)
+    }
+
+    pub fn is_rebuilt(&self) -> bool {
+        self.rebuilt.load(Ordering::Acquire)
+    }
+
+    /// Makes `records` durable.
+    pub async fn write(&self, records: Vec<Record>) -> Result<Durability, DurableError> {
+        if records.is_empty() {
+            // Nothing to store; say which way it would have gone.
+            return Ok(if self.is_spooling() { Durability::Spooled } else { Durability::Acked });
+        }
+        if self.is_spooling() {
+            let guard = self.switch.lock().await;
+            if self.is_spooling() {
+                let r = self.append(records).await;
+                drop(guard);
+                return r.map(|()| Durability::Spooled);
+            }
+        }
+        self.publish(records).await
+    }
+
+    async fn append(&self, records: Vec<Record>) -> Result<(), DurableError> {
+        let n = records.len();
+        match self.spool.append(records).await {
+            Ok(()) => {
+                observability::spooled(n);
+                self.report();
+                self.wake.notify_one();
+                Ok(())
+            }
+            Err(SpoolError::Full { .. }) => Err(DurableError::SpoolFull),
+            Err(e) => Err(DurableError::Spool(e)),
+        }
+    }
+
+    async fn publish(&self, records: Vec<Record>) -> Result<Durability, DurableError> {
+        let started = Instant::now();
+        let mut futures = Vec::with_capacity(records.len());
+        for r in &records {
+            futures.push(enqueue(&self.producer, r).ok());
+        }
+        let deadline = tokio::time::Instant::now() + self.ack_timeout;
+        let mut failed: Vec<usize> = Vec::new();
+        let mut in_flight: Vec<DeliveryFuture> = Vec::new();
+        for (i, fut) in futures.into_iter().enumerate() {
+            let Some(mut fut) = fut else {
+                failed.push(i);
+                continue;
+            };
+            match tokio::time::timeout_at(deadline, &mut fut).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(_) => failed.push(i),
+                Err(_) => {
+                    failed.push(i);
+                    in_flight.push(fut);
+                }
+            }
+        }
+        observability::produce_latency(started.elapsed());
+        if failed.is_empty() {
+            return Ok(Durability::Acked);
+        }
+        // The broker did not acknowledge in time: switch to the spool. Attempts still in flight
+        // may yet land; the drain waits for them and skips what they delivered.
+        tracing::warn!(unacked = failed.len(), "Broker did not acknowledge in time; spooling");
+        self.spooling.store(true, Ordering::Release);
+        if !in_flight.is_empty() {
+            self.unresolved.fetch_add(in_flight.len(), Ordering::AcqRel);
+            let unresolved = self.unresolved.clone();
+            tokio::spawn(async move {
+                for fut in in_flight {
+                    let _ = fut.await;
+                    unresolved.fetch_sub(1, Ordering::AcqRel);
+                }
+            });
+        }
+        let mut records = records;
+        let unacked: Vec<Record> = failed.iter().rev().map(|&i| records.swap_remove(i)).rev().collect();
+        let guard = self.switch.lock().await;
+        let r = self.append(unacked).await;
+        drop(guard);
+        r.map(|()| Durability::Spooled)
+    }
+
+    /// Publishes the spool's size and the idempotency window's to the metrics.
+    fn report(&self) {
+        observability::spool_state(self.spool.depth(), self.spool.used_bytes());
+        observability::dedup_size(self.dedup.len());
+    }
+
+    /// Drains the spool into the log until `shutdown`. Rebuilds the idempotency window first.
+    pub async fn drain(self: Arc<Self>, window_ms: i64, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let result = self.drain_once(window_ms).await;
+            self.report();
+            match result {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Spool drain paused");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            if !self.is_spooling() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+        }
+    }
+
+    async fn drain_once(&self, window_ms: i64) -> Result<(), DrainError> {
+        if !self.is_spooling() {
+            return Ok(());
+        }
+        // Earlier attempts must resolve first, or the read-back could miss them.
+        while self.unresolved.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let now = now_ms();
+        let oldest = self.spool.read(None, 1)?.first().map(|(_, r)| r.at_ms);
+        let since = if self.is_rebuilt() {
+            oldest.unwrap_or(now)
+        } else {
+            oldest.unwrap_or(now).min(now - window_ms)
+        } - SCAN_MARGIN_MS;
+        let topics = [catalogue::EVENTS_TOPIC, catalogue::DEADLETTER_TOPIC];
+        let present = scan::event_ids_since(&self.kafka, &topics, since).await?;
+        if !self.is_rebuilt() {
+            self.dedup.remember(present.iter().map(|(id, at)| (*id, *at)), now);
+            self.rebuilt.store(true, Ordering::Release);
+            tracing::info!(ids = present.len(), "Idempotency window rebuilt from the log");
+        }
+        let mut from = None;
+        loop {
+            let batch = self.spool.read(from, DRAIN_BATCH)?;
+            let Some((last, _)) = batch.last().map(|(p, r)| (*p, r.id)) else {
+                let guard = self.switch.lock().await;
+                if self.spool.is_empty() {
+                    self.spooling.store(false, Ordering::Release);
+                    tracing::info!("Spool drained; publishing directly");
+                }
+                drop(guard);
+                return Ok(());
+            };
+            let n = batch.len() as u64;
+            let mut futures = Vec::new();
+            let mut skipped = 0;
+            for (_, r) in &batch {
+                if present.contains_key(&r.id) {
+                    skipped += 1;
+                    continue;
+                }
+                futures.push(enqueue(&self.producer, r)?);
+            }
+            let mut error = None;
+            for fut in futures {
+                // No timeout: every attempt resolves (message.timeout.ms bounds it), so a
+                // failure is known to be final before the next read-back.
+                match fut.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => error = Some(e),
+                    Err(_) => error = Some(KafkaError::Canceled),
+                }
+            }
+            if let Some(e) = error {
+                return Err(DrainError::Kafka(e));
+            }
+            self.spool.commit(last, n)?;
+            observability::drained(n, skipped);
+            self.report();
+            from = Some(last);
+        }
+    }
+
+    /// Flushes what the producer still holds (graceful shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+        self.spool.close();
+    }
+
+    /// Whether the broker answers right now.
+    pub async fn broker_reachable(&self) -> bool {
+        feedloop_core::kafka::wait_ready(&self.kafka, Duration::from_secs(2)).await.is_ok()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DrainError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Scan(#[from] scan::ScanError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

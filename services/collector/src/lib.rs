@@ -1,0 +1,131 @@
+//! The collector: the HTTP API mobile clients post event batches to.
+//!
+//! - `api`: HTTP (native and Segment formats, auth, limits, errors);
+//! - `ingest`: pure parsing and validation into catalogue events;
+//! - `pipeline`: suppression, deduplication, encoding;
+//! - `durable`, `spool`, `scan`: acknowledged by the broker or spooled to disk, never lost;
+//! - `dedup`, `suppression`, `auth`: the state the request path consults.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod dedup;
+pub mod durable;
+pub mod ingest;
+pub mod observability;
+pub mod pipeline;
+pub mod scan;
+pub mod spool;
+pub mod suppression;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use feedloop_core::{
+    catalogue::TOPICS,
+    kafka::{KafkaAdminError, ensure_topics},
+    postgres,
+    registry_client::{RegistryClient, RegistryClientError},
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot connect to Postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("cannot migrate the control-plane schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("schema registry: {0}")]
+    Registry(#[from] RegistryClientError),
+    #[error("schemas: {0}")]
+    Codecs(#[from] pipeline::CodecsError),
+    #[error("spool: {0}")]
+    Spool(#[from] spool::SpoolError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("Kafka topics: {0}")]
+    Topics(#[from] KafkaAdminError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A started collector.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    /// Ends when the server stopped and the spool and producer were flushed.
+    pub task: JoinHandle<Result<(), StartError>>,
+}
+
+/// Starts the collector; it runs until `shutdown` is cancelled, then drains in-flight requests,
+/// flushes the producer and closes the spool.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+    observability::describe();
+    let pool = postgres::connect(config.postgres.url.expose(), config.postgres.max_connections).await?;
+    postgres::migrate(&pool).await?;
+    let auth = (!config.registry.user.is_empty())
+        .then(|| (config.registry.user.clone(), config.registry.password.clone()));
+    let registry = RegistryClient::new(&config.registry.url, auth, Duration::from_secs(10))?;
+    let codecs = pipeline::Codecs::register(&registry).await?;
+    // Best effort: topics may already exist, or be managed by the cluster's operators.
+    if let Err(e) = ensure_topics(&config.kafka, TOPICS).await {
+        tracing::warn!(error = %e, "Could not ensure topics; continuing");
+    }
+
+    let dedup = Arc::new(dedup::Dedup::new(config.dedup.window_ms, config.dedup.max_entries));
+    let (spool, pending) = spool::Spool::open(&config.spool.dir, config.spool.max_bytes, config.spool.segment_bytes)?;
+    // Spooled events were acknowledged: retries of them are duplicates.
+    let now = durable::now_ms();
+    dedup.remember(pending.iter().map(|r| (r.id, r.at_ms.min(now))), now);
+    if !pending.is_empty() {
+        tracing::info!(records = pending.len(), "Spool holds records from a previous run");
+    }
+    let producer = durable::producer(&config.kafka)?;
+    let durable = Arc::new(durable::Durable::new(producer, spool, dedup.clone(), config.kafka.clone(), config.ack_timeout()));
+    let suppression = Arc::new(suppression::Suppression::default());
+
+    let background = CancellationToken::new();
+    let drain = tokio::spawn(durable.clone().drain(
+        i64::try_from(config.dedup.window_ms).unwrap_or(i64::MAX),
+        background.clone(),
+    ));
+    let follow = tokio::spawn(suppression.clone().follow(
+        pool,
+        Duration::from_millis(config.suppression.refresh_ms),
+        background.clone(),
+    ));
+
+    let state = Arc::new(api::AppState {
+        pipeline: Arc::new(pipeline::Pipeline { dedup, durable: durable.clone(), suppression, codecs }),
+        keys: auth::Keys::new(&config.auth),
+        limiter: auth::RateLimiter::new(&config.limits),
+        time: config.time.clone(),
+        max_decompressed_bytes: config.http.max_decompressed_bytes,
+        max_event_bytes: config.http.max_event_bytes,
+        max_batch_len: config.http.max_batch_len,
+    });
+    let app = api::router(state, &config);
+    let listener = TcpListener::bind(&config.http.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.http.listen.clone(), source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr: config.http.listen.clone(), source })?;
+    tracing::info!(%addr, "Collector listening");
+    let task = tokio::spawn(async move {
+        let served = feedloop_core::http::serve(listener, app, shutdown).await;
+        // In-flight requests are done: stop the background work, flush what is queued.
+        background.cancel();
+        let _ = drain.await;
+        let _ = follow.await;
+        let d = durable.clone();
+        let _ = tokio::task::spawn_blocking(move || d.flush(Duration::from_secs(10))).await;
+        tracing::info!("Collector stopped");
+        served.map_err(StartError::Serve)
+    });
+    Ok(Running { addr, task })
+}
