@@ -167,17 +167,22 @@ pub async fn collector_config(
     bootstrap: &str,
     spool_dir: &std::path::Path,
 ) -> feedloop_collector::Config {
-    let mut cfg = feedloop_collector::Config::from_defaults().unwrap_or_else(|e| panic!("defaults: {e}"));
+    let mut cfg =
+        feedloop_collector::Config::from_defaults().unwrap_or_else(|e| panic!("defaults: {e}"));
     cfg.http.listen = "127.0.0.1:0".into();
     cfg.kafka.bootstrap = bootstrap.to_owned();
-    cfg.kafka.properties.insert("message.timeout.ms".into(), "30000".into());
+    cfg.kafka
+        .properties
+        .insert("message.timeout.ms".into(), "30000".into());
     cfg.registry.url = registry.url.clone();
     cfg.registry.user = registry.user.clone();
     cfg.registry.password = Secret::new(registry.password.clone());
     cfg.postgres.url = Secret::new(fresh_database().await);
     cfg.auth.apps.insert(
         "test-app".into(),
-        feedloop_collector::config::AppConfig { keys: vec![Secret::new(WRITE_KEY)] },
+        feedloop_collector::config::AppConfig {
+            keys: vec![Secret::new(WRITE_KEY)],
+        },
     );
     cfg.spool.dir = spool_dir.to_owned();
     cfg.spool.ack_timeout_ms = 1000;
@@ -227,9 +232,7 @@ impl TestCollector {
     pub async fn wait_direct(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let metrics = reqwest::get(format!("{}/metrics", self.url))
-                .await
-                .ok();
+            let metrics = reqwest::get(format!("{}/metrics", self.url)).await.ok();
             if let Some(m) = metrics
                 && let Ok(text) = m.text().await
                 && !text.is_empty()
@@ -240,13 +243,19 @@ impl TestCollector {
                     return;
                 }
             }
-            assert!(std::time::Instant::now() < deadline, "collector never switched to direct publishing");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "collector never switched to direct publishing"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// Posts a native batch with the write key; returns status and JSON body.
-    pub async fn post_native(&self, body: &serde_json::Value) -> (reqwest::StatusCode, serde_json::Value) {
+    pub async fn post_native(
+        &self,
+        body: &serde_json::Value,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
         let resp = reqwest::Client::new()
             .post(format!("{}/v1/events", self.url))
             .basic_auth(WRITE_KEY, Some(""))
@@ -307,21 +316,30 @@ pub mod events {
     }
 
     pub fn impression(user: &str, match_id: Uuid) -> Value {
-        with(envelope("match_impression", user), json!({
-            "match_id": match_id, "candidate_id": format!("cand-{match_id}"), "request_id": "req-1",
-            "model_version": "ranker-7", "experiment_id": "exp-1", "experiment_arm": "treatment",
-            "rank": 3, "score": 0.77, "features": {"age_gap": 2, "affinity": 0.4, "same_lang": true}
-        }))
+        with(
+            envelope("match_impression", user),
+            json!({
+                "match_id": match_id, "candidate_id": format!("cand-{match_id}"), "request_id": "req-1",
+                "model_version": "ranker-7", "experiment_id": "exp-1", "experiment_arm": "treatment",
+                "rank": 3, "score": 0.77, "features": {"age_gap": 2, "affinity": 0.4, "same_lang": true}
+            }),
+        )
     }
 
     pub fn decision(user: &str, match_id: Uuid, accept: bool) -> Value {
-        with(envelope("match_decision", user), json!({
-            "match_id": match_id, "decision": if accept { "accept" } else { "skip" }, "decision_latency_ms": 850
-        }))
+        with(
+            envelope("match_decision", user),
+            json!({
+                "match_id": match_id, "decision": if accept { "accept" } else { "skip" }, "decision_latency_ms": 850
+            }),
+        )
     }
 
     pub fn chat_ended(user: &str, match_id: Uuid, duration_ms: i64) -> Value {
-        with(envelope("chat_ended", user), json!({"match_id": match_id, "duration_ms": duration_ms, "ended_by": "peer"}))
+        with(
+            envelope("chat_ended", user),
+            json!({"match_id": match_id, "duration_ms": duration_ms, "ended_by": "peer"}),
+        )
     }
 
     /// The event id of a built event.
@@ -370,7 +388,9 @@ pub mod log {
             .create()
             .unwrap_or_else(|e| panic!("consumer: {e}"));
         let timeout = Duration::from_secs(10);
-        let md = consumer.fetch_metadata(Some(topic), timeout).unwrap_or_else(|e| panic!("metadata: {e}"));
+        let md = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .unwrap_or_else(|e| panic!("metadata: {e}"));
         let mut tpl = TopicPartitionList::new();
         let mut open: HashSet<i32> = HashSet::new();
         for t in md.topics() {
@@ -383,12 +403,17 @@ pub mod log {
         if open.is_empty() {
             return out;
         }
-        consumer.assign(&tpl).unwrap_or_else(|e| panic!("assign: {e}"));
+        consumer
+            .assign(&tpl)
+            .unwrap_or_else(|e| panic!("assign: {e}"));
         // Read to each partition's end-of-partition event (tansu's high watermarks are not
         // reliable for multi-record batches).
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !open.is_empty() {
-            assert!(std::time::Instant::now() < deadline, "topic {topic} not read to its end in 60 s");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "topic {topic} not read to its end in 60 s"
+            );
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
                     let event_id = m.headers().and_then(|h| {

@@ -14,7 +14,9 @@ use feedloop_core::{
     catalogue::{EVENTS_TOPIC, TOPICS},
     kafka::{KafkaConfig, ensure_topics},
 };
-use feedloop_integration_tests::{TestRegistry, WRITE_KEY, collector_config, events, log::read_all};
+use feedloop_integration_tests::{
+    TestRegistry, WRITE_KEY, collector_config, events, log::read_all,
+};
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -32,12 +34,19 @@ struct Ledger {
 /// Posts batches of 10 events in a loop until `stop`; a batch that fails (connection refused,
 /// 5xx) is retried unchanged until it gets a 2xx, as a mobile client would.
 async fn load(url: String, user: String, ledger: Arc<Mutex<Ledger>>, stop: CancellationToken) {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
     while !stop.is_cancelled() {
-        let batch: Vec<Value> = (0..10)
+        let mut batch: Vec<Value> = (0..10)
             .map(|i| {
                 let m = Uuid::now_v7();
-                if i % 2 == 0 { events::impression(&user, m) } else { events::decision(&user, m, i % 3 == 0) }
+                if i % 2 == 0 {
+                    events::impression(&user, m)
+                } else {
+                    events::decision(&user, m, i % 3 == 0)
+                }
             })
             .collect();
         loop {
@@ -56,11 +65,24 @@ async fn load(url: String, user: String, ledger: Arc<Mutex<Ledger>>, stop: Cance
                 if body["durability"] == "spooled" {
                     l.spooled_batches += 1;
                 }
-                for (e, r) in batch.iter().zip(body["results"].as_array().into_iter().flatten()) {
-                    assert!(r["status"] == "accepted" || r["status"] == "duplicate", "{r}");
-                    l.acked.insert(events::id(e));
+                let mut retry = Vec::new();
+                for (e, r) in batch
+                    .iter()
+                    .zip(body["results"].as_array().into_iter().flatten())
+                {
+                    match r["status"].as_str() {
+                        Some("accepted" | "duplicate") => {
+                            l.acked.insert(events::id(e));
+                        }
+                        // Claimed by a request still in flight: ask again later.
+                        _ if r["retryable"] == true => retry.push(e.clone()),
+                        _ => panic!("unexpected result {r}"),
+                    }
                 }
-                break;
+                if retry.is_empty() {
+                    break;
+                }
+                batch = retry;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -81,14 +103,22 @@ async fn wait_drained(url: &str, within: Duration) {
             .await;
         let metrics = http.get(format!("{url}/metrics")).send().await;
         if let (Ok(probe), Ok(metrics)) = (probe, metrics) {
-            let acked = probe.json::<Value>().await.is_ok_and(|b| b["durability"] == "acked");
+            let acked = probe
+                .json::<Value>()
+                .await
+                .is_ok_and(|b| b["durability"] == "acked");
             let text = metrics.text().await.unwrap_or_default();
-            let empty = text.lines().any(|l| l == "feedloop_collector_spool_depth_records 0");
+            let empty = text
+                .lines()
+                .any(|l| l == "feedloop_collector_spool_depth_records 0");
             if acked && empty {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "the spool did not drain in {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the spool did not drain in {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -101,15 +131,30 @@ async fn assert_exactly_once(bootstrap: &str, ledger: &Ledger) {
             *count.entry(id).or_default() += 1;
         }
     }
-    let missing: Vec<&Uuid> = ledger.acked.iter().filter(|id| !count.contains_key(id)).collect();
+    let missing: Vec<&Uuid> = ledger
+        .acked
+        .iter()
+        .filter(|id| !count.contains_key(id))
+        .collect();
     let doubled: Vec<(&Uuid, &usize)> = count.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(missing.is_empty(), "{} of {} acknowledged events missing", missing.len(), ledger.acked.len());
-    assert!(doubled.is_empty(), "{} events published more than once", doubled.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged events missing",
+        missing.len(),
+        ledger.acked.len()
+    );
+    assert!(
+        doubled.is_empty(),
+        "{} events published more than once",
+        doubled.len()
+    );
 }
 
 async fn own_broker() -> TansuBroker {
     let broker = TansuBroker::start(Storage::Memory).await.expect("tansu");
-    ensure_topics(&KafkaConfig::new(broker.bootstrap()), TOPICS).await.expect("topics");
+    ensure_topics(&KafkaConfig::new(broker.bootstrap()), TOPICS)
+        .await
+        .expect("topics");
     broker
 }
 
@@ -120,14 +165,23 @@ async fn broker_frozen_for_20s_under_load_loses_nothing() {
     let spool = tempfile::tempdir().expect("spool dir");
     let config = collector_config(&registry, &broker.bootstrap(), spool.path()).await;
     let shutdown = CancellationToken::new();
-    let running = feedloop_collector::start(config, shutdown.clone()).await.expect("collector");
+    let running = feedloop_collector::start(config, shutdown.clone())
+        .await
+        .expect("collector");
     let url = format!("http://{}", running.addr);
     wait_drained(&url, Duration::from_secs(60)).await;
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = CancellationToken::new();
     let loaders: Vec<_> = (0..2)
-        .map(|i| tokio::spawn(load(url.clone(), format!("pause-{i}"), ledger.clone(), stop.clone())))
+        .map(|i| {
+            tokio::spawn(load(
+                url.clone(),
+                format!("pause-{i}"),
+                ledger.clone(),
+                stop.clone(),
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.signal(Signal::SIGSTOP).expect("SIGSTOP");
@@ -139,9 +193,16 @@ async fn broker_frozen_for_20s_under_load_loses_nothing() {
         l.await.expect("load task");
     }
     wait_drained(&url, Duration::from_secs(90)).await;
-    let ledger = ledger.lock().expect("ledger");
-    assert!(ledger.spooled_batches > 0, "the pause should have sent batches to the spool");
-    assert!(ledger.acked.len() > 200, "too little load: {}", ledger.acked.len());
+    let ledger = std::mem::take(&mut *ledger.lock().expect("ledger"));
+    assert!(
+        ledger.spooled_batches > 0,
+        "the pause should have sent batches to the spool"
+    );
+    assert!(
+        ledger.acked.len() > 200,
+        "too little load: {}",
+        ledger.acked.len()
+    );
     assert_exactly_once(&broker.bootstrap(), &ledger).await;
     shutdown.cancel();
     let _ = running.task.await;
@@ -152,7 +213,11 @@ fn collector_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("collector");
-    assert!(bin.is_file(), "{} missing: run `cargo test --workspace` (or `cargo build -p feedloop-collector`)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo test --workspace` (or `cargo build -p feedloop-collector`)",
+        bin.display()
+    );
     bin
 }
 
@@ -175,8 +240,10 @@ async fn collector_killed_mid_load_and_restarted_keeps_every_acknowledged_event_
     config.http.listen = format!("127.0.0.1:{port}");
     let url = format!("http://127.0.0.1:{port}");
     let file = spool.path().join("collector.toml");
-    std::fs::write(&file, format!(
-        r#"[http]
+    std::fs::write(
+        &file,
+        format!(
+            r#"[http]
 listen = "{listen}"
 [kafka]
 bootstrap = "{bootstrap}"
@@ -194,15 +261,16 @@ ack_timeout_ms = 1000
 [log]
 json = true
 "#,
-        listen = config.http.listen,
-        bootstrap = config.kafka.bootstrap,
-        registry = registry.url,
-        user = registry.user,
-        password = registry.password,
-        postgres = config.postgres.url.expose(),
-        key = WRITE_KEY,
-        spool = spool.path().join("data").display(),
-    ))
+            listen = config.http.listen,
+            bootstrap = config.kafka.bootstrap,
+            registry = registry.url,
+            user = registry.user,
+            password = registry.password,
+            postgres = config.postgres.url.expose(),
+            key = WRITE_KEY,
+            spool = spool.path().join("data").display(),
+        ),
+    )
     .expect("config file");
     let spawn = || {
         Process(
@@ -221,7 +289,14 @@ json = true
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = CancellationToken::new();
     let loaders: Vec<_> = (0..2)
-        .map(|i| tokio::spawn(load(url.clone(), format!("kill-{i}"), ledger.clone(), stop.clone())))
+        .map(|i| {
+            tokio::spawn(load(
+                url.clone(),
+                format!("kill-{i}"),
+                ledger.clone(),
+                stop.clone(),
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Freeze the broker so that the spool fills, then kill the collector mid-load.
@@ -237,7 +312,10 @@ json = true
         l.await.expect("load task");
     }
     wait_drained(&url, Duration::from_secs(90)).await;
-    let ledger = ledger.lock().expect("ledger");
-    assert!(ledger.spooled_batches > 0, "the frozen broker should have sent batches to the spool");
+    let ledger = std::mem::take(&mut *ledger.lock().expect("ledger"));
+    assert!(
+        ledger.spooled_batches > 0,
+        "the frozen broker should have sent batches to the spool"
+    );
     assert_exactly_once(&broker.bootstrap(), &ledger).await;
 }

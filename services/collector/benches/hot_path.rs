@@ -41,7 +41,11 @@ fn hot_path(c: &mut Criterion) {
     let now = 1_795_885_200_000;
     let body = batch(now);
     let codecs = Codecs::local().unwrap_or_else(|e| panic!("{e}"));
-    let time = TimeConfig { max_future_ms: 300_000, future: FuturePolicy::Flag, max_age_ms: 604_800_000 };
+    let time = TimeConfig {
+        max_future_ms: 300_000,
+        future: FuturePolicy::Flag,
+        max_age_ms: 604_800_000,
+    };
     let mut group = c.benchmark_group("collector");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("serde_json_parse_only", |b| {
@@ -54,8 +58,14 @@ fn hot_path(c: &mut Criterion) {
         let mut out = Vec::with_capacity(64 * 1024);
         b.iter(|| {
             out.clear();
-            let (events, sent_at) = native::split(std::hint::black_box(&body), 1000).unwrap_or_default();
-            let ctx = Context { app_id: "bench", received_at: now, max_event_bytes: 32 * 1024, time: &time };
+            let (events, sent_at) =
+                native::split(std::hint::black_box(&body), 1000).unwrap_or_default();
+            let ctx = Context {
+                app_id: "bench",
+                received_at: now,
+                max_event_bytes: 32 * 1024,
+                time: &time,
+            };
             for raw in events {
                 if let Parsed::Event(e) = native::parse_event(raw, sent_at, &ctx) {
                     let _ = codecs.encode_event(&e, &mut out);

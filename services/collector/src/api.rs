@@ -12,7 +12,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use feedloop_core::{http::{json_error, ops_routes}, model::DeadLetterReason};
+use feedloop_core::{
+    http::{json_error, ops_routes},
+    model::DeadLetterReason,
+};
 use serde_json::value::RawValue;
 use tower_http::timeout::TimeoutLayer;
 
@@ -54,10 +57,16 @@ pub fn router(state: Shared, config: &Config) -> Router {
         .layer(DefaultBodyLimit::max(config.http.max_request_bytes));
     Router::new()
         .merge(api)
-        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .route("/readyz", get(ready))
         .merge(ops_routes())
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, config_timeout(config)))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            config_timeout(config),
+        ))
         .layer(middleware::from_fn(record))
         .with_state(state)
 }
@@ -82,7 +91,11 @@ async fn ready(State(s): State<Shared>) -> Response {
     let spool = durable.spool();
     let spool_full = spool.used_bytes() >= spool.max_bytes() / 100 * 95;
     if durable.is_spooling() && spool_full {
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "broker unreachable and spool full");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "broker unreachable and spool full",
+        );
     }
     (StatusCode::OK, "ready").into_response()
 }
@@ -100,10 +113,18 @@ fn retry_after(mut resp: Response, seconds: u64) -> Response {
 }
 
 /// Checks content type and encoding, and returns the JSON body.
-fn body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>, max_decompressed: usize) -> Result<Vec<u8>, Response> {
+fn body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    max_decompressed: usize,
+) -> Result<Vec<u8>, Response> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            refuse(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body exceeds the size limit")
+            refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "request body exceeds the size limit",
+            )
         } else {
             refuse(StatusCode::BAD_REQUEST, "unreadable_body", e.body_text())
         }
@@ -134,7 +155,13 @@ fn body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>, max_decompress
             flate2::read::GzDecoder::new(&body[..])
                 .take(limit + 1)
                 .read_to_end(&mut out)
-                .map_err(|_| refuse(StatusCode::BAD_REQUEST, "bad_gzip", "body is not valid gzip"))?;
+                .map_err(|_| {
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "bad_gzip",
+                        "body is not valid gzip",
+                    )
+                })?;
             if out.len() > max_decompressed {
                 return Err(refuse(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -153,9 +180,15 @@ fn body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>, max_decompress
 }
 
 fn unauthorized() -> Response {
-    let mut resp = refuse(StatusCode::UNAUTHORIZED, "unauthorized", "a valid write key is required");
-    resp.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"feedloop\""));
+    let mut resp = refuse(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid write key is required",
+    );
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"feedloop\""),
+    );
     resp
 }
 
@@ -163,13 +196,23 @@ fn rate_limit(s: &AppState, app: &str, cost: usize) -> Result<(), Response> {
     s.limiter.take(app, cost).map_err(|wait| {
         observability::rate_limited();
         retry_after(
-            refuse(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "event rate limit exceeded for this write key"),
+            refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "event rate limit exceeded for this write key",
+            ),
             wait.as_secs_f64().ceil() as u64,
         )
     })
 }
 
-async fn finish(s: &AppState, app: &str, parsed: Vec<Parsed>, received_at: i64, segment: bool) -> Response {
+async fn finish(
+    s: &AppState,
+    app: &str,
+    parsed: Vec<Parsed>,
+    received_at: i64,
+    segment: bool,
+) -> Response {
     match s.pipeline.ingest(app, parsed, received_at).await {
         Ok(resp) => {
             if segment {
@@ -183,18 +226,35 @@ async fn finish(s: &AppState, app: &str, parsed: Vec<Parsed>, received_at: i64, 
             }
         }
         Err(DurableError::SpoolFull) => retry_after(
-            refuse(StatusCode::SERVICE_UNAVAILABLE, "spool_full", "the broker is unreachable and the local spool is full; retry later"),
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "spool_full",
+                "the broker is unreachable and the local spool is full; retry later",
+            ),
             5,
         ),
         Err(e) => {
             tracing::error!(error = %e, "Could not make a batch durable");
-            retry_after(refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; retry"), 1)
+            retry_after(
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "events could not be stored; retry",
+                ),
+                1,
+            )
         }
     }
 }
 
 /// A body that is not a batch: refused with 400, and kept as one dead letter.
-async fn malformed(s: &AppState, app: &str, bytes: &[u8], detail: String, received_at: i64) -> Response {
+async fn malformed(
+    s: &AppState,
+    app: &str,
+    bytes: &[u8],
+    detail: String,
+    received_at: i64,
+) -> Response {
     let reject = Reject::new(DeadLetterReason::ProtocolViolation, detail.clone(), bytes);
     if let Ok(record) = s.pipeline.dead_letter(app, &reject, received_at)
         && let Err(e) = s.pipeline.durable.write(vec![record]).await
@@ -204,7 +264,11 @@ async fn malformed(s: &AppState, app: &str, bytes: &[u8], detail: String, receiv
     refuse(StatusCode::BAD_REQUEST, "malformed_batch", detail)
 }
 
-async fn native_events(State(s): State<Shared>, headers: HeaderMap, raw: Result<Bytes, BytesRejection>) -> Response {
+async fn native_events(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
     let received_at = now_ms();
     let Some(app) = s.keys.app(&headers, None).map(str::to_owned) else {
         return unauthorized();
@@ -216,19 +280,35 @@ async fn native_events(State(s): State<Shared>, headers: HeaderMap, raw: Result<
     let (events, sent_at) = match native::split(&bytes, s.max_batch_len) {
         Ok(split) => split,
         Err(native::BodyError::TooLong { len, max }) => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_long", format!("{len} events; the limit is {max}"));
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_too_long",
+                format!("{len} events; the limit is {max}"),
+            );
         }
         Err(e) => return malformed(&s, &app, &bytes, e.to_string(), received_at).await,
     };
     if let Err(resp) = rate_limit(&s, &app, events.len()) {
         return resp;
     }
-    let ctx = Context { app_id: &app, received_at, max_event_bytes: s.max_event_bytes, time: &s.time };
-    let parsed: Vec<Parsed> = events.iter().map(|e| native::parse_event(e, sent_at, &ctx)).collect();
+    let ctx = Context {
+        app_id: &app,
+        received_at,
+        max_event_bytes: s.max_event_bytes,
+        time: &s.time,
+    };
+    let parsed: Vec<Parsed> = events
+        .iter()
+        .map(|e| native::parse_event(e, sent_at, &ctx))
+        .collect();
     finish(&s, &app, parsed, received_at, false).await
 }
 
-async fn segment_batch(State(s): State<Shared>, headers: HeaderMap, raw: Result<Bytes, BytesRejection>) -> Response {
+async fn segment_batch(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
     let bytes = match body(&headers, raw, s.max_decompressed_bytes) {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -236,7 +316,11 @@ async fn segment_batch(State(s): State<Shared>, headers: HeaderMap, raw: Result<
     segment_common(&s, &headers, &bytes, false).await
 }
 
-async fn segment_single(State(s): State<Shared>, headers: HeaderMap, raw: Result<Bytes, BytesRejection>) -> Response {
+async fn segment_single(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
     let bytes = match body(&headers, raw, s.max_decompressed_bytes) {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -265,7 +349,11 @@ async fn segment_common(s: &AppState, headers: &HeaderMap, bytes: &[u8], single:
         Ok(b) => b.write_key.clone(),
         Err(_) => serde_json::from_slice::<serde_json::Value>(bytes)
             .ok()
-            .and_then(|v| v.get("writeKey").and_then(|k| k.as_str()).map(str::to_owned)),
+            .and_then(|v| {
+                v.get("writeKey")
+                    .and_then(|k| k.as_str())
+                    .map(str::to_owned)
+            }),
     };
     let Some(app) = s.keys.app(headers, body_key.as_deref()).map(str::to_owned) else {
         return unauthorized();
@@ -281,13 +369,26 @@ async fn segment_common(s: &AppState, headers: &HeaderMap, bytes: &[u8], single:
         return refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_long",
-            format!("{} events; the limit is {}", batch.batch.len(), s.max_batch_len),
+            format!(
+                "{} events; the limit is {}",
+                batch.batch.len(),
+                s.max_batch_len
+            ),
         );
     }
     if let Err(resp) = rate_limit(s, &app, batch.batch.len()) {
         return resp;
     }
-    let ctx = Context { app_id: &app, received_at, max_event_bytes: s.max_event_bytes, time: &s.time };
-    let parsed: Vec<Parsed> = batch.batch.iter().map(|m| segment::parse_message(m, &batch, &ctx)).collect();
+    let ctx = Context {
+        app_id: &app,
+        received_at,
+        max_event_bytes: s.max_event_bytes,
+        time: &s.time,
+    };
+    let parsed: Vec<Parsed> = batch
+        .batch
+        .iter()
+        .map(|m| segment::parse_message(m, &batch, &ctx))
+        .collect();
     finish(s, &app, parsed, received_at, true).await
 }

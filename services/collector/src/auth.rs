@@ -31,7 +31,11 @@ impl Keys {
         let by_digest = cfg
             .apps
             .iter()
-            .flat_map(|(app, a)| a.keys.iter().map(move |k| (digest(k.expose()), app.clone())))
+            .flat_map(|(app, a)| {
+                a.keys
+                    .iter()
+                    .map(move |k| (digest(k.expose()), app.clone()))
+            })
             .collect();
         Self { by_digest }
     }
@@ -41,7 +45,12 @@ impl Keys {
     pub fn app(&self, headers: &HeaderMap, body_key: Option<&str>) -> Option<&str> {
         let key = basic_credentials(headers)
             .map(|c| c.user)
-            .or_else(|| headers.get(WRITE_KEY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned))
+            .or_else(|| {
+                headers
+                    .get(WRITE_KEY_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
             .or_else(|| body_key.map(str::to_owned))?;
         self.by_digest.get(&digest(&key)).map(String::as_str)
     }
@@ -68,7 +77,10 @@ impl RateLimiter {
     pub fn take(&self, app: &str, cost: usize) -> Result<(), Duration> {
         let cost = cost as f64;
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (tokens, last) = buckets.entry(app.to_owned()).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
         *last = now;
@@ -76,7 +88,9 @@ impl RateLimiter {
             *tokens -= cost;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(((cost - *tokens) / self.rate).max(0.001)))
+            Err(Duration::from_secs_f64(
+                ((cost - *tokens) / self.rate).max(0.001),
+            ))
         }
     }
 }
@@ -92,23 +106,40 @@ mod tests {
     #[test]
     fn finds_the_app_by_basic_header_or_body() {
         let keys = Keys::new(&AuthConfig {
-            apps: BTreeMap::from([("ios".to_owned(), AppConfig { keys: vec![Secret::new("k-ios-0123456789abcdef")] })]),
+            apps: BTreeMap::from([(
+                "ios".to_owned(),
+                AppConfig {
+                    keys: vec![Secret::new("k-ios-0123456789abcdef")],
+                },
+            )]),
         });
         let mut h = HeaderMap::new();
         // "k-ios-0123456789abcdef:" in base64
-        h.insert("authorization", HeaderValue::from_static("Basic ay1pb3MtMDEyMzQ1Njc4OWFiY2RlZjo="));
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Basic ay1pb3MtMDEyMzQ1Njc4OWFiY2RlZjo="),
+        );
         assert_eq!(keys.app(&h, None), Some("ios"));
         let mut h = HeaderMap::new();
-        h.insert(WRITE_KEY_HEADER, HeaderValue::from_static("k-ios-0123456789abcdef"));
+        h.insert(
+            WRITE_KEY_HEADER,
+            HeaderValue::from_static("k-ios-0123456789abcdef"),
+        );
         assert_eq!(keys.app(&h, None), Some("ios"));
-        assert_eq!(keys.app(&HeaderMap::new(), Some("k-ios-0123456789abcdef")), Some("ios"));
+        assert_eq!(
+            keys.app(&HeaderMap::new(), Some("k-ios-0123456789abcdef")),
+            Some("ios")
+        );
         assert_eq!(keys.app(&HeaderMap::new(), Some("wrong")), None);
         assert_eq!(keys.app(&HeaderMap::new(), None), None);
     }
 
     #[test]
     fn limits_bursts_and_refills() {
-        let rl = RateLimiter::new(&LimitsConfig { events_per_second: 1000, burst: 100 });
+        let rl = RateLimiter::new(&LimitsConfig {
+            events_per_second: 1000,
+            burst: 100,
+        });
         assert!(rl.take("a", 100).is_ok());
         let wait = rl.take("a", 50).expect_err("empty bucket");
         assert!(wait <= Duration::from_millis(60), "{wait:?}");

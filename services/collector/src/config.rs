@@ -1,6 +1,10 @@
 //! Collector configuration (defaults in `default.toml`).
 
-use std::{collections::BTreeMap, path::{Path, PathBuf}, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use feedloop_core::{
     config::{self, ConfigError, Secret},
@@ -147,10 +151,16 @@ impl Config {
         }
         let positive = [
             ("http.max_request_bytes", self.http.max_request_bytes as u64),
-            ("http.max_decompressed_bytes", self.http.max_decompressed_bytes as u64),
+            (
+                "http.max_decompressed_bytes",
+                self.http.max_decompressed_bytes as u64,
+            ),
             ("http.max_event_bytes", self.http.max_event_bytes as u64),
             ("http.max_batch_len", self.http.max_batch_len as u64),
-            ("limits.events_per_second", u64::from(self.limits.events_per_second)),
+            (
+                "limits.events_per_second",
+                u64::from(self.limits.events_per_second),
+            ),
             ("dedup.window_ms", self.dedup.window_ms),
             ("dedup.max_entries", self.dedup.max_entries as u64),
             ("spool.max_bytes", self.spool.max_bytes),

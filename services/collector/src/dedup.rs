@@ -60,7 +60,9 @@ impl Dedup {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the sets consistent enough to keep serving.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Claims each id (one verdict per id, in order). Repeats within `ids` are `InFlight`.
@@ -112,7 +114,11 @@ impl Dedup {
             Some(i) => i,
             None => {
                 // Keep buckets ordered by start; log scans may add older ones.
-                let pos = inner.buckets.iter().position(|(s, _)| *s > start).unwrap_or(inner.buckets.len());
+                let pos = inner
+                    .buckets
+                    .iter()
+                    .position(|(s, _)| *s > start)
+                    .unwrap_or(inner.buckets.len());
                 inner.buckets.insert(pos, (start, FxHashSet::default()));
                 pos
             }
@@ -168,7 +174,10 @@ mod tests {
     #[test]
     fn claims_commits_and_releases() {
         let d = Dedup::new(60_000, 1000);
-        assert_eq!(d.claim(&[1, 2, 1]), vec![Claim::New, Claim::New, Claim::InFlight]);
+        assert_eq!(
+            d.claim(&[1, 2, 1]),
+            vec![Claim::New, Claim::New, Claim::InFlight]
+        );
         assert_eq!(d.claim(&[1]), vec![Claim::InFlight]);
         d.commit(&[1], 1_000);
         d.release(&[2]);

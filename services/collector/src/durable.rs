@@ -53,6 +53,8 @@ pub enum DurableError {
     Spool(SpoolError),
     #[error("Kafka producer: {0}")]
     Producer(#[from] KafkaError),
+    #[error("the write task failed: {0}")]
+    Crashed(String),
 }
 
 /// Creates the idempotent producer.
@@ -91,19 +93,34 @@ impl std::fmt::Debug for Durable {
 fn headers(r: &Record) -> OwnedHeaders {
     let id = uuid::Uuid::from_u128(r.id).to_string();
     OwnedHeaders::new()
-        .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_str()) })
-        .insert(Header { key: EVENT_TYPE_HEADER, value: Some(r.event_type.as_str()) })
+        .insert(Header {
+            key: EVENT_ID_HEADER,
+            value: Some(id.as_str()),
+        })
+        .insert(Header {
+            key: EVENT_TYPE_HEADER,
+            value: Some(r.event_type.as_str()),
+        })
 }
 
 fn enqueue(producer: &FutureProducer, r: &Record) -> Result<DeliveryFuture, KafkaError> {
-    let record = FutureRecord::to(&r.topic).key(&r.key).payload(&r.value).headers(headers(r));
+    let record = FutureRecord::to(&r.topic)
+        .key(&r.key)
+        .payload(&r.value)
+        .headers(headers(r));
     producer.send_result(record).map_err(|(e, _)| e)
 }
 
 impl Durable {
     /// Starts in spool mode: direct publishing begins once the drain task has rebuilt the
     /// idempotency window from the log and emptied whatever a previous run left spooled.
-    pub fn new(producer: FutureProducer, spool: Spool, dedup: Arc<Dedup>, kafka: KafkaConfig, ack_timeout: Duration) -> Self {
+    pub fn new(
+        producer: FutureProducer,
+        spool: Spool,
+        dedup: Arc<Dedup>,
+        kafka: KafkaConfig,
+        ack_timeout: Duration,
+    ) -> Self {
         Self {
             producer,
             spool,
@@ -134,7 +151,11 @@ impl Durable {
     pub async fn write(&self, records: Vec<Record>) -> Result<Durability, DurableError> {
         if records.is_empty() {
             // Nothing to store; say which way it would have gone.
-            return Ok(if self.is_spooling() { Durability::Spooled } else { Durability::Acked });
+            return Ok(if self.is_spooling() {
+                Durability::Spooled
+            } else {
+                Durability::Acked
+            });
         }
         if self.is_spooling() {
             let guard = self.switch.lock().await;
@@ -190,7 +211,10 @@ impl Durable {
         }
         // The broker did not acknowledge in time: switch to the spool. Attempts still in flight
         // may yet land; the drain waits for them and skips what they delivered.
-        tracing::warn!(unacked = failed.len(), "Broker did not acknowledge in time; spooling");
+        tracing::warn!(
+            unacked = failed.len(),
+            "Broker did not acknowledge in time; spooling"
+        );
         self.spooling.store(true, Ordering::Release);
         if !in_flight.is_empty() {
             self.unresolved.fetch_add(in_flight.len(), Ordering::AcqRel);
@@ -202,8 +226,12 @@ impl Durable {
                 }
             });
         }
-        let mut records = records;
-        let unacked: Vec<Record> = failed.iter().rev().map(|&i| records.swap_remove(i)).rev().collect();
+        let failed: std::collections::HashSet<usize> = failed.into_iter().collect();
+        let unacked: Vec<Record> = records
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| failed.contains(&i).then_some(r))
+            .collect();
         let guard = self.switch.lock().await;
         let r = self.append(unacked).await;
         drop(guard);
@@ -265,9 +293,13 @@ impl Durable {
         let topics = [catalogue::EVENTS_TOPIC, catalogue::DEADLETTER_TOPIC];
         let present = scan::event_ids_since(&self.kafka, &topics, since).await?;
         if !self.is_rebuilt() {
-            self.dedup.remember(present.iter().map(|(id, at)| (*id, *at)), now);
+            self.dedup
+                .remember(present.iter().map(|(id, at)| (*id, *at)), now);
             self.rebuilt.store(true, Ordering::Release);
-            tracing::info!(ids = present.len(), "Idempotency window rebuilt from the log");
+            tracing::info!(
+                ids = present.len(),
+                "Idempotency window rebuilt from the log"
+            );
         }
         let mut from = None;
         loop {
@@ -319,7 +351,9 @@ impl Durable {
 
     /// Whether the broker answers right now.
     pub async fn broker_reachable(&self) -> bool {
-        feedloop_core::kafka::wait_ready(&self.kafka, Duration::from_secs(2)).await.is_ok()
+        feedloop_core::kafka::wait_ready(&self.kafka, Duration::from_secs(2))
+            .await
+            .is_ok()
     }
 }
 

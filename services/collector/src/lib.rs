@@ -6,6 +6,10 @@
 //! - `durable`, `spool`, `scan`: acknowledged by the broker or spooled to disk, never lost;
 //! - `dedup`, `suppression`, `auth`: the state the request path consults.
 
+// Rejections (`ingest::Reject`, HTTP refusals) are large but rare on the hot path, where
+// results are `Ok`; boxing them would cost an allocation on every bad event for no gain.
+#![allow(clippy::result_large_err)]
+
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -48,7 +52,10 @@ pub enum StartError {
     #[error("Kafka topics: {0}")]
     Topics(#[from] KafkaAdminError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -65,10 +72,18 @@ pub struct Running {
 /// flushes the producer and closes the spool.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
-    let pool = postgres::connect(config.postgres.url.expose(), config.postgres.max_connections).await?;
+    let pool = postgres::connect(
+        config.postgres.url.expose(),
+        config.postgres.max_connections,
+    )
+    .await?;
     postgres::migrate(&pool).await?;
-    let auth = (!config.registry.user.is_empty())
-        .then(|| (config.registry.user.clone(), config.registry.password.clone()));
+    let auth = (!config.registry.user.is_empty()).then(|| {
+        (
+            config.registry.user.clone(),
+            config.registry.password.clone(),
+        )
+    });
     let registry = RegistryClient::new(&config.registry.url, auth, Duration::from_secs(10))?;
     let codecs = pipeline::Codecs::register(&registry).await?;
     // Best effort: topics may already exist, or be managed by the cluster's operators.
@@ -76,16 +91,32 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tracing::warn!(error = %e, "Could not ensure topics; continuing");
     }
 
-    let dedup = Arc::new(dedup::Dedup::new(config.dedup.window_ms, config.dedup.max_entries));
-    let (spool, pending) = spool::Spool::open(&config.spool.dir, config.spool.max_bytes, config.spool.segment_bytes)?;
+    let dedup = Arc::new(dedup::Dedup::new(
+        config.dedup.window_ms,
+        config.dedup.max_entries,
+    ));
+    let (spool, pending) = spool::Spool::open(
+        &config.spool.dir,
+        config.spool.max_bytes,
+        config.spool.segment_bytes,
+    )?;
     // Spooled events were acknowledged: retries of them are duplicates.
     let now = durable::now_ms();
     dedup.remember(pending.iter().map(|r| (r.id, r.at_ms.min(now))), now);
     if !pending.is_empty() {
-        tracing::info!(records = pending.len(), "Spool holds records from a previous run");
+        tracing::info!(
+            records = pending.len(),
+            "Spool holds records from a previous run"
+        );
     }
     let producer = durable::producer(&config.kafka)?;
-    let durable = Arc::new(durable::Durable::new(producer, spool, dedup.clone(), config.kafka.clone(), config.ack_timeout()));
+    let durable = Arc::new(durable::Durable::new(
+        producer,
+        spool,
+        dedup.clone(),
+        config.kafka.clone(),
+        config.ack_timeout(),
+    ));
     let suppression = Arc::new(suppression::Suppression::default());
 
     let background = CancellationToken::new();
@@ -100,7 +131,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     ));
 
     let state = Arc::new(api::AppState {
-        pipeline: Arc::new(pipeline::Pipeline { dedup, durable: durable.clone(), suppression, codecs }),
+        pipeline: Arc::new(pipeline::Pipeline {
+            dedup,
+            durable: durable.clone(),
+            suppression,
+            codecs,
+        }),
         keys: auth::Keys::new(&config.auth),
         limiter: auth::RateLimiter::new(&config.limits),
         time: config.time.clone(),
@@ -111,10 +147,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let app = api::router(state, &config);
     let listener = TcpListener::bind(&config.http.listen)
         .await
-        .map_err(|source| StartError::Bind { addr: config.http.listen.clone(), source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr: config.http.listen.clone(), source })?;
+        .map_err(|source| StartError::Bind {
+            addr: config.http.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.http.listen.clone(),
+        source,
+    })?;
     tracing::info!(%addr, "Collector listening");
     let task = tokio::spawn(async move {
         let served = feedloop_core::http::serve(listener, app, shutdown).await;

@@ -30,7 +30,9 @@ fn try_main() -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
     telemetry::init_tracing(config.log.json);
     telemetry::prometheus();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let shutdown = shutdown::on_signal();
         let running = feedloop_collector::start(config, shutdown).await?;

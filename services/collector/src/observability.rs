@@ -20,20 +20,53 @@ pub const HTTP_REQUESTS: &str = "feedloop_collector_http_requests_total";
 pub const HTTP_DURATION: &str = "feedloop_collector_http_request_duration_seconds";
 
 pub fn describe() {
-    describe_counter!(EVENTS_ACCEPTED, "Events accepted and made durable, by event type.");
-    describe_counter!(EVENTS_REJECTED, "Events rejected and dead-lettered, by reason.");
-    describe_counter!(EVENTS_DUPLICATE, "Events answered as duplicates and not republished.");
+    describe_counter!(
+        EVENTS_ACCEPTED,
+        "Events accepted and made durable, by event type."
+    );
+    describe_counter!(
+        EVENTS_REJECTED,
+        "Events rejected and dead-lettered, by reason."
+    );
+    describe_counter!(
+        EVENTS_DUPLICATE,
+        "Events answered as duplicates and not republished."
+    );
     describe_counter!(EVENTS_SUPPRESSED, "Events of users under erasure, dropped.");
-    describe_counter!(RATE_LIMITED, "Requests refused by the per-application rate limit.");
-    describe_gauge!(SPOOL_DEPTH, "Records in the local spool waiting for the broker.");
-    describe_gauge!(SPOOL_BYTES, metrics::Unit::Bytes, "Bytes in the local spool waiting for the broker.");
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by the per-application rate limit."
+    );
+    describe_gauge!(
+        SPOOL_DEPTH,
+        "Records in the local spool waiting for the broker."
+    );
+    describe_gauge!(
+        SPOOL_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes in the local spool waiting for the broker."
+    );
     describe_counter!(SPOOLED, "Records written to the local spool.");
     describe_counter!(DRAINED, "Spooled records published to the broker.");
-    describe_counter!(DRAIN_SKIPPED, "Spooled records found already in the log and not published again.");
-    describe_histogram!(PRODUCE_LATENCY, metrics::Unit::Seconds, "Time from produce to broker acknowledgement, per request.");
+    describe_counter!(
+        DRAIN_SKIPPED,
+        "Spooled records found already in the log and not published again."
+    );
+    describe_histogram!(
+        PRODUCE_LATENCY,
+        metrics::Unit::Seconds,
+        "Time from produce to broker acknowledgement, per request."
+    );
     describe_gauge!(DEDUP_IDS, "Event ids in the idempotency window.");
-    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status.");
-    describe_histogram!(HTTP_DURATION, metrics::Unit::Seconds, "HTTP request latency, by route.");
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route and status."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        metrics::Unit::Seconds,
+        "HTTP request latency, by route."
+    );
 }
 
 pub fn accepted(event_type: &'static str, n: u64) {
@@ -79,6 +112,7 @@ pub fn produce_latency(d: Duration) {
 }
 
 pub fn http_request(route: &str, status: u16, elapsed: Duration) {
-    counter!(HTTP_REQUESTS, "route" => route.to_owned(), "status" => status.to_string()).increment(1);
+    counter!(HTTP_REQUESTS, "route" => route.to_owned(), "status" => status.to_string())
+        .increment(1);
     histogram!(HTTP_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
 }

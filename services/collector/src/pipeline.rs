@@ -51,7 +51,9 @@ impl Codecs {
         let compile = |subject: String, record: &'static str| {
             let catalogue = &catalogue;
             async move {
-                let schema = catalogue.composed(record).map_err(|e| CodecsError::Catalogue(e.to_string()))?;
+                let schema = catalogue
+                    .composed(record)
+                    .map_err(|e| CodecsError::Catalogue(e.to_string()))?;
                 client
                     .register_compiled(&subject, &schema)
                     .await
@@ -60,7 +62,10 @@ impl Codecs {
         };
         let mut events = HashMap::new();
         for t in EventType::ALL {
-            events.insert(t, compile(subject_of(EVENTS_TOPIC, t.record())?, t.record()).await?);
+            events.insert(
+                t,
+                compile(subject_of(EVENTS_TOPIC, t.record())?, t.record()).await?,
+            );
         }
         let dl = "io.feedloop.deadletter.DeadLetter";
         let deadletter = compile(subject_of(DEADLETTER_TOPIC, dl)?, dl).await?;
@@ -72,7 +77,9 @@ impl Codecs {
     pub fn local() -> Result<Self, CodecsError> {
         let catalogue = Catalogue::embedded().map_err(|e| CodecsError::Catalogue(e.to_string()))?;
         let compile = |id: u32, record: &str| -> Result<Arc<CompiledSchema>, CodecsError> {
-            let text = catalogue.composed(record).map_err(|e| CodecsError::Catalogue(e.to_string()))?;
+            let text = catalogue
+                .composed(record)
+                .map_err(|e| CodecsError::Catalogue(e.to_string()))?;
             CompiledSchema::new(id, &text)
                 .map(Arc::new)
                 .map_err(|e| CodecsError::Catalogue(e.to_string()))
@@ -158,7 +165,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// A dead-letter record for `reject`.
-    pub fn dead_letter(&self, app_id: &str, reject: &Reject, received_at: i64) -> Result<Record, CodecError> {
+    pub fn dead_letter(
+        &self,
+        app_id: &str,
+        reject: &Reject,
+        received_at: i64,
+    ) -> Result<Record, CodecError> {
         let dl = DeadLetter {
             dead_letter_id: uuid::Uuid::now_v7(),
             service: "collector".into(),
@@ -188,7 +200,12 @@ impl Pipeline {
     }
 
     /// Makes the batch durable and says what happened to each event.
-    pub async fn ingest(self: &Arc<Self>, app_id: &str, parsed: Vec<Parsed>, received_at: i64) -> Result<BatchResponse, DurableError> {
+    pub async fn ingest(
+        self: &Arc<Self>,
+        app_id: &str,
+        parsed: Vec<Parsed>,
+        received_at: i64,
+    ) -> Result<BatchResponse, DurableError> {
         // Decide suppression once per event: the list may change while the batch is handled.
         let dropped: Vec<bool> = parsed
             .iter()
@@ -215,14 +232,30 @@ impl Pipeline {
                     let event_id = Some(env.event_id.to_string());
                     if dropped[index] {
                         suppressed += 1;
-                        results.push(EventResult { index, event_id, status: Status::Suppressed, reason: None, path: None, detail: None, retryable: false });
+                        results.push(EventResult {
+                            index,
+                            event_id,
+                            status: Status::Suppressed,
+                            reason: None,
+                            path: None,
+                            detail: None,
+                            retryable: false,
+                        });
                         continue;
                     }
                     match claims.next() {
                         Some(Claim::New) => {}
                         Some(Claim::Duplicate) => {
                             dups += 1;
-                            results.push(EventResult { index, event_id, status: Status::Duplicate, reason: None, path: None, detail: None, retryable: false });
+                            results.push(EventResult {
+                                index,
+                                event_id,
+                                status: Status::Duplicate,
+                                reason: None,
+                                path: None,
+                                detail: None,
+                                retryable: false,
+                            });
                             continue;
                         }
                         _ => {
@@ -232,7 +265,10 @@ impl Pipeline {
                                 status: Status::Rejected,
                                 reason: Some("in_flight"),
                                 path: None,
-                                detail: Some("the same event_id is being accepted by another request; retry".into()),
+                                detail: Some(
+                                    "the same event_id is being accepted by another request; retry"
+                                        .into(),
+                                ),
                                 retryable: true,
                             });
                             continue;
@@ -257,18 +293,39 @@ impl Pipeline {
                                 event_type: event_type.to_owned(),
                                 at_ms: received_at,
                             });
-                            results.push(EventResult { index, event_id, status: Status::Accepted, reason: None, path: None, detail: None, retryable: false });
+                            results.push(EventResult {
+                                index,
+                                event_id,
+                                status: Status::Accepted,
+                                reason: None,
+                                path: None,
+                                detail: None,
+                                retryable: false,
+                            });
                         }
                         Err(err) => {
                             // A parsed event that does not fit its schema is a bug; keep it.
                             tracing::error!(error = %err, "Accepted event does not fit its schema");
                             self.dedup.release(&[id]);
-                            let original = serde_json::to_vec(&format!("{e:?}")).unwrap_or_default();
-                            let reject = Reject::new(DeadLetterReason::ProcessingFailure, err.to_string(), &original);
+                            let original =
+                                serde_json::to_vec(&format!("{e:?}")).unwrap_or_default();
+                            let reject = Reject::new(
+                                DeadLetterReason::ProcessingFailure,
+                                err.to_string(),
+                                &original,
+                            );
                             if let Ok(r) = self.dead_letter(app_id, &reject, received_at) {
                                 records.push(r);
                             }
-                            results.push(EventResult { index, event_id, status: Status::Rejected, reason: Some("processing_failure"), path: None, detail: Some(err.to_string()), retryable: false });
+                            results.push(EventResult {
+                                index,
+                                event_id,
+                                status: Status::Rejected,
+                                reason: Some("processing_failure"),
+                                path: None,
+                                detail: Some(err.to_string()),
+                                retryable: false,
+                            });
                         }
                     }
                 }
@@ -290,9 +347,13 @@ impl Pipeline {
         }
         // Durability runs to completion even if the client gives up: a cancelled write must
         // not leave claims behind or acknowledge half a batch.
+        // The write runs in its own task so that a panic in it still releases the claims.
         let this = self.clone();
         let outcome = tokio::spawn(async move {
-            let r = this.durable.write(records).await;
+            let durable = this.durable.clone();
+            let r = tokio::spawn(async move { durable.write(records).await })
+                .await
+                .unwrap_or_else(|e| Err(DurableError::Crashed(e.to_string())));
             match &r {
                 Ok(_) => this.dedup.commit(&claimed, now_ms()),
                 Err(_) => this.dedup.release(&claimed),
@@ -300,7 +361,7 @@ impl Pipeline {
             r
         })
         .await
-        .unwrap_or(Err(DurableError::SpoolFull))?;
+        .unwrap_or_else(|e| Err(DurableError::Crashed(e.to_string())))?;
         for t in &accepted_types {
             observability::accepted(t, 1);
         }

@@ -31,7 +31,11 @@ pub enum ScanError {
 
 /// Every event id appended to `topics` since `since_ms`, up to the end of each partition as it
 /// was when the scan started.
-pub async fn event_ids_since(config: &KafkaConfig, topics: &[&str], since_ms: i64) -> Result<Found, ScanError> {
+pub async fn event_ids_since(
+    config: &KafkaConfig,
+    topics: &[&str],
+    since_ms: i64,
+) -> Result<Found, ScanError> {
     let config = config.clone();
     let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
     tokio::task::spawn_blocking(move || scan_blocking(&config, &topics, since_ms))
@@ -39,7 +43,11 @@ pub async fn event_ids_since(config: &KafkaConfig, topics: &[&str], since_ms: i6
         .map_err(|_| ScanError::Join)?
 }
 
-fn scan_blocking(config: &KafkaConfig, topics: &[String], since_ms: i64) -> Result<Found, ScanError> {
+fn scan_blocking(
+    config: &KafkaConfig,
+    topics: &[String],
+    since_ms: i64,
+) -> Result<Found, ScanError> {
     let mut found = Found::default();
     for topic in topics {
         scan_topic(config, topic, since_ms, &mut found)?;
@@ -51,7 +59,12 @@ fn scan_blocking(config: &KafkaConfig, topics: &[String], since_ms: i64) -> Resu
 /// event, or a record appended after the scan began (writers that keep going must not keep the
 /// scan going). High watermarks are not trusted: tansu 0.6 under-reports them for multi-record
 /// batches.
-fn scan_topic(config: &KafkaConfig, topic: &str, since_ms: i64, found: &mut Found) -> Result<(), ScanError> {
+fn scan_topic(
+    config: &KafkaConfig,
+    topic: &str,
+    since_ms: i64,
+    found: &mut Found,
+) -> Result<(), ScanError> {
     let timeout = Duration::from_secs(10);
     let started = crate::durable::now_ms();
     let consumer: BaseConsumer = config

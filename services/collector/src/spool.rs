@@ -56,12 +56,19 @@ fn encode(r: &Record, out: &mut Vec<u8>) {
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&r.id.to_le_bytes());
     out.extend_from_slice(&r.at_ms.to_le_bytes());
-    for field in [r.topic.as_bytes(), r.event_type.as_bytes(), &r.key, &r.value] {
+    for field in [
+        r.topic.as_bytes(),
+        r.event_type.as_bytes(),
+        &r.key,
+        &r.value,
+    ] {
         out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_le_bytes());
         out.extend_from_slice(field);
     }
     let payload = &out[start + 8..];
-    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes();
+    let len = u32::try_from(payload.len())
+        .unwrap_or(u32::MAX)
+        .to_le_bytes();
     let crc = crc32fast::hash(payload).to_le_bytes();
     out[start..start + 4].copy_from_slice(&len);
     out[start + 4..start + 8].copy_from_slice(&crc);
@@ -85,7 +92,14 @@ fn decode(payload: &[u8]) -> Option<Record> {
     let key = fields.pop()?;
     let event_type = String::from_utf8(fields.pop()?).ok()?;
     let topic = String::from_utf8(fields.pop()?).ok()?;
-    Some(Record { id, topic, key, value, event_type, at_ms })
+    Some(Record {
+        id,
+        topic,
+        key,
+        value,
+        event_type,
+        at_ms,
+    })
 }
 
 /// Reads the frame at the reader's position: `Ok(None)` at a clean end, `Err` on a torn or
@@ -101,12 +115,18 @@ fn read_frame(r: &mut impl Read) -> io::Result<Option<(Record, u64)>> {
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame length out of range"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame length out of range",
+        ));
     }
     let mut payload = vec![0u8; len as usize];
     r.read_exact(&mut payload)?;
     if crc32fast::hash(&payload) != crc {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame checksum mismatch"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame checksum mismatch",
+        ));
     }
     let record = decode(&payload)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "undecodable frame"))?;
@@ -141,7 +161,10 @@ impl State {
     }
 }
 
-type Job = (Vec<Record>, tokio::sync::oneshot::Sender<Result<(), SpoolError>>);
+type Job = (
+    Vec<Record>,
+    tokio::sync::oneshot::Sender<Result<(), SpoolError>>,
+);
 
 /// A disk spool. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -160,14 +183,21 @@ struct Inner {
 impl Spool {
     /// Opens (or creates) the spool in `dir`, recovering from a crash if needed. Returns the
     /// spool and the records still waiting to be drained.
-    pub fn open(dir: &Path, max_bytes: u64, segment_bytes: u64) -> Result<(Self, Vec<Record>), SpoolError> {
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        segment_bytes: u64,
+    ) -> Result<(Self, Vec<Record>), SpoolError> {
         fs::create_dir_all(dir)?;
         let cursor = read_cursor(dir)?;
         let mut seqs: Vec<u64> = fs::read_dir(dir)?
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.strip_prefix("seg-")?.strip_suffix(".spool")?.parse().ok()
+                name.strip_prefix("seg-")?
+                    .strip_suffix(".spool")?
+                    .parse()
+                    .ok()
             })
             .collect();
         seqs.sort_unstable();
@@ -201,13 +231,24 @@ impl Spool {
             }
             segments.insert(seq, offset);
         }
-        let first = segments.keys().next().copied().unwrap_or(cursor.segment.max(1));
+        let first = segments
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(cursor.segment.max(1));
         let last = segments.keys().next_back().copied().unwrap_or(first);
         segments.entry(last).or_insert(0);
         let state = State {
             segments,
             // Without a cursor file nothing was drained yet: start at the first segment.
-            cursor: if cursor.segment == 0 { Position { segment: first, offset: 0 } } else { cursor },
+            cursor: if cursor.segment == 0 {
+                Position {
+                    segment: first,
+                    offset: 0,
+                }
+            } else {
+                cursor
+            },
             records: pending.len() as u64,
         };
         let (tx, rx) = mpsc::channel::<Job>();
@@ -227,7 +268,10 @@ impl Spool {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends records durably (group-committed with concurrent appends).
@@ -236,7 +280,11 @@ impl Spool {
             .iter()
             .map(|r| {
                 // header, version, id, time, four length prefixes, the fields
-                FRAME_HEADER + 1 + 16 + 8 + 16
+                FRAME_HEADER
+                    + 1
+                    + 16
+                    + 8
+                    + 16
                     + (r.topic.len() + r.event_type.len() + r.key.len() + r.value.len()) as u64
             })
             .sum();
@@ -244,7 +292,10 @@ impl Spool {
             let state = self.state();
             let used = state.used();
             if used + incoming > self.inner.max_bytes {
-                return Err(SpoolError::Full { used, max: self.inner.max_bytes });
+                return Err(SpoolError::Full {
+                    used,
+                    max: self.inner.max_bytes,
+                });
             }
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -255,7 +306,9 @@ impl Spool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
             .ok_or(SpoolError::Stopped)?;
-        sender.send((records, tx)).map_err(|_| SpoolError::Stopped)?;
+        sender
+            .send((records, tx))
+            .map_err(|_| SpoolError::Stopped)?;
         rx.await.map_err(|_| SpoolError::Stopped)?
     }
 
@@ -328,14 +381,22 @@ impl Spool {
     }
 
     /// Reads up to `max` records starting after `from` (the committed cursor when `None`).
-    pub fn read(&self, from: Option<Position>, max: usize) -> Result<Vec<(Position, Record)>, SpoolError> {
+    pub fn read(
+        &self,
+        from: Option<Position>,
+        max: usize,
+    ) -> Result<Vec<(Position, Record)>, SpoolError> {
         let (start, segments) = {
             let st = self.state();
             (from.unwrap_or(st.cursor), st.segments.clone())
         };
         let mut out = Vec::new();
         for (&seq, &durable) in segments.range(start.segment..) {
-            let mut offset = if seq == start.segment { start.offset } else { 0 };
+            let mut offset = if seq == start.segment {
+                start.offset
+            } else {
+                0
+            };
             if offset >= durable {
                 continue;
             }
@@ -346,7 +407,13 @@ impl Spool {
                 match read_frame(&mut reader)? {
                     Some((record, len)) => {
                         offset += len;
-                        out.push((Position { segment: seq, offset }, record));
+                        out.push((
+                            Position {
+                                segment: seq,
+                                offset,
+                            },
+                            record,
+                        ));
                     }
                     None => break,
                 }
@@ -364,11 +431,18 @@ impl Spool {
         let mut st = self.state();
         st.cursor = pos;
         st.records = st.records.saturating_sub(drained);
-        let last = st.segments.keys().next_back().copied().unwrap_or(pos.segment);
+        let last = st
+            .segments
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(pos.segment);
         let finished: Vec<u64> = st
             .segments
             .iter()
-            .filter(|(seq, len)| **seq < pos.segment || (**seq == pos.segment && **len == pos.offset && **seq < last))
+            .filter(|(seq, len)| {
+                **seq < pos.segment || (**seq == pos.segment && **len == pos.offset && **seq < last)
+            })
             .map(|(seq, _)| *seq)
             .collect();
         for seq in finished {
@@ -414,8 +488,14 @@ fn read_cursor(dir: &Path) -> io::Result<Position> {
             segment: u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default()),
             offset: u64::from_le_bytes(bytes[8..].try_into().unwrap_or_default()),
         }),
-        Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "corrupt spool cursor")),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Position { segment: 0, offset: 0 }),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "corrupt spool cursor",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Position {
+            segment: 0,
+            offset: 0,
+        }),
         Err(e) => Err(e),
     }
 }
@@ -450,23 +530,44 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (spool, pending) = Spool::open(dir.path(), 1 << 20, 200).expect("open");
         assert!(pending.is_empty());
-        spool.append((0..5).map(record).collect()).await.expect("append");
-        spool.append((5..10).map(record).collect()).await.expect("append");
+        spool
+            .append((0..5).map(record).collect())
+            .await
+            .expect("append");
+        spool
+            .append((5..10).map(record).collect())
+            .await
+            .expect("append");
         assert_eq!(spool.depth(), 10);
         let first = spool.read(None, 4).expect("read");
-        assert_eq!(first.iter().map(|(_, r)| r.id).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            first.iter().map(|(_, r)| r.id).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
         spool.commit(first[3].0, 4).expect("commit");
         spool.close();
         drop(spool);
 
         let (spool, pending) = Spool::open(dir.path(), 1 << 20, 200).expect("reopen");
-        assert_eq!(pending.iter().map(|r| r.id).collect::<Vec<_>>(), (4..10).collect::<Vec<_>>());
+        assert_eq!(
+            pending.iter().map(|r| r.id).collect::<Vec<_>>(),
+            (4..10).collect::<Vec<_>>()
+        );
         let rest = spool.read(None, 100).expect("read");
-        assert_eq!(rest.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), (4..10).map(record).collect::<Vec<_>>());
+        assert_eq!(
+            rest.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+            (4..10).map(record).collect::<Vec<_>>()
+        );
         spool.commit(rest[rest.len() - 1].0, 6).expect("commit");
         assert!(spool.is_empty());
         // Drained segments are gone except the one being written.
-        let files = fs::read_dir(dir.path()).expect("ls").filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("seg-"))).count();
+        let files = fs::read_dir(dir.path())
+            .expect("ls")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+            })
+            .count();
         assert_eq!(files, 1);
     }
 
@@ -474,16 +575,30 @@ mod tests {
     async fn torn_tail_is_cut_off() {
         let dir = tempfile::tempdir().expect("dir");
         let (spool, _) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("open");
-        spool.append((0..3).map(record).collect()).await.expect("append");
+        spool
+            .append((0..3).map(record).collect())
+            .await
+            .expect("append");
         spool.close();
         drop(spool);
-        let seg = fs::read_dir(dir.path()).expect("ls").filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with("seg-")).expect("segment").path();
-        let mut f = OpenOptions::new().append(true).open(&seg).expect("open seg");
+        let seg = fs::read_dir(dir.path())
+            .expect("ls")
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+            .expect("segment")
+            .path();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .expect("open seg");
         f.write_all(&[42, 0, 0, 0, 1, 2]).expect("garbage");
         drop(f);
         let (spool, pending) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("reopen");
         assert_eq!(pending.len(), 3);
-        spool.append(vec![record(3)]).await.expect("append after repair");
+        spool
+            .append(vec![record(3)])
+            .await
+            .expect("append after repair");
         assert_eq!(spool.read(None, 10).expect("read").len(), 4);
     }
 
@@ -492,7 +607,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (spool, _) = Spool::open(dir.path(), 300, 1 << 20).expect("open");
         spool.append(vec![record(0)]).await.expect("fits");
-        let err = spool.append((1..10).map(record).collect()).await.expect_err("full");
+        let err = spool
+            .append((1..10).map(record).collect())
+            .await
+            .expect_err("full");
         assert!(matches!(err, SpoolError::Full { .. }), "{err}");
     }
 }

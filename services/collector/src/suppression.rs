@@ -3,7 +3,10 @@
 //! follows inserts within moments (LISTEN/NOTIFY) and reloads in full periodically.
 
 use std::{
-    sync::{Arc, RwLock, atomic::{AtomicBool, Ordering}},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -55,15 +58,21 @@ impl Suppression {
     }
 
     async fn reload(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        let users: Vec<String> = sqlx::query_scalar("SELECT user_id FROM collector.suppressed_users")
-            .fetch_all(pool)
-            .await?;
+        let users: Vec<String> =
+            sqlx::query_scalar("SELECT user_id FROM collector.suppressed_users")
+                .fetch_all(pool)
+                .await?;
         self.replace(users.into_iter().collect());
         Ok(())
     }
 
     /// Loads the list, then follows it until `shutdown`.
-    pub async fn follow(self: Arc<Self>, pool: PgPool, refresh: Duration, shutdown: CancellationToken) {
+    pub async fn follow(
+        self: Arc<Self>,
+        pool: PgPool,
+        refresh: Duration,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let listener = async {
                 let mut l = PgListener::connect_with(&pool).await?;

@@ -113,13 +113,30 @@ pub fn pointer(path: &serde_path_to_error::Path) -> String {
 
 /// Deserializes `raw` as `T`, turning failures into a schema violation at the failing path,
 /// prefixed with `prefix` (e.g. `/properties`).
-pub fn parse_at<'a, T: Deserialize<'a>>(raw: &'a RawValue, prefix: &str, original: &[u8]) -> Result<T, Reject> {
+pub fn parse_at<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    prefix: &str,
+    original: &[u8],
+) -> Result<T, Reject> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let inner = pointer(e.path());
-        let path = if inner == "/" { prefix.to_owned() } else { format!("{prefix}{inner}") };
-        let path = if path.is_empty() { "/".to_owned() } else { path };
-        Reject::new(DeadLetterReason::SchemaViolation, e.inner().to_string(), original).at(path)
+        let path = if inner == "/" {
+            prefix.to_owned()
+        } else {
+            format!("{prefix}{inner}")
+        };
+        let path = if path.is_empty() {
+            "/".to_owned()
+        } else {
+            path
+        };
+        Reject::new(
+            DeadLetterReason::SchemaViolation,
+            e.inner().to_string(),
+            original,
+        )
+        .at(path)
     })
 }
 
@@ -136,7 +153,9 @@ fn check_id(value: &str, path: &str, original: &[u8]) -> Result<(), Reject> {
 }
 
 fn check_opt_id(value: &Option<String>, path: &str, original: &[u8]) -> Result<(), Reject> {
-    value.as_deref().map_or(Ok(()), |v| check_id(v, path, original))
+    value
+        .as_deref()
+        .map_or(Ok(()), |v| check_id(v, path, original))
 }
 
 /// Builds the envelope: validates ids and applies clock-skew correction.
@@ -170,7 +189,10 @@ pub fn envelope(
         time::Verdict::TooOld => {
             return Err(Reject::new(
                 DeadLetterReason::SchemaViolation,
-                format!("timestamp is older than the accepted {} ms", ctx.time.max_age_ms),
+                format!(
+                    "timestamp is older than the accepted {} ms",
+                    ctx.time.max_age_ms
+                ),
                 original,
             )
             .at("/timestamp"));
@@ -306,10 +328,18 @@ pub fn interaction(
             check_opt_id(&p.experiment_id, "/properties/experiment_id", original)?;
             check_opt_id(&p.experiment_arm, "/properties/experiment_arm", original)?;
             if p.rank < 0 {
-                return Err(violation("must not be negative", "/properties/rank", original));
+                return Err(violation(
+                    "must not be negative",
+                    "/properties/rank",
+                    original,
+                ));
             }
             if !p.score.is_finite() {
-                return Err(violation("must be a finite number", "/properties/score", original));
+                return Err(violation(
+                    "must be a finite number",
+                    "/properties/score",
+                    original,
+                ));
             }
             if p.features.len() > MAX_FEATURES {
                 return Err(violation(
@@ -334,7 +364,11 @@ pub fn interaction(
         EventType::MatchDecision => {
             let p: DecisionProps = parse_at(props, P, original)?;
             if p.decision_latency_ms.is_some_and(|l| l < 0) {
-                return Err(violation("must not be negative", "/properties/decision_latency_ms", original));
+                return Err(violation(
+                    "must not be negative",
+                    "/properties/decision_latency_ms",
+                    original,
+                ));
             }
             Event::MatchDecision(MatchDecision {
                 envelope,
@@ -349,7 +383,11 @@ pub fn interaction(
         EventType::ChatEnded => {
             let p: ChatEndedProps = parse_at(props, P, original)?;
             if p.duration_ms < 0 {
-                return Err(violation("must not be negative", "/properties/duration_ms", original));
+                return Err(violation(
+                    "must not be negative",
+                    "/properties/duration_ms",
+                    original,
+                ));
             }
             Event::ChatEnded(ChatEnded {
                 envelope,
@@ -365,8 +403,15 @@ pub fn interaction(
         }
         EventType::ReportSubmitted => {
             let p: ReportProps = parse_at(props, P, original)?;
-            check_id(&p.reported_user_id, "/properties/reported_user_id", original)?;
-            if p.comment.as_ref().is_some_and(|c| c.len() > MAX_COMMENT_LEN) {
+            check_id(
+                &p.reported_user_id,
+                "/properties/reported_user_id",
+                original,
+            )?;
+            if p.comment
+                .as_ref()
+                .is_some_and(|c| c.len() > MAX_COMMENT_LEN)
+            {
                 return Err(violation(
                     format!("at most {MAX_COMMENT_LEN} bytes"),
                     "/properties/comment",
@@ -410,7 +455,8 @@ pub fn interaction(
 
 /// The interaction event types clients may send by name.
 pub fn interaction_type(name: &str) -> Option<EventType> {
-    EventType::from_name(name).filter(|t| !matches!(t, EventType::ScreenViewed | EventType::UserIdentified))
+    EventType::from_name(name)
+        .filter(|t| !matches!(t, EventType::ScreenViewed | EventType::UserIdentified))
 }
 
 /// A platform from its usual spellings.
@@ -456,9 +502,20 @@ mod tests {
     #[test]
     fn skew_is_corrected_and_raw_values_kept() {
         let time = tc();
-        let ctx = Context { app_id: "a", received_at: 1_000_000, max_event_bytes: 1000, time: &time };
+        let ctx = Context {
+            app_id: "a",
+            received_at: 1_000_000,
+            max_event_bytes: 1000,
+            time: &time,
+        };
         // The client clock runs 60 s fast: event 5 s before send.
-        let env = envelope(raw(1_055_000, Some(1_060_000)), EventType::ChatEnded, &ctx, b"{}").expect("valid");
+        let env = envelope(
+            raw(1_055_000, Some(1_060_000)),
+            EventType::ChatEnded,
+            &ctx,
+            b"{}",
+        )
+        .expect("valid");
         assert_eq!(env.timestamp, 995_000);
         assert_eq!(env.client_timestamp, 1_055_000);
         assert_eq!(env.sent_at, Some(1_060_000));
@@ -468,13 +525,25 @@ mod tests {
     #[test]
     fn far_future_is_flagged_or_rejected() {
         let mut time = tc();
-        let ctx = Context { app_id: "a", received_at: 1_000_000, max_event_bytes: 1000, time: &time };
-        let env = envelope(raw(2_000_000, None), EventType::ChatEnded, &ctx, b"{}").expect("flagged");
+        let ctx = Context {
+            app_id: "a",
+            received_at: 1_000_000,
+            max_event_bytes: 1000,
+            time: &time,
+        };
+        let env =
+            envelope(raw(2_000_000, None), EventType::ChatEnded, &ctx, b"{}").expect("flagged");
         assert!(env.clock_skew_flagged);
         assert_eq!(env.timestamp, 1_000_000);
         time.future = FuturePolicy::Reject;
-        let ctx = Context { app_id: "a", received_at: 1_000_000, max_event_bytes: 1000, time: &time };
-        let err = envelope(raw(2_000_000, None), EventType::ChatEnded, &ctx, b"{}").expect_err("rejected");
+        let ctx = Context {
+            app_id: "a",
+            received_at: 1_000_000,
+            max_event_bytes: 1000,
+            time: &time,
+        };
+        let err = envelope(raw(2_000_000, None), EventType::ChatEnded, &ctx, b"{}")
+            .expect_err("rejected");
         assert_eq!(err.path.as_deref(), Some("/timestamp"));
     }
 
@@ -482,7 +551,12 @@ mod tests {
     fn property_errors_point_at_the_field() {
         let env = {
             let time = tc();
-            let ctx = Context { app_id: "a", received_at: 1_000_000, max_event_bytes: 1000, time: &time };
+            let ctx = Context {
+                app_id: "a",
+                received_at: 1_000_000,
+                max_event_bytes: 1000,
+                time: &time,
+            };
             envelope(raw(999_000, None), EventType::MatchImpression, &ctx, b"{}").expect("valid")
         };
         let props = serde_json::value::to_raw_value(&serde_json::json!({
@@ -490,7 +564,8 @@ mod tests {
             "model_version": "m", "rank": "first", "score": 0.5
         }))
         .expect("raw");
-        let err = interaction(EventType::MatchImpression, env, Some(&props), b"orig").expect_err("bad rank");
+        let err = interaction(EventType::MatchImpression, env, Some(&props), b"orig")
+            .expect_err("bad rank");
         assert_eq!(err.reason, DeadLetterReason::SchemaViolation);
         assert_eq!(err.path.as_deref(), Some("/properties/rank"));
         assert_eq!(err.original, b"orig");

@@ -13,8 +13,8 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::{
-    Context, Parsed, RawEnvelope, Reject, envelope, interaction, interaction_type, parse_at, platform,
-    time::Millis,
+    Context, Parsed, RawEnvelope, Reject, envelope, interaction, interaction_type, parse_at,
+    platform, time::Millis,
 };
 
 /// Why a whole request body is unusable (answered 400, kept as one dead letter).
@@ -116,7 +116,11 @@ fn parse_inner(
     if original.len() > ctx.max_event_bytes {
         return Err(Reject::new(
             DeadLetterReason::SizeViolation,
-            format!("event is {} bytes; the limit is {}", original.len(), ctx.max_event_bytes),
+            format!(
+                "event is {} bytes; the limit is {}",
+                original.len(),
+                ctx.max_event_bytes
+            ),
             original,
         ));
     }
@@ -151,7 +155,9 @@ fn parse_inner(
 
 /// The event types a native client can send.
 pub fn accepted_types() -> impl Iterator<Item = EventType> {
-    EventType::ALL.into_iter().filter(|t| interaction_type(t.name()).is_some())
+    EventType::ALL
+        .into_iter()
+        .filter(|t| interaction_type(t.name()).is_some())
 }
 
 #[cfg(test)]
@@ -161,11 +167,20 @@ mod tests {
     use feedloop_core::model::Event;
 
     fn ctx(time: &TimeConfig) -> Context<'_> {
-        Context { app_id: "app", received_at: 1_795_885_260_000, max_event_bytes: 4096, time }
+        Context {
+            app_id: "app",
+            received_at: 1_795_885_260_000,
+            max_event_bytes: 4096,
+            time,
+        }
     }
 
     fn time() -> TimeConfig {
-        TimeConfig { max_future_ms: 300_000, future: FuturePolicy::Flag, max_age_ms: 86_400_000 }
+        TimeConfig {
+            max_future_ms: 300_000,
+            future: FuturePolicy::Flag,
+            max_age_ms: 86_400_000,
+        }
     }
 
     const GOOD: &str = r#"{"event_id":"0192f2b4-7c1e-7000-8000-000000000001","event_type":"match_decision",
@@ -181,7 +196,9 @@ mod tests {
         let t = time();
         match parse_event(events[0], sent_at, &ctx(&t)) {
             Parsed::Event(e) => {
-                let Event::MatchDecision(d) = *e else { panic!("wrong type") };
+                let Event::MatchDecision(d) = *e else {
+                    panic!("wrong type")
+                };
                 // Sent 30 s after the event, received 60 s after it by the server's clock.
                 assert_eq!(d.envelope.timestamp, 1_795_885_230_000);
                 assert_eq!(d.envelope.app_id, "app");
@@ -194,10 +211,26 @@ mod tests {
     fn rejects_carry_reason_path_and_labels() {
         let t = time();
         let cases = [
-            (GOOD.replace("match_decision", "match_declined"), DeadLetterReason::UnknownEventType, "/event_type"),
-            (GOOD.replace("\"accept\"", "\"maybe\""), DeadLetterReason::SchemaViolation, "/properties/decision"),
-            (GOOD.replace("\"user_id\":\"u-1\",", ""), DeadLetterReason::SchemaViolation, "/"),
-            (GOOD.replace("5.2.0\"", "5.2.0\",\"extra\":1"), DeadLetterReason::SchemaViolation, "/extra"),
+            (
+                GOOD.replace("match_decision", "match_declined"),
+                DeadLetterReason::UnknownEventType,
+                "/event_type",
+            ),
+            (
+                GOOD.replace("\"accept\"", "\"maybe\""),
+                DeadLetterReason::SchemaViolation,
+                "/properties/decision",
+            ),
+            (
+                GOOD.replace("\"user_id\":\"u-1\",", ""),
+                DeadLetterReason::SchemaViolation,
+                "/",
+            ),
+            (
+                GOOD.replace("5.2.0\"", "5.2.0\",\"extra\":1"),
+                DeadLetterReason::SchemaViolation,
+                "/extra",
+            ),
         ];
         for (json, reason, path) in cases {
             let raw: &RawValue = serde_json::from_str(&json).expect("json");
@@ -206,7 +239,10 @@ mod tests {
                     assert_eq!(r.reason, reason, "{json}");
                     assert_eq!(r.path.as_deref(), Some(path), "{json}: {}", r.detail);
                     assert_eq!(r.original, json.as_bytes());
-                    assert_eq!(r.event_id.as_deref(), Some("0192f2b4-7c1e-7000-8000-000000000001"));
+                    assert_eq!(
+                        r.event_id.as_deref(),
+                        Some("0192f2b4-7c1e-7000-8000-000000000001")
+                    );
                 }
                 Parsed::Event(_) => panic!("accepted {json}"),
             }
@@ -228,7 +264,13 @@ mod tests {
     #[test]
     fn body_shape_errors() {
         assert!(matches!(split(b"nope", 10), Err(BodyError::Malformed(_))));
-        assert!(matches!(split(b"{\"events\":[]}", 10), Err(BodyError::Malformed(_))));
-        assert!(matches!(split(b"[1,2,3]", 2), Err(BodyError::TooLong { len: 3, max: 2 })));
+        assert!(matches!(
+            split(b"{\"events\":[]}", 10),
+            Err(BodyError::Malformed(_))
+        ));
+        assert!(matches!(
+            split(b"[1,2,3]", 2),
+            Err(BodyError::TooLong { len: 3, max: 2 })
+        ));
     }
 }

@@ -16,8 +16,8 @@ use serde_json::{Value, value::RawValue};
 use uuid::Uuid;
 
 use super::{
-    Context, Parsed, RawEnvelope, Reject, envelope, interaction, interaction_type, parse_at, platform,
-    time::Millis,
+    Context, Parsed, RawEnvelope, Reject, envelope, interaction, interaction_type, parse_at,
+    platform, time::Millis,
 };
 
 /// Namespace of event ids derived from Segment message ids that are not UUIDs.
@@ -82,7 +82,13 @@ pub fn event_id(app_id: &str, message_id: Option<&str>) -> Uuid {
 pub fn normalize_event_name(name: &str) -> String {
     name.trim()
         .chars()
-        .map(|c| if c == ' ' || c == '-' { '_' } else { c.to_ascii_lowercase() })
+        .map(|c| {
+            if c == ' ' || c == '-' {
+                '_'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
         .collect()
 }
 
@@ -130,13 +136,16 @@ fn segment_platform(ctx: &Value) -> Platform {
         }
     }
     match ctx_str(ctx, &["library", "name"]) {
-        Some(lib) if lib.contains("analytics.js") || lib.contains("analytics-next") => Platform::Web,
+        Some(lib) if lib.contains("analytics.js") || lib.contains("analytics-next") => {
+            Platform::Web
+        }
         _ => Platform::Other,
     }
 }
 
 fn scalars(props: Option<&RawValue>) -> BTreeMap<String, Option<FeatureValue>> {
-    let Some(map) = props.and_then(|p| serde_json::from_str::<serde_json::Map<String, Value>>(p.get()).ok())
+    let Some(map) =
+        props.and_then(|p| serde_json::from_str::<serde_json::Map<String, Value>>(p.get()).ok())
     else {
         return BTreeMap::new();
     };
@@ -158,11 +167,7 @@ fn scalars(props: Option<&RawValue>) -> BTreeMap<String, Option<FeatureValue>> {
 }
 
 /// Parses one message of a Segment batch.
-pub fn parse_message(
-    raw: &RawValue,
-    batch: &SegmentBatch<'_>,
-    ctx: &Context<'_>,
-) -> Parsed {
+pub fn parse_message(raw: &RawValue, batch: &SegmentBatch<'_>, ctx: &Context<'_>) -> Parsed {
     let original = raw.get().as_bytes();
     let result = parse_inner(raw, batch, ctx, original);
     match result {
@@ -171,7 +176,10 @@ pub fn parse_message(
             if r.event_id.is_none()
                 && let Ok(m) = serde_json::from_str::<serde_json::Map<String, Value>>(raw.get())
             {
-                r.event_id = m.get("messageId").and_then(Value::as_str).map(str::to_owned);
+                r.event_id = m
+                    .get("messageId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 r.event_type = m
                     .get("event")
                     .or_else(|| m.get("type"))
@@ -192,7 +200,11 @@ fn parse_inner(
     if original.len() > ctx.max_event_bytes {
         return Err(Reject::new(
             DeadLetterReason::SizeViolation,
-            format!("message is {} bytes; the limit is {}", original.len(), ctx.max_event_bytes),
+            format!(
+                "message is {} bytes; the limit is {}",
+                original.len(),
+                ctx.max_event_bytes
+            ),
             original,
         ));
     }
@@ -200,8 +212,12 @@ fn parse_inner(
     let event_type = match msg.kind.as_str() {
         "track" => {
             let name = msg.event.as_deref().ok_or_else(|| {
-                Reject::new(DeadLetterReason::SchemaViolation, "track call without `event`", original)
-                    .at("/event")
+                Reject::new(
+                    DeadLetterReason::SchemaViolation,
+                    "track call without `event`",
+                    original,
+                )
+                .at("/event")
             })?;
             interaction_type(&normalize_event_name(name)).ok_or_else(|| {
                 Reject::new(
@@ -239,7 +255,12 @@ fn parse_inner(
         .or(msg.timestamp)
         .map(|m| m.0)
         .ok_or_else(|| {
-            Reject::new(DeadLetterReason::SchemaViolation, "timestamp is required", original).at("/timestamp")
+            Reject::new(
+                DeadLetterReason::SchemaViolation,
+                "timestamp is required",
+                original,
+            )
+            .at("/timestamp")
         })?;
     let env = envelope(
         RawEnvelope {
@@ -251,7 +272,9 @@ fn parse_inner(
             client_timestamp,
             sent_at: msg.sent_at.or(batch.sent_at).map(|m| m.0),
             platform: segment_platform(&context),
-            app_version: ctx_str(&context, &["app", "version"]).unwrap_or("unknown").to_owned(),
+            app_version: ctx_str(&context, &["app", "version"])
+                .unwrap_or("unknown")
+                .to_owned(),
             os_version: ctx_str(&context, &["os", "version"]).map(str::to_owned),
         },
         event_type,
@@ -274,9 +297,15 @@ fn parse_inner(
                 )
                 .at("/userId"));
             }
-            let mut trait_names: Vec<String> = msg.traits.map(|t| t.into_iter().map(|(k, _)| k).collect()).unwrap_or_default();
+            let mut trait_names: Vec<String> = msg
+                .traits
+                .map(|t| t.into_iter().map(|(k, _)| k).collect())
+                .unwrap_or_default();
             trait_names.sort();
-            Ok(Event::UserIdentified(UserIdentified { envelope: env, trait_names }))
+            Ok(Event::UserIdentified(UserIdentified {
+                envelope: env,
+                trait_names,
+            }))
         }
         t => interaction(t, env, msg.properties, original),
     }
@@ -288,14 +317,27 @@ mod tests {
     use crate::config::{FuturePolicy, TimeConfig};
 
     fn time() -> TimeConfig {
-        TimeConfig { max_future_ms: 300_000, future: FuturePolicy::Flag, max_age_ms: 86_400_000 }
+        TimeConfig {
+            max_future_ms: 300_000,
+            future: FuturePolicy::Flag,
+            max_age_ms: 86_400_000,
+        }
     }
 
     fn parse(body: &str) -> Vec<Parsed> {
         let t = time();
-        let ctx = Context { app_id: "app", received_at: 1_795_885_260_000, max_event_bytes: 8192, time: &t };
+        let ctx = Context {
+            app_id: "app",
+            received_at: 1_795_885_260_000,
+            max_event_bytes: 8192,
+            time: &t,
+        };
         let batch: SegmentBatch<'_> = serde_json::from_str(body).expect("batch");
-        batch.batch.iter().map(|m| parse_message(m, &batch, &ctx)).collect()
+        batch
+            .batch
+            .iter()
+            .map(|m| parse_message(m, &batch, &ctx))
+            .collect()
     }
 
     #[test]
@@ -310,23 +352,37 @@ mod tests {
           {"type":"alias","userId":"u-1","previousId":"x","timestamp":"2026-11-28T17:00:03Z"}
         ]}"#;
         let parsed = parse(body);
-        let Parsed::Event(e) = &parsed[0] else { panic!("{:?}", parsed[0]) };
-        let Event::MatchDecision(d) = &**e else { panic!("wrong type") };
+        let Parsed::Event(e) = &parsed[0] else {
+            panic!("{:?}", parsed[0])
+        };
+        let Event::MatchDecision(d) = &**e else {
+            panic!("wrong type")
+        };
         assert_eq!(d.envelope.platform, Platform::Ios);
         assert_eq!(d.envelope.device_id.as_deref(), Some("d-1"));
         assert_eq!(d.envelope.app_version, "3.0");
         // Sent 10 s after the event; received at 17:01:00 server time.
         assert_eq!(d.envelope.timestamp, 1_795_885_250_000);
         assert_eq!(d.envelope.event_id, event_id("app", Some("ajs-1")));
-        let Parsed::Event(e) = &parsed[1] else { panic!("{:?}", parsed[1]) };
-        let Event::ScreenViewed(s) = &**e else { panic!("wrong type") };
+        let Parsed::Event(e) = &parsed[1] else {
+            panic!("{:?}", parsed[1])
+        };
+        let Event::ScreenViewed(s) = &**e else {
+            panic!("wrong type")
+        };
         assert_eq!(s.envelope.user_id, "anon-1");
         assert_eq!(s.properties.len(), 2, "nested values dropped");
-        let Parsed::Event(e) = &parsed[2] else { panic!("{:?}", parsed[2]) };
-        let Event::UserIdentified(i) = &**e else { panic!("wrong type") };
+        let Parsed::Event(e) = &parsed[2] else {
+            panic!("{:?}", parsed[2])
+        };
+        let Event::UserIdentified(i) = &**e else {
+            panic!("wrong type")
+        };
         assert_eq!(i.trait_names, vec!["email", "plan"]);
         for (i, path) in [(3, "/event"), (4, "/type")] {
-            let Parsed::Reject(r) = &parsed[i] else { panic!("{:?}", parsed[i]) };
+            let Parsed::Reject(r) = &parsed[i] else {
+                panic!("{:?}", parsed[i])
+            };
             assert_eq!(r.reason, DeadLetterReason::UnknownEventType);
             assert_eq!(r.path.as_deref(), Some(path));
         }
@@ -338,6 +394,9 @@ mod tests {
         assert_eq!(event_id("a", Some(uuid)).to_string(), uuid);
         assert_eq!(event_id("a", Some("m-1")), event_id("a", Some("m-1")));
         assert_ne!(event_id("a", Some("m-1")), event_id("b", Some("m-1")));
-        assert_eq!(normalize_event_name(" Match Impression "), "match_impression");
+        assert_eq!(
+            normalize_event_name(" Match Impression "),
+            "match_impression"
+        );
     }
 }

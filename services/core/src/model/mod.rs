@@ -125,7 +125,10 @@ mod tests {
                 envelope: envelope(EventType::ScreenViewed),
                 name: Some("Matches".into()),
                 category: None,
-                properties: BTreeMap::from([("tab".to_owned(), Some(FeatureValue::String("new".into())))]),
+                properties: BTreeMap::from([(
+                    "tab".to_owned(),
+                    Some(FeatureValue::String("new".into())),
+                )]),
             },
         );
         round_trip(

@@ -157,11 +157,15 @@ impl Stack {
         collector.postgres.url = Secret::new(postgres.url());
         collector.auth.apps.insert(
             "dev".into(),
-            feedloop_collector::config::AppConfig { keys: vec![Secret::new(write_key.clone())] },
+            feedloop_collector::config::AppConfig {
+                keys: vec![Secret::new(write_key.clone())],
+            },
         );
         collector.spool.dir = work.path().join("collector-spool");
         collector.log.json = false;
-        collector.validate().map_err(|e| DevError::Config(e.to_string()))?;
+        collector
+            .validate()
+            .map_err(|e| DevError::Config(e.to_string()))?;
         let running = feedloop_collector::start(collector, shutdown.child_token()).await?;
         let collector_url = format!("http://{}", running.addr);
         let collector_task = tokio::spawn(async move {
