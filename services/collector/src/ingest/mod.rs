@@ -118,8 +118,13 @@ pub fn parse_at<'a, T: Deserialize<'a>>(
     prefix: &str,
     original: &[u8],
 ) -> Result<T, Reject> {
+    // The fast path parses without tracking where it is; only a failure pays for a second,
+    // path-tracking parse that says where the problem lies.
+    if let Ok(value) = serde_json::from_str(raw.get()) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
         let inner = pointer(e.path());
         let path = if inner == "/" {
             prefix.to_owned()
@@ -316,9 +321,9 @@ pub fn interaction(
     original: &[u8],
 ) -> Result<Event, Reject> {
     const P: &str = "/properties";
-    let empty = serde_json::value::to_raw_value(&serde_json::json!({}))
-        .map_err(|e| violation(e.to_string(), P, original))?;
-    let props = props.unwrap_or(&empty);
+    let empty: &RawValue =
+        serde_json::from_str("{}").map_err(|e| violation(e.to_string(), P, original))?;
+    let props = props.unwrap_or(empty);
     let event = match event_type {
         EventType::MatchImpression => {
             let p: ImpressionProps = parse_at(props, P, original)?;

@@ -45,13 +45,46 @@ pub struct Envelope {
 }
 
 /// A logged feature value (a branch of the `features` map's union; null is `None`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum FeatureValue {
     Bool(bool),
     Long(i64),
     Double(f64),
     String(String),
+}
+
+/// Read from whatever scalar the input holds, without trying each variant in turn (serde's
+/// untagged enums build an error per failed variant, which dominated the collector's hot path).
+impl<'de> Deserialize<'de> for FeatureValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = FeatureValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a boolean, number or string")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<FeatureValue, E> {
+                Ok(FeatureValue::Bool(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<FeatureValue, E> {
+                Ok(FeatureValue::Long(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<FeatureValue, E> {
+                Ok(i64::try_from(v).map_or(FeatureValue::Double(v as f64), FeatureValue::Long))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<FeatureValue, E> {
+                Ok(FeatureValue::Double(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FeatureValue, E> {
+                Ok(FeatureValue::String(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<FeatureValue, E> {
+                Ok(FeatureValue::String(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `io.feedloop.events.MatchImpression`.
