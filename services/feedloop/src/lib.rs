@@ -1,5 +1,6 @@
 //! The feedloop CLI as a library: the dev stack (also used by the integration tests) and the
 //! schema tooling.
 
+pub mod bench;
 pub mod dev;
 pub mod schemas;

@@ -30,6 +30,11 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Measure feedloop against its peers and limits, side by side.
+    Bench {
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
     /// Work with the event catalogue in schemas/.
     Schemas {
         #[command(subcommand)]
@@ -52,6 +57,25 @@ enum DevCommand {
     Down {
         #[arg(long)]
         dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchScenario {
+    /// The collector through HTTP to acked Kafka, against a bare producer and a FastAPI peer.
+    Collector {
+        /// Seconds per load step.
+        #[arg(long, default_value_t = 5)]
+        step_seconds: u64,
+        /// Repetitions of each headline measurement.
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+        /// Where to write the JSON report.
+        #[arg(long, default_value = "bench-results/collector.json")]
+        out: PathBuf,
+        /// Skip the FastAPI peer.
+        #[arg(long)]
+        no_peer: bool,
     },
 }
 
@@ -107,6 +131,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev { command } => match command {
             DevCommand::Up { dir, postgres } => dev_up(dir, postgres).await,
             DevCommand::Down { dir } => dev_down(dir).await,
+        },
+        Command::Bench { scenario } => match scenario {
+            BenchScenario::Collector { step_seconds, repetitions, out, no_peer } => {
+                feedloop::bench::collector::run(feedloop::bench::collector::Options {
+                    step_seconds,
+                    repetitions,
+                    out,
+                    no_peer,
+                })
+                .await?;
+                Ok(ExitCode::SUCCESS)
+            }
         },
         Command::Schemas { command } => match command {
             SchemasCommand::Register {

@@ -1,0 +1,97 @@
+//! `feedloop bench`: feedloop measured side by side with its peers and limits, in one run, on
+//! the same broker and database. Prints a table and writes JSON.
+
+pub mod collector;
+pub mod load;
+
+use serde::Serialize;
+
+/// The machine a run happened on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+}
+
+pub fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".into());
+    let memory_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|r| r.trim().trim_end_matches("kB").trim().parse().unwrap_or(0.0)))
+        .unwrap_or(0.0);
+    Machine {
+        cores: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+        cpu_model,
+        memory_gib: (memory_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+    }
+}
+
+/// Repeated measurements of one quantity: median and spread.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub samples: Vec<f64>,
+}
+
+impl Stat {
+    pub fn of(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        let median = if samples.is_empty() {
+            0.0
+        } else if samples.len() % 2 == 1 {
+            samples[samples.len() / 2]
+        } else {
+            (samples[samples.len() / 2 - 1] + samples[samples.len() / 2]) / 2.0
+        };
+        Self {
+            median,
+            min: samples.first().copied().unwrap_or(0.0),
+            max: samples.last().copied().unwrap_or(0.0),
+            samples,
+        }
+    }
+}
+
+/// One row: feedloop against a peer or limit, measured in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub measurement: String,
+    pub unit: String,
+    pub feedloop: Stat,
+    pub against: String,
+    pub peer: Option<Stat>,
+    /// feedloop / peer (for throughputs), peer / feedloop is not used: higher is better.
+    pub ratio: Option<f64>,
+    pub goal: String,
+}
+
+/// Peak resident memory of a process, from /proc (VmHWM), in MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+}
+
+/// Prints rows as a table.
+pub fn print_table(title: &str, machine: &Machine, rows: &[Row]) {
+    println!("\n{title} — {} cores, {}", machine.cores, machine.cpu_model);
+    println!("{:<44} {:>22} {:>32} {:>8}  goal", "measurement", "feedloop (median, range)", "peer/limit (median)", "ratio");
+    for r in rows {
+        let f = &r.feedloop;
+        let feedloop = format!("{:.0} [{:.0}–{:.0}] {}", f.median, f.min, f.max, r.unit);
+        let peer = r.peer.as_ref().map_or_else(|| "—".to_owned(), |p| format!("{}: {:.0}", r.against, p.median));
+        let ratio = r.ratio.map_or_else(|| "—".to_owned(), |x| format!("{x:.2}×"));
+        println!("{:<44} {:>22} {:>32} {:>8}  {}", r.measurement, feedloop, peer, ratio, r.goal);
+    }
+}
