@@ -319,3 +319,57 @@ json = true
     );
     assert_exactly_once(&broker.bootstrap(), &ledger).await;
 }
+
+#[tokio::test]
+async fn a_full_spool_answers_503_with_retry_after_and_is_not_ready() {
+    let broker = own_broker().await;
+    let registry = TestRegistry::start().await;
+    let spool = tempfile::tempdir().expect("spool dir");
+    let mut config = collector_config(&registry, &broker.bootstrap(), spool.path()).await;
+    config.spool.max_bytes = 64 * 1024;
+    config.spool.ack_timeout_ms = 300;
+    let shutdown = CancellationToken::new();
+    let running = feedloop_collector::start(config, shutdown.clone())
+        .await
+        .expect("collector");
+    let url = format!("http://{}", running.addr);
+    wait_drained(&url, Duration::from_secs(60)).await;
+    broker.signal(Signal::SIGSTOP).expect("SIGSTOP");
+    let http = reqwest::Client::new();
+    let mut acked = Ledger::default();
+    let mut refused = None;
+    for _ in 0..200 {
+        let batch: Vec<Value> = (0..10)
+            .map(|_| events::impression("full", Uuid::now_v7()))
+            .collect();
+        let resp = http
+            .post(format!("{url}/v1/events"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!(batch))
+            .send()
+            .await
+            .expect("answered");
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            refused = Some(resp);
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::OK);
+        acked.acked.extend(batch.iter().map(events::id));
+    }
+    let refused = refused.expect("the spool filled up");
+    assert!(refused.headers().get("retry-after").is_some());
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["code"], "spool_full");
+    let ready = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Back online: everything acknowledged before the refusal lands, once.
+    broker.signal(Signal::SIGCONT).expect("SIGCONT");
+    wait_drained(&url, Duration::from_secs(90)).await;
+    assert_exactly_once(&broker.bootstrap(), &acked).await;
+    shutdown.cancel();
+    let _ = running.task.await;
+}

@@ -1,7 +1,14 @@
 //! The HTTP API: `POST /v1/events` (native), `POST /v1/batch` (Segment), the Segment
 //! single-call endpoints, `/openapi.json`, and the operational routes.
 
-use std::{io::Read, sync::Arc, time::Instant};
+use std::{
+    io::Read,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
 
 use axum::{
     Json, Router,
@@ -54,7 +61,14 @@ pub fn router(state: Shared, config: &Config) -> Router {
         .route("/v1/identify", post(segment_single))
         .route("/v1/page", post(segment_single))
         .route("/v1/screen", post(segment_single))
-        .layer(DefaultBodyLimit::max(config.http.max_request_bytes));
+        .layer(DefaultBodyLimit::max(config.http.max_request_bytes))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Shed {
+                in_flight: AtomicUsize::new(0),
+                max: config.http.max_in_flight,
+            }),
+            shed,
+        ));
     Router::new()
         .merge(api)
         .route(
@@ -83,6 +97,31 @@ async fn record(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let resp = next.run(req).await;
     observability::http_request(&route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// Requests in flight, and how many are allowed.
+#[derive(Debug)]
+struct Shed {
+    in_flight: AtomicUsize,
+    max: usize,
+}
+
+async fn shed(State(shed): State<Arc<Shed>>, req: Request, next: Next) -> Response {
+    if shed.in_flight.fetch_add(1, Ordering::AcqRel) >= shed.max {
+        shed.in_flight.fetch_sub(1, Ordering::AcqRel);
+        observability::shed();
+        return retry_after(
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight; retry",
+            ),
+            1,
+        );
+    }
+    let resp = next.run(req).await;
+    shed.in_flight.fetch_sub(1, Ordering::AcqRel);
     resp
 }
 

@@ -19,6 +19,8 @@ pub const DEFAULTS: &str = include_str!("../default.toml");
 pub struct Config {
     pub http: HttpConfig,
     pub kafka: KafkaConfig,
+    /// librdkafka producer properties, on top of `kafka.properties`.
+    pub producer: BTreeMap<String, String>,
     pub registry: RegistryConfig,
     pub postgres: PostgresConfig,
     pub auth: AuthConfig,
@@ -39,6 +41,7 @@ pub struct HttpConfig {
     pub max_event_bytes: usize,
     pub max_batch_len: usize,
     pub request_timeout_ms: u64,
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,6 +160,7 @@ impl Config {
             ),
             ("http.max_event_bytes", self.http.max_event_bytes as u64),
             ("http.max_batch_len", self.http.max_batch_len as u64),
+            ("http.max_in_flight", self.http.max_in_flight as u64),
             (
                 "limits.events_per_second",
                 u64::from(self.limits.events_per_second),

@@ -57,9 +57,15 @@ pub enum DurableError {
     Crashed(String),
 }
 
-/// Creates the idempotent producer.
-pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+/// Creates the idempotent producer: `properties` tune it, idempotence and acks=all are fixed.
+pub fn producer(
+    config: &KafkaConfig,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> Result<FutureProducer, KafkaError> {
     let mut cfg: ClientConfig = config.client_config("feedloop-collector");
+    for (k, v) in properties {
+        cfg.set(k, v);
+    }
     cfg.set("enable.idempotence", "true").set("acks", "all");
     cfg.create()
 }
@@ -99,7 +105,7 @@ fn headers(r: &Record) -> OwnedHeaders {
         })
         .insert(Header {
             key: EVENT_TYPE_HEADER,
-            value: Some(r.event_type.as_str()),
+            value: Some(r.event_type.as_ref()),
         })
 }
 

@@ -109,7 +109,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             "Spool holds records from a previous run"
         );
     }
-    let producer = durable::producer(&config.kafka)?;
+    let producer = durable::producer(&config.kafka, &config.producer)?;
     let durable = Arc::new(durable::Durable::new(
         producer,
         spool,

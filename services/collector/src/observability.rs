@@ -9,6 +9,7 @@ pub const EVENTS_REJECTED: &str = "feedloop_collector_events_rejected_total";
 pub const EVENTS_DUPLICATE: &str = "feedloop_collector_events_duplicate_total";
 pub const EVENTS_SUPPRESSED: &str = "feedloop_collector_events_suppressed_total";
 pub const RATE_LIMITED: &str = "feedloop_collector_rate_limited_requests_total";
+pub const SHED: &str = "feedloop_collector_shed_requests_total";
 pub const SPOOL_DEPTH: &str = "feedloop_collector_spool_depth_records";
 pub const SPOOL_BYTES: &str = "feedloop_collector_spool_used_bytes";
 pub const SPOOLED: &str = "feedloop_collector_spooled_records_total";
@@ -87,6 +88,10 @@ pub fn suppressed(n: u64) {
 
 pub fn rate_limited() {
     counter!(RATE_LIMITED).increment(1);
+}
+
+pub fn shed() {
+    counter!(SHED).increment(1);
 }
 
 pub fn spooled(n: usize) {

@@ -191,7 +191,7 @@ impl Pipeline {
         observability::rejected(reject.reason.as_str());
         Ok(Record {
             id: dl.dead_letter_id.as_u128(),
-            topic: DEADLETTER_TOPIC.to_owned(),
+            topic: DEADLETTER_TOPIC.into(),
             key: app_id.as_bytes().to_vec(),
             value,
             event_type: "dead_letter".into(),
@@ -287,10 +287,10 @@ impl Pipeline {
                             accepted_types.push(event_type);
                             records.push(Record {
                                 id,
-                                topic: EVENTS_TOPIC.to_owned(),
+                                topic: EVENTS_TOPIC.into(),
                                 key,
                                 value,
-                                event_type: event_type.to_owned(),
+                                event_type: event_type.into(),
                                 at_ms: received_at,
                             });
                             results.push(EventResult {

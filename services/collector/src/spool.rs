@@ -6,6 +6,7 @@
 //! at the end of the last segment (a crash mid-write) is cut off when the spool opens.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::{self, BufReader, Read, Seek, SeekFrom, Write},
@@ -19,11 +20,11 @@ use std::{
 pub struct Record {
     /// Event id (the dedup key).
     pub id: u128,
-    pub topic: String,
+    pub topic: Cow<'static, str>,
     pub key: Vec<u8>,
     /// Confluent-framed Avro value.
     pub value: Vec<u8>,
-    pub event_type: String,
+    pub event_type: Cow<'static, str>,
     /// When the record was accepted, epoch ms.
     pub at_ms: i64,
 }
@@ -90,8 +91,8 @@ fn decode(payload: &[u8]) -> Option<Record> {
     }
     let value = fields.pop()?;
     let key = fields.pop()?;
-    let event_type = String::from_utf8(fields.pop()?).ok()?;
-    let topic = String::from_utf8(fields.pop()?).ok()?;
+    let event_type = Cow::Owned(String::from_utf8(fields.pop()?).ok()?);
+    let topic = Cow::Owned(String::from_utf8(fields.pop()?).ok()?);
     Some(Record {
         id,
         topic,
@@ -517,10 +518,10 @@ mod tests {
     fn record(i: u128) -> Record {
         Record {
             id: i,
-            topic: "feedloop.events".into(),
+            topic: Cow::Owned("feedloop.events".into()),
             key: format!("k{i}").into_bytes(),
             value: vec![0, 0, 0, 0, 1, i as u8],
-            event_type: "chat_ended".into(),
+            event_type: Cow::Owned("chat_ended".into()),
             at_ms: 1000 + i as i64,
         }
     }

@@ -133,7 +133,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             DevCommand::Down { dir } => dev_down(dir).await,
         },
         Command::Bench { scenario } => match scenario {
-            BenchScenario::Collector { step_seconds, repetitions, out, no_peer } => {
+            BenchScenario::Collector {
+                step_seconds,
+                repetitions,
+                out,
+                no_peer,
+            } => {
                 feedloop::bench::collector::run(feedloop::bench::collector::Options {
                     step_seconds,
                     repetitions,

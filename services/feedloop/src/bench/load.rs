@@ -52,18 +52,24 @@ impl Template {
                 e
             })
             .collect();
-        let body = serde_json::to_vec(&json!({"sent_at": now, "batch": events})).unwrap_or_default();
+        let body =
+            serde_json::to_vec(&json!({"sent_at": now, "batch": events})).unwrap_or_default();
         let find = |kind: u8| -> Vec<usize> {
             (0..BATCH)
                 .filter_map(|i| {
                     let needle = placeholder(kind, i).to_string();
-                    body.windows(needle.len()).position(|w| w == needle.as_bytes())
+                    body.windows(needle.len())
+                        .position(|w| w == needle.as_bytes())
                 })
                 .collect()
         };
         let event_ids = find(1);
         let match_ids = find(2);
-        Self { body, event_ids, match_ids }
+        Self {
+            body,
+            event_ids,
+            match_ids,
+        }
     }
 
     /// A fresh body: new event ids (UUIDv7) and match ids.
@@ -71,10 +77,20 @@ impl Template {
         let mut body = self.body.clone();
         let mut buf = [0u8; 36];
         for &at in &self.event_ids {
-            body[at..at + 36].copy_from_slice(Uuid::now_v7().hyphenated().encode_lower(&mut buf).as_bytes());
+            body[at..at + 36].copy_from_slice(
+                Uuid::now_v7()
+                    .hyphenated()
+                    .encode_lower(&mut buf)
+                    .as_bytes(),
+            );
         }
         for &at in &self.match_ids {
-            body[at..at + 36].copy_from_slice(Uuid::new_v4().hyphenated().encode_lower(&mut buf).as_bytes());
+            body[at..at + 36].copy_from_slice(
+                Uuid::new_v4()
+                    .hyphenated()
+                    .encode_lower(&mut buf)
+                    .as_bytes(),
+            );
         }
         body
     }
@@ -111,7 +127,14 @@ fn new_histogram() -> hdrhistogram::Histogram<u64> {
 }
 
 /// Sends `rate` events/s (in batches of 50) to `url` for `duration`.
-pub async fn step(client: &reqwest::Client, url: &str, auth: (&str, &str), template: &Template, rate: f64, duration: Duration) -> StepResult {
+pub async fn step(
+    client: &reqwest::Client,
+    url: &str,
+    auth: (&str, &str),
+    template: &Template,
+    rate: f64,
+    duration: Duration,
+) -> StepResult {
     let interval = Duration::from_secs_f64(BATCH as f64 / rate);
     let hist = Arc::new(Mutex::new(new_histogram()));
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -150,7 +173,10 @@ pub async fn step(client: &reqwest::Client, url: &str, auth: (&str, &str), templ
     while tasks.join_next().await.is_some() {}
     let elapsed = start.elapsed().as_secs_f64();
     let ok = ok.load(std::sync::atomic::Ordering::Relaxed);
-    let h = hist.lock().map(|h| h.clone()).unwrap_or_else(|_| new_histogram());
+    let h = hist
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| new_histogram());
     StepResult {
         target_events_per_s: rate,
         achieved_events_per_s: (ok as f64 * BATCH as f64) / elapsed,

@@ -18,15 +18,29 @@ pub fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown".into());
     let memory_kib: f64 = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:").map(|r| r.trim().trim_end_matches("kB").trim().parse().unwrap_or(0.0)))
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:").map(|r| {
+                r.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0.0)
+            })
+        })
         .unwrap_or(0.0);
     Machine {
-        cores: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+        cores: std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1),
         cpu_model,
         memory_gib: (memory_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
     }
@@ -86,12 +100,23 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
 /// Prints rows as a table.
 pub fn print_table(title: &str, machine: &Machine, rows: &[Row]) {
     println!("\n{title} — {} cores, {}", machine.cores, machine.cpu_model);
-    println!("{:<44} {:>22} {:>32} {:>8}  goal", "measurement", "feedloop (median, range)", "peer/limit (median)", "ratio");
+    println!(
+        "{:<44} {:>22} {:>32} {:>8}  goal",
+        "measurement", "feedloop (median, range)", "peer/limit (median)", "ratio"
+    );
     for r in rows {
         let f = &r.feedloop;
         let feedloop = format!("{:.0} [{:.0}–{:.0}] {}", f.median, f.min, f.max, r.unit);
-        let peer = r.peer.as_ref().map_or_else(|| "—".to_owned(), |p| format!("{}: {:.0}", r.against, p.median));
-        let ratio = r.ratio.map_or_else(|| "—".to_owned(), |x| format!("{x:.2}×"));
-        println!("{:<44} {:>22} {:>32} {:>8}  {}", r.measurement, feedloop, peer, ratio, r.goal);
+        let peer = r.peer.as_ref().map_or_else(
+            || "—".to_owned(),
+            |p| format!("{}: {:.0}", r.against, p.median),
+        );
+        let ratio = r
+            .ratio
+            .map_or_else(|| "—".to_owned(), |x| format!("{x:.2}×"));
+        println!(
+            "{:<44} {:>22} {:>32} {:>8}  {}",
+            r.measurement, feedloop, peer, ratio, r.goal
+        );
     }
 }
