@@ -7,20 +7,19 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Instant,
 };
 
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, MatchedPath, Request, State, rejection::BytesRejection},
+    extract::{DefaultBodyLimit, Request, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use feedloop_core::{
-    http::{json_error, ops_routes},
+    http::{json_error, ops_routes, track},
     model::DeadLetterReason,
 };
 use serde_json::value::RawValue;
@@ -81,23 +80,12 @@ pub fn router(state: Shared, config: &Config) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             config_timeout(config),
         ))
-        .layer(middleware::from_fn(record))
+        .layer(middleware::from_fn_with_state(observability::HTTP, track))
         .with_state(state)
 }
 
 fn config_timeout(config: &Config) -> std::time::Duration {
     std::time::Duration::from_millis(config.http.request_timeout_ms)
-}
-
-async fn record(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let start = Instant::now();
-    let resp = next.run(req).await;
-    observability::http_request(&route, resp.status().as_u16(), start.elapsed());
-    resp
 }
 
 /// Requests in flight, and how many are allowed.

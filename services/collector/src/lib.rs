@@ -30,7 +30,7 @@ use feedloop_core::{
     postgres,
     registry_client::{RegistryClient, RegistryClientError},
 };
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -51,11 +51,8 @@ pub enum StartError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("Kafka topics: {0}")]
     Topics(#[from] KafkaAdminError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] feedloop_core::http::BindError),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -145,16 +142,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         max_batch_len: config.http.max_batch_len,
     });
     let app = api::router(state, &config);
-    let listener = TcpListener::bind(&config.http.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.http.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.http.listen.clone(),
-        source,
-    })?;
+    let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
     tracing::info!(%addr, "Collector listening");
     let task = tokio::spawn(async move {
         let served = feedloop_core::http::serve(listener, app, shutdown).await;

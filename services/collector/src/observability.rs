@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use feedloop_core::http::HttpMetrics;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 pub const EVENTS_ACCEPTED: &str = "feedloop_collector_events_accepted_total";
@@ -19,6 +20,12 @@ pub const PRODUCE_LATENCY: &str = "feedloop_collector_produce_latency_seconds";
 pub const DEDUP_IDS: &str = "feedloop_collector_dedup_ids";
 pub const HTTP_REQUESTS: &str = "feedloop_collector_http_requests_total";
 pub const HTTP_DURATION: &str = "feedloop_collector_http_request_duration_seconds";
+
+/// The request metrics, for `feedloop_core::http::track`.
+pub const HTTP: HttpMetrics = HttpMetrics {
+    requests: HTTP_REQUESTS,
+    duration: HTTP_DURATION,
+};
 
 pub fn describe() {
     describe_counter!(
@@ -114,10 +121,4 @@ pub fn dedup_size(n: usize) {
 
 pub fn produce_latency(d: Duration) {
     histogram!(PRODUCE_LATENCY).record(d.as_secs_f64());
-}
-
-pub fn http_request(route: &str, status: u16, elapsed: Duration) {
-    counter!(HTTP_REQUESTS, "route" => route.to_owned(), "status" => status.to_string())
-        .increment(1);
-    histogram!(HTTP_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
 }

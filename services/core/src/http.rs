@@ -1,12 +1,18 @@
 //! Pieces every HTTP service shares: serving with graceful shutdown, the operational routes,
 //! and credential parsing with constant-time comparison.
 
-use std::{future::IntoFuture, time::Duration};
+use std::{
+    future::IntoFuture,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
+    extract::{MatchedPath, Request, State},
     http::{HeaderMap, StatusCode, header},
-    response::IntoResponse,
+    middleware::Next,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use base64::Engine;
@@ -26,6 +32,49 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .into_future()
         .await
+}
+
+/// A listener could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: String,
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` (`host:port`, port 0 for any) and says where it ended up.
+pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), BindError> {
+    let err = |source| BindError {
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
+/// Names of a service's request metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpMetrics {
+    /// Counter, labelled by route and status.
+    pub requests: &'static str,
+    /// Histogram in seconds, labelled by route.
+    pub duration: &'static str,
+}
+
+/// Middleware (`middleware::from_fn_with_state(metrics, track)`) counting and timing requests
+/// by matched route, so that ids in paths do not explode the label space.
+pub async fn track(State(metrics): State<HttpMetrics>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(metrics.requests, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(metrics.duration, "route" => route).record(start.elapsed().as_secs_f64());
+    resp
 }
 
 /// `GET /healthz` (the process is up) and `GET /metrics` (Prometheus text format).

@@ -1,11 +1,11 @@
 //! The Confluent Schema Registry REST subset, over axum.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State},
+    extract::{DefaultBodyLimit, Path, Query, Request, State},
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -14,7 +14,7 @@ use axum::{
 use feedloop_core::{
     avro::compat::CompatibilityLevel,
     config::Secret,
-    http::{basic_credentials, constant_time_eq, ops_routes},
+    http::{basic_credentials, constant_time_eq, ops_routes, track},
 };
 use serde::{Deserialize, Serialize};
 use tower_http::timeout::TimeoutLayer;
@@ -106,7 +106,7 @@ pub fn router(state: AppState, max_body_bytes: usize, timeout: std::time::Durati
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
-        .layer(middleware::from_fn(record))
+        .layer(middleware::from_fn_with_state(observability::HTTP, track))
         .with_state(state)
 }
 
@@ -122,17 +122,6 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
     } else {
         RegistryError::Unauthorized.into_response()
     }
-}
-
-async fn record(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let start = Instant::now();
-    let resp = next.run(req).await;
-    observability::http_request(&route, resp.status().as_u16(), start.elapsed());
-    resp
 }
 
 async fn ready(State(state): State<AppState>) -> Response {

@@ -14,7 +14,7 @@ pub mod store;
 use std::{net::SocketAddr, sync::Arc};
 
 use feedloop_core::postgres;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -27,11 +27,8 @@ pub enum StartError {
     Postgres(#[from] sqlx::Error),
     #[error("cannot migrate the control-plane schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] feedloop_core::http::BindError),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -52,16 +49,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     )
     .await?;
     postgres::migrate(&pool).await?;
-    let listener = TcpListener::bind(&config.http.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.http.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.http.listen.clone(),
-        source,
-    })?;
+    let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
     let state = api::AppState {
         registry: service::Registry::new(store::Store::new(pool)),
         users: Arc::new(config.auth.users.clone()),

@@ -1,16 +1,18 @@
 //! Every metric the registry exports, described once.
 
-use std::time::Duration;
-
-use metrics::{counter, describe_counter, describe_histogram, histogram};
+use feedloop_core::http::HttpMetrics;
+use metrics::{counter, describe_counter, describe_histogram};
 
 pub const HTTP_REQUESTS: &str = "feedloop_registry_http_requests_total";
 pub const HTTP_DURATION: &str = "feedloop_registry_http_request_duration_seconds";
 pub const SCHEMAS_REGISTERED: &str = "feedloop_registry_schemas_registered_total";
 pub const INCOMPATIBLE: &str = "feedloop_registry_incompatible_schemas_total";
 
-pub const LABEL_ROUTE: &str = "route";
-pub const LABEL_STATUS: &str = "status";
+/// The request metrics, for `feedloop_core::http::track`.
+pub const HTTP: HttpMetrics = HttpMetrics {
+    requests: HTTP_REQUESTS,
+    duration: HTTP_DURATION,
+};
 
 pub fn describe() {
     describe_counter!(
@@ -24,12 +26,6 @@ pub fn describe() {
     );
     describe_counter!(SCHEMAS_REGISTERED, "New subject versions registered.");
     describe_counter!(INCOMPATIBLE, "Registrations refused as incompatible.");
-}
-
-pub fn http_request(route: &str, status: u16, elapsed: Duration) {
-    counter!(HTTP_REQUESTS, LABEL_ROUTE => route.to_owned(), LABEL_STATUS => status.to_string())
-        .increment(1);
-    histogram!(HTTP_DURATION, LABEL_ROUTE => route.to_owned()).record(elapsed.as_secs_f64());
 }
 
 pub fn registered() {
