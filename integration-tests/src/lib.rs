@@ -27,6 +27,7 @@ static INFRA: OnceLock<Result<Infra, String>> = OnceLock::new();
 /// The shared infrastructure, started on first use. Panics with the reason if it cannot start
 /// (a missing tansu install, say): a test that needs it must fail, not skip.
 pub fn infra() -> Infra {
+    feedloop_core::telemetry::init_tracing(false);
     let result = INFRA.get_or_init(|| {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -367,7 +368,20 @@ pub mod log {
         pub event_id: Option<uuid::Uuid>,
         pub key: Vec<u8>,
         pub value: Vec<u8>,
+        /// A record without a value (a tombstone).
+        pub tombstone: bool,
         pub partition: i32,
+        pub offset: i64,
+        pub headers: Vec<(String, String)>,
+    }
+
+    impl Landed {
+        pub fn header(&self, key: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
     }
 
     /// Every record of `topic` from the beginning to the current end.
@@ -380,12 +394,12 @@ pub mod log {
     }
 
     fn read_blocking(bootstrap: &str, topic: &str) -> Vec<Landed> {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        let consumer: BaseConsumer<feedloop_core::kafka::QuietEof> = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "it-read-all")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
-            .create()
+            .create_with_context(feedloop_core::kafka::QuietEof)
             .unwrap_or_else(|e| panic!("consumer: {e}"));
         let timeout = Duration::from_secs(10);
         let md = consumer
@@ -423,11 +437,28 @@ pub mod log {
                             .and_then(|v| std::str::from_utf8(v).ok())
                             .and_then(|s| uuid::Uuid::parse_str(s).ok())
                     });
+                    let headers = m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_owned(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default())
+                                            .into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     out.push(Landed {
                         event_id,
                         key: m.key().unwrap_or_default().to_vec(),
                         value: m.payload().unwrap_or_default().to_vec(),
+                        tombstone: m.payload().is_none(),
                         partition: m.partition(),
+                        offset: m.offset(),
+                        headers,
                     });
                 }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
@@ -438,5 +469,153 @@ pub mod log {
             }
         }
         out
+    }
+}
+
+/// A product database (the demo schema) on the shared cluster, with a cdc capturing it.
+pub mod cdc {
+    use std::time::Duration;
+
+    use feedloop_core::config::Secret;
+    use sqlx::{Executor, PgPool};
+    use tokio_util::sync::CancellationToken;
+
+    use super::{TestRegistry, fresh_database, infra};
+
+    /// The demo product schema (sql/product/schema.sql).
+    pub const PRODUCT_SCHEMA: &str = include_str!("../../sql/product/schema.sql");
+
+    /// A fresh product database with the demo schema; returns its URL and a pool.
+    pub async fn product_database() -> (String, PgPool) {
+        let url = fresh_database().await;
+        let pool = PgPool::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        pool.execute(PRODUCT_SCHEMA)
+            .await
+            .unwrap_or_else(|e| panic!("product schema: {e}"));
+        (url, pool)
+    }
+
+    /// A cdc configuration for tests: unique slot, publication and topic prefix.
+    pub async fn config(
+        source_url: &str,
+        registry: &TestRegistry,
+        bootstrap: &str,
+    ) -> feedloop_cdc::Config {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut cfg =
+            feedloop_cdc::Config::from_defaults().unwrap_or_else(|e| panic!("defaults: {e}"));
+        cfg.source.url = Secret::new(source_url);
+        cfg.source.slot = format!("s_{}", &id[..12]);
+        cfg.source.publication = format!("p_{}", &id[..12]);
+        cfg.source.heartbeat_interval_ms = 1000;
+        cfg.source.snapshot_chunk_rows = 100;
+        cfg.topics.prefix = format!("t{}", &id[..8]);
+        cfg.kafka.bootstrap = bootstrap.to_owned();
+        cfg.registry.url = registry.url.clone();
+        cfg.registry.user = registry.user.clone();
+        cfg.registry.password = Secret::new(registry.password.clone());
+        cfg.control.url = Secret::new(fresh_database().await);
+        cfg.http.listen = "127.0.0.1:0".into();
+        cfg.log.json = false;
+        cfg.validate().unwrap_or_else(|e| panic!("config: {e}"));
+        cfg
+    }
+
+    /// cdc running inside the test.
+    #[derive(Debug)]
+    pub struct TestCdc {
+        pub config: feedloop_cdc::Config,
+        pub registry: TestRegistry,
+        pub source: PgPool,
+        pub source_url: String,
+        ready_url: String,
+        shutdown: CancellationToken,
+        task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl TestCdc {
+        /// A fresh product database; `prepare` runs on it before cdc starts.
+        pub async fn start_with<F, Fut>(
+            prepare: F,
+            tweak: impl FnOnce(&mut feedloop_cdc::Config),
+        ) -> Self
+        where
+            F: FnOnce(PgPool) -> Fut,
+            Fut: std::future::Future<Output = ()>,
+        {
+            let registry = TestRegistry::start().await;
+            let (source_url, source) = product_database().await;
+            prepare(source.clone()).await;
+            let mut config = config(&source_url, &registry, &infra().kafka_bootstrap).await;
+            tweak(&mut config);
+            let mut cdc = Self {
+                config,
+                registry,
+                source,
+                source_url,
+                ready_url: String::new(),
+                shutdown: CancellationToken::new(),
+                task: None,
+            };
+            cdc.run().await;
+            cdc
+        }
+
+        /// Starts (again) with the same configuration.
+        pub async fn run(&mut self) {
+            self.shutdown = CancellationToken::new();
+            let running = feedloop_cdc::start(self.config.clone(), self.shutdown.clone())
+                .await
+                .unwrap_or_else(|e| panic!("cdc did not start: {e}"));
+            self.task = Some(running.task);
+            self.ready_url = format!("http://{}/readyz", running.addr);
+            self.wait_streaming().await;
+        }
+
+        /// Waits until cdc streams (its snapshot, if any, is done).
+        pub async fn wait_streaming(&self) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                if let Ok(r) = reqwest::get(&self.ready_url).await
+                    && r.status().is_success()
+                {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cdc never started streaming"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        pub async fn stop(&mut self) {
+            self.shutdown.cancel();
+            if let Some(t) = self.task.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+            }
+        }
+
+        /// The change topic of a table.
+        pub fn topic(&self, table: &str) -> String {
+            format!("{}.{table}", self.config.topics.prefix)
+        }
+
+        /// Drops the slot (slots outlive databases on the shared cluster).
+        pub async fn cleanup(mut self) {
+            self.stop().await;
+            let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                .bind(&self.config.source.slot)
+                .execute(&self.source)
+                .await;
+        }
+    }
+
+    impl Drop for TestCdc {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! feedloop's integration tests: one binary, real Postgres, real Kafka-compatible broker.
 
+mod cdc;
 mod collector;
 mod collector_faults;
 mod confluent_clients;

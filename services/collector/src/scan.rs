@@ -4,10 +4,10 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use feedloop_core::kafka::KafkaConfig;
+use feedloop_core::kafka::{KafkaConfig, QuietEof};
 use rdkafka::{
-    ClientContext, Message, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, Consumer, ConsumerContext},
+    Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
     error::KafkaError,
     message::Headers,
 };
@@ -67,13 +67,13 @@ fn scan_topic(
 ) -> Result<(), ScanError> {
     let timeout = Duration::from_secs(10);
     let started = crate::durable::now_ms();
-    let consumer: BaseConsumer<Quiet> = config
+    let consumer: BaseConsumer<QuietEof> = config
         .client_config("feedloop-collector-scan")
         .set("group.id", "feedloop-collector-scan")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.max.bytes", "52428800")
-        .create_with_context(Quiet)?;
+        .create_with_context(QuietEof)?;
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let mut by_time = TopicPartitionList::new();
     for t in metadata.topics() {
@@ -127,20 +127,6 @@ fn scan_topic(
     }
     Ok(())
 }
-
-/// A client context that does not report reaching the end of a partition as an error: the scan
-/// asks for exactly that.
-struct Quiet;
-
-impl ClientContext for Quiet {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::warn!(error = %error, reason, "Kafka client error while reading back the log");
-        }
-    }
-}
-
-impl ConsumerContext for Quiet {}
 
 fn header_id(msg: &impl Message) -> Option<u128> {
     let headers = msg.headers()?;

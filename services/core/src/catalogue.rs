@@ -101,10 +101,13 @@ pub const TOPICS: &[TopicSpec] = &[
 ];
 
 /// Records carried by topics whose names are only known at run time: (record, topic pattern).
-pub const DYNAMIC_TOPIC_RECORDS: &[(&str, &str)] = &[(
-    "io.feedloop.labels.LabeledExample",
-    "feedloop.labels.<dataset>",
-)];
+pub const DYNAMIC_TOPIC_RECORDS: &[(&str, &str)] = &[
+    (
+        "io.feedloop.labels.LabeledExample",
+        "feedloop.labels.<dataset>",
+    ),
+    ("io.feedloop.cdc.OutboxEvent", "outbox.<aggregate_type>"),
+];
 
 /// The topic of a dataset's labeled examples.
 pub fn labels_topic(dataset: &str) -> String {

@@ -3,10 +3,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use rdkafka::{
-    ClientConfig,
+    ClientConfig, ClientContext,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
-    consumer::{BaseConsumer, Consumer},
+    consumer::{BaseConsumer, Consumer, ConsumerContext},
     error::{KafkaError, RDKafkaErrorCode},
 };
 use serde::Deserialize;
@@ -134,3 +134,18 @@ pub async fn create_missing(
     }
     Ok(())
 }
+
+/// A consumer context for readers that ask for end-of-partition events
+/// (`enable.partition.eof`): reaching the end is what they wait for, not an error to log.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}

@@ -2,9 +2,11 @@
 //! the tests round-trip every one through its composed schema so the two cannot drift apart.
 
 pub mod deadletter;
+pub mod erasure;
 pub mod events;
 
 pub use deadletter::{DeadLetter, DeadLetterReason};
+pub use erasure::{ErasureOrigin, ErasureRequest};
 pub use events::{
     ChatEnded, ChatEndedBy, Decision, Envelope, Event, EventType, FeatureValue, MatchDecision,
     MatchImpression, Platform, ReportReason, ReportSubmitted, ScreenViewed, UserBlocked,
@@ -158,6 +160,23 @@ mod tests {
                 source_offset: None,
                 original: vec![0, 159, 146, 150, 255],
                 received_at: 1_764_000_000_000,
+            },
+        );
+    }
+
+    #[test]
+    fn erasure_request_round_trips() {
+        round_trip(
+            "io.feedloop.erasure.ErasureRequest",
+            &ErasureRequest {
+                request_id: Uuid::now_v7(),
+                user_ids: vec!["u-1".into(), "u-2".into()],
+                reason: "account_deleted".into(),
+                requested_by: "cdc".into(),
+                origin: ErasureOrigin::CdcSoftDelete,
+                idempotency_key: Some("k".into()),
+                requested_at: 1_764_000_000_000,
+                deadline_at: 1_766_592_000_000,
             },
         );
     }

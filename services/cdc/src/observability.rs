@@ -1,0 +1,112 @@
+//! Every metric cdc exports, described once.
+
+use std::time::Duration;
+
+use feedloop_core::http::HttpMetrics;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+
+pub const CHANGES: &str = "feedloop_cdc_changes_total";
+pub const TOMBSTONES: &str = "feedloop_cdc_tombstones_total";
+pub const SNAPSHOT_ROWS: &str = "feedloop_cdc_snapshot_rows_total";
+pub const SNAPSHOT_TABLES_DONE: &str = "feedloop_cdc_snapshot_tables_completed_total";
+pub const OUTBOX: &str = "feedloop_cdc_outbox_events_total";
+pub const ERASURE_REQUESTS: &str = "feedloop_cdc_erasure_requests_total";
+pub const DEAD_LETTERS: &str = "feedloop_cdc_dead_letters_total";
+pub const SCHEMA_CHANGES: &str = "feedloop_cdc_schema_changes_total";
+pub const RECONNECTS: &str = "feedloop_cdc_reconnects_total";
+pub const SLOT_LAG_BYTES: &str = "feedloop_cdc_slot_lag_bytes";
+pub const CONFIRMED_LSN: &str = "feedloop_cdc_confirmed_lsn";
+pub const COMMIT_TO_ACK: &str = "feedloop_cdc_commit_to_ack_seconds";
+pub const HTTP_REQUESTS: &str = "feedloop_cdc_http_requests_total";
+pub const HTTP_DURATION: &str = "feedloop_cdc_http_request_duration_seconds";
+
+pub const HTTP: HttpMetrics = HttpMetrics {
+    requests: HTTP_REQUESTS,
+    duration: HTTP_DURATION,
+};
+
+pub fn describe() {
+    describe_counter!(
+        CHANGES,
+        "Change events published, by operation (c, u, d, r, t)."
+    );
+    describe_counter!(TOMBSTONES, "Tombstones published after deletes.");
+    describe_counter!(
+        SNAPSHOT_ROWS,
+        "Rows read by the initial snapshot, by table."
+    );
+    describe_counter!(SNAPSHOT_TABLES_DONE, "Tables whose snapshot completed.");
+    describe_counter!(OUTBOX, "Outbox rows routed to outbox topics.");
+    describe_counter!(
+        ERASURE_REQUESTS,
+        "Erasure requests raised by deleted or soft-deleted users."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Changes sent to the dead-letter topic, by reason."
+    );
+    describe_counter!(SCHEMA_CHANGES, "New table schemas registered, by outcome.");
+    describe_counter!(RECONNECTS, "Replication sessions restarted after an error.");
+    describe_gauge!(
+        SLOT_LAG_BYTES,
+        metrics::Unit::Bytes,
+        "WAL bytes the slot has not confirmed."
+    );
+    describe_gauge!(
+        CONFIRMED_LSN,
+        "Last LSN confirmed to Postgres (everything before it is acked by Kafka)."
+    );
+    describe_histogram!(
+        COMMIT_TO_ACK,
+        metrics::Unit::Seconds,
+        "From commit in Postgres to the last broker ack of the transaction."
+    );
+}
+
+pub fn change(op: &'static str) {
+    counter!(CHANGES, "op" => op).increment(1);
+}
+
+pub fn tombstone() {
+    counter!(TOMBSTONES).increment(1);
+}
+
+pub fn snapshot_rows(table: &str, n: u64) {
+    counter!(SNAPSHOT_ROWS, "table" => table.to_owned()).increment(n);
+}
+
+pub fn snapshot_table_done() {
+    counter!(SNAPSHOT_TABLES_DONE).increment(1);
+}
+
+pub fn outbox() {
+    counter!(OUTBOX).increment(1);
+}
+
+pub fn erasure_request() {
+    counter!(ERASURE_REQUESTS).increment(1);
+}
+
+pub fn dead_letter(reason: &'static str) {
+    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
+}
+
+pub fn schema_change(outcome: &'static str) {
+    counter!(SCHEMA_CHANGES, "outcome" => outcome).increment(1);
+}
+
+pub fn reconnect() {
+    counter!(RECONNECTS).increment(1);
+}
+
+pub fn slot_lag(bytes: i64) {
+    gauge!(SLOT_LAG_BYTES).set(bytes as f64);
+}
+
+pub fn confirmed(lsn: u64) {
+    gauge!(CONFIRMED_LSN).set(lsn as f64);
+}
+
+pub fn commit_to_ack(d: Duration) {
+    histogram!(COMMIT_TO_ACK).record(d.as_secs_f64());
+}
