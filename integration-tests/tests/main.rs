@@ -1,6 +1,7 @@
 //! feedloop's integration tests: one binary, real Postgres, real Kafka-compatible broker.
 
 mod cdc;
+mod cdc_faults;
 mod collector;
 mod collector_faults;
 mod confluent_clients;

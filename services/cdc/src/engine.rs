@@ -417,6 +417,7 @@ impl Engine {
             commit_lsn: lsn,
             ordinal,
             xid: 0,
+            commit_ms: now_ms(),
         };
         let source = self.source_block(
             &table.shape,
@@ -861,6 +862,7 @@ impl Engine {
             commit_lsn: txn.commit_lsn,
             ordinal: txn.ordinal,
             xid: txn.xid,
+            commit_ms: unix_ms(txn.committed),
         };
         let (oid, before, after, op): (u32, Option<OldTuple>, Option<Tuple>, &'static str) =
             match msg {
@@ -1084,7 +1086,7 @@ impl Engine {
                             let applied = match decoded {
                                 Ok(msg) => self.apply(msg, t).await,
                                 Err(e) => {
-                                    let pos = Position { commit_lsn: t.commit_lsn, ordinal: t.ordinal, xid: t.xid };
+                                    let pos = Position { commit_lsn: t.commit_lsn, ordinal: t.ordinal, xid: t.xid, commit_ms: unix_ms(t.committed) };
                                     self.dead_letter(DeadLetterReason::DecodeFailure, &e.to_string(), &data, &pos, &mut t.futures).await
                                 }
                             };

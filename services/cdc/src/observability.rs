@@ -16,6 +16,7 @@ pub const SCHEMA_CHANGES: &str = "feedloop_cdc_schema_changes_total";
 pub const RECONNECTS: &str = "feedloop_cdc_reconnects_total";
 pub const SLOT_LAG_BYTES: &str = "feedloop_cdc_slot_lag_bytes";
 pub const CONFIRMED_LSN: &str = "feedloop_cdc_confirmed_lsn";
+pub const LAG_SECONDS: &str = "feedloop_cdc_slot_lag_seconds";
 pub const COMMIT_TO_ACK: &str = "feedloop_cdc_commit_to_ack_seconds";
 pub const HTTP_REQUESTS: &str = "feedloop_cdc_http_requests_total";
 pub const HTTP_DURATION: &str = "feedloop_cdc_http_request_duration_seconds";
@@ -101,6 +102,30 @@ pub fn reconnect() {
 
 pub fn slot_lag(bytes: i64) {
     gauge!(SLOT_LAG_BYTES).set(bytes as f64);
+}
+
+static PENDING_SINCE_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Records when the oldest unacknowledged transaction committed (`None`: nothing pending).
+pub fn pending_since(commit: Option<std::time::SystemTime>) {
+    let ms = commit
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64);
+    PENDING_SINCE_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Publishes the slot lag in seconds (called periodically).
+pub fn report_lag_seconds() {
+    let since = PENDING_SINCE_MS.load(std::sync::atomic::Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let lag = if since == 0 {
+        0.0
+    } else {
+        (now - since).max(0) as f64 / 1000.0
+    };
+    gauge!(LAG_SECONDS).set(lag);
 }
 
 pub fn confirmed(lsn: u64) {

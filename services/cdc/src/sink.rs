@@ -19,17 +19,26 @@ pub struct Position {
     pub commit_lsn: u64,
     pub ordinal: u32,
     pub xid: u32,
+    /// Commit time in Postgres, epoch ms (0 when unknown).
+    pub commit_ms: i64,
 }
 
 pub const COMMIT_LSN_HEADER: &str = "feedloop.commit_lsn";
 pub const ORDINAL_HEADER: &str = "feedloop.ordinal";
 pub const XID_HEADER: &str = "feedloop.txid";
+/// Commit time in Postgres (epoch ms): lets consumers measure end-to-end lag.
+pub const COMMIT_TIME_HEADER: &str = "feedloop.commit_ts_ms";
 
 fn headers(pos: &Position, extra: &[(&str, &str)]) -> OwnedHeaders {
     let lsn = pos.commit_lsn.to_string();
     let ord = pos.ordinal.to_string();
     let xid = pos.xid.to_string();
+    let at = pos.commit_ms.to_string();
     let mut h = OwnedHeaders::new()
+        .insert(Header {
+            key: COMMIT_TIME_HEADER,
+            value: Some(at.as_str()),
+        })
         .insert(Header {
             key: COMMIT_LSN_HEADER,
             value: Some(lsn.as_str()),
@@ -114,6 +123,7 @@ pub fn acker(
             {
                 observability::commit_to_ack(d);
             }
+            observability::pending_since(None);
             confirmed.send_if_modified(|c| {
                 if batch.end_lsn > *c {
                     *c = batch.end_lsn;

@@ -203,6 +203,28 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
             .is_some_and(|t| t.len() >= 16)
     );
 
+    // cdc streams the demo product database.
+    let cdc = endpoints["cdc_url"].as_str().expect("cdc_url");
+    assert!(
+        endpoints["product_url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/product"))
+    );
+    let mut streaming = false;
+    for _ in 0..300 {
+        if http
+            .get(format!("{cdc}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            streaming = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(streaming, "cdc streams the product database");
+
     // The collector accepts events with the advertised write key, and only with it.
     let collector = endpoints["collector_url"].as_str().expect("collector_url");
     let write_key = endpoints["write_key"].as_str().expect("write_key");

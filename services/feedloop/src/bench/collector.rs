@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -17,13 +17,12 @@ use feedloop_collector::{
 };
 use feedloop_core::{
     catalogue::{EVENTS_TOPIC, TOPICS},
-    config::Secret,
     kafka::{KafkaConfig, ensure_topics},
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
-use super::{Machine, Row, Stat, load, machine, peak_rss_mib, print_table};
+use super::{Machine, Proc, Row, Stat, load, machine, peak_rss_mib, print_table};
 use crate::dev::{Broker, PgCluster, Storage, process::free_port};
 
 /// Options of the scenario.
@@ -44,29 +43,6 @@ struct Report {
     sweep: Vec<load::StepResult>,
     peer_sweep: Vec<load::StepResult>,
     producer_config: BTreeMap<String, String>,
-}
-
-/// A child process, in a process group of its own so that what it spawns (uvicorn's workers)
-/// goes with it.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> std::io::Result<Self> {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0).spawn().map(Proc)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.0.id()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = self.0.wait();
-    }
 }
 
 /// The collector binary beside this one (build both in release).
@@ -258,28 +234,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let kafka = KafkaConfig::new(broker.bootstrap());
     let producer_props = feedloop_collector::Config::from_defaults()?.producer;
     ensure_topics(&kafka, TOPICS).await?;
-    let password = uuid::Uuid::new_v4().simple().to_string();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let registry = feedloop_registry::start(
-        feedloop_registry::Config {
-            http: feedloop_registry::config::HttpConfig {
-                listen: "127.0.0.1:0".into(),
-                max_body_bytes: 1 << 20,
-                request_timeout_ms: 30_000,
-            },
-            postgres: feedloop_registry::config::PostgresConfig {
-                url: Secret::new(pg.url()),
-                max_connections: 4,
-            },
-            auth: feedloop_registry::config::AuthConfig {
-                users: BTreeMap::from([("feedloop".to_owned(), Secret::new(password.clone()))]),
-            },
-            log: feedloop_registry::config::LogConfig { json: true },
-        },
-        shutdown.clone(),
-    )
-    .await?;
-    let registry_url = format!("http://{}", registry.addr);
+    let (registry_url, password) = super::registry(&pg.url(), &shutdown).await?;
     let template = load::Template::new();
     let messages = encoded_messages(&template)?;
     let avg_bytes = messages.iter().map(|(_, v)| v.len()).sum::<usize>() / messages.len().max(1);

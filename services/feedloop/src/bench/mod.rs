@@ -1,10 +1,18 @@
 //! `feedloop bench`: feedloop measured side by side with its peers and limits, in one run, on
 //! the same broker and database. Prints a table and writes JSON.
 
+pub mod cdc;
 pub mod collector;
 pub mod load;
 
+use std::{
+    collections::BTreeMap,
+    process::{Child, Command},
+};
+
+use feedloop_core::config::Secret;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 /// The machine a run happened on.
 #[derive(Debug, Clone, Serialize)]
@@ -119,4 +127,66 @@ pub fn print_table(title: &str, machine: &Machine, rows: &[Row]) {
             r.measurement, feedloop, peer, ratio, r.goal
         );
     }
+}
+
+/// A child process, in a process group of its own so that what it spawns (uvicorn's workers)
+/// goes with it.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0).spawn().map(Proc)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a registry on `postgres` for a bench run; returns its URL and the password of the
+/// `feedloop` user.
+pub async fn registry(
+    postgres: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(String, String)> {
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let running = feedloop_registry::start(
+        feedloop_registry::Config {
+            http: feedloop_registry::config::HttpConfig {
+                listen: "127.0.0.1:0".into(),
+                max_body_bytes: 1 << 20,
+                request_timeout_ms: 30_000,
+            },
+            postgres: feedloop_registry::config::PostgresConfig {
+                url: Secret::new(postgres),
+                max_connections: 4,
+            },
+            auth: feedloop_registry::config::AuthConfig {
+                users: BTreeMap::from([("feedloop".to_owned(), Secret::new(password.clone()))]),
+            },
+            log: feedloop_registry::config::LogConfig { json: true },
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    Ok((format!("http://{}", running.addr), password))
+}
+
+/// Quantiles (in ms) of a summary the process-wide recorder rendered.
+pub fn summary_ms(metric: &str, quantile: &str) -> Option<f64> {
+    let text = feedloop_core::telemetry::render_metrics();
+    let prefix = format!("{metric}{{quantile=\"{quantile}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|s| s * 1000.0)
 }

@@ -28,6 +28,8 @@ pub enum DevError {
     Registry(#[from] feedloop_registry::StartError),
     #[error("collector: {0}")]
     Collector(#[from] feedloop_collector::StartError),
+    #[error("cdc: {0}")]
+    Cdc(#[from] feedloop_cdc::StartError),
     #[error("configuration: {0}")]
     Config(String),
     #[error("schema registration: {0}")]

@@ -225,10 +225,17 @@ impl PgCluster {
         self.process.as_ref().map(Guarded::pid)
     }
 
-    /// Fast shutdown (SIGINT): clients are disconnected, the data stays.
+    /// Fast shutdown (SIGINT), then immediate (SIGQUIT) if it takes long: a walsender waiting
+    /// for its client to confirm the shutdown checkpoint can hold a fast shutdown for a minute.
+    /// The data stays; an immediate shutdown only means crash recovery at the next start.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.process.take() {
-            p.stop_with(Signal::SIGINT, Duration::from_secs(20));
+            let _ = p.signal(Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while p.is_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            p.stop_with(Signal::SIGQUIT, Duration::from_secs(15));
         }
     }
 

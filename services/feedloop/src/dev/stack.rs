@@ -54,8 +54,44 @@ pub struct Endpoints {
     pub collector_url: String,
     /// Write key of the `dev` application on the collector.
     pub write_key: String,
+    /// The demo product database cdc captures.
+    pub product_url: String,
+    /// cdc's operational endpoints (`/readyz` once streaming, `/metrics`).
+    pub cdc_url: String,
     /// Pid of the process running the stack.
     pub pid: u32,
+}
+
+/// The demo product schema cdc captures.
+pub const PRODUCT_SCHEMA: &str = include_str!("../../../../sql/product/schema.sql");
+
+/// Creates the `product` database next to `url` (if missing) with the demo schema; returns its
+/// URL.
+pub async fn create_product_database(url: &str) -> Result<String, DevError> {
+    use sqlx::{Connection, Executor};
+    let fail = |e: sqlx::Error| DevError::Start {
+        what: "product database",
+        detail: e.to_string(),
+    };
+    let mut admin = sqlx::PgConnection::connect(url).await.map_err(fail)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'product')")
+            .fetch_one(&mut admin)
+            .await
+            .map_err(fail)?;
+    if !exists {
+        admin
+            .execute("CREATE DATABASE product")
+            .await
+            .map_err(fail)?;
+    }
+    let _ = admin.close().await;
+    let base = url.split('?').next().unwrap_or(url);
+    let product = format!("{}/product", base.rsplit_once('/').map_or(base, |(b, _)| b));
+    let mut conn = sqlx::PgConnection::connect(&product).await.map_err(fail)?;
+    conn.execute(PRODUCT_SCHEMA).await.map_err(fail)?;
+    let _ = conn.close().await;
+    Ok(product)
 }
 
 /// Postgres the stack owns or borrows.
@@ -89,6 +125,8 @@ pub struct Stack {
     pub broker: Broker,
     pub registry_url: String,
     pub collector_url: String,
+    pub product_url: String,
+    pub cdc_url: String,
     admin_token: String,
     write_key: String,
     /// Working files of the services (the collector's spool).
@@ -176,16 +214,39 @@ impl Stack {
             }
         });
 
+        let product_url = create_product_database(&postgres.url()).await?;
+        let mut cdc =
+            feedloop_cdc::Config::from_defaults().map_err(|e| DevError::Config(e.to_string()))?;
+        cdc.source.url = Secret::new(product_url.clone());
+        cdc.kafka = kafka.clone();
+        cdc.registry = feedloop_cdc::config::RegistryConfig {
+            url: registry_url.clone(),
+            user: REGISTRY_USER.to_owned(),
+            password: Secret::new(admin_token.clone()),
+        };
+        cdc.control.url = Secret::new(postgres.url());
+        cdc.http.listen = "127.0.0.1:0".into();
+        cdc.log.json = false;
+        cdc.validate()
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        let running = feedloop_cdc::start(cdc, shutdown.child_token()).await?;
+        let cdc_url = format!("http://{}", running.addr);
+        let cdc_task = tokio::spawn(async move {
+            let _ = running.task.await;
+        });
+
         let stack = Self {
             postgres,
             broker,
             registry_url,
             collector_url,
+            product_url,
+            cdc_url,
             admin_token,
             write_key,
             work,
             shutdown,
-            tasks: vec![collector_task, registry_task],
+            tasks: vec![cdc_task, collector_task, registry_task],
         };
         stack.register_catalogue().await?;
         Ok(stack)
@@ -246,6 +307,8 @@ impl Stack {
             admin_token: self.admin_token.clone(),
             collector_url: self.collector_url.clone(),
             write_key: self.write_key.clone(),
+            product_url: self.product_url.clone(),
+            cdc_url: self.cdc_url.clone(),
             pid: std::process::id(),
         }
     }
