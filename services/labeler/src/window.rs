@@ -1,0 +1,708 @@
+//! The label window logic, pure: join keys, which outcomes count for an impression, how they
+//! fold into values and a label, and per-partition watermarks. No IO here; the engine feeds it
+//! records and the state store holds what it needs between them.
+//!
+//! Time: an outcome counts for an impression when its event time is in
+//! `[impression, impression + window)`. An example *closes* at
+//! `impression + longest window + allowed_lateness` and is emitted once the watermark reaches
+//! its close. Each input partition's watermark is the highest event time read from it; the
+//! global watermark is the lowest over the partitions that still have records to read.
+//!
+//! Lateness is decided per record, from its own partition only, so that a replay decides the
+//! same: an outcome is *on time* for an example if its partition's watermark, just before the
+//! outcome was read, was below the example's close. The first version of an example holds the
+//! on-time outcomes; late ones are dropped or produce corrections, by the spec's policy.
+
+use std::collections::{BTreeMap, HashMap};
+
+use feedloop_core::model::FeatureValue;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::spec::{Aggregate, Compare, Condition, Join, Label, LabelSpec, ValueType, millis};
+
+/// A scalar outcome value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", content = "v", rename_all = "snake_case")]
+pub enum Scalar {
+    Null,
+    Bool(bool),
+    Long(i64),
+    Double(f64),
+    Text(String),
+}
+
+impl Scalar {
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Scalar::Long(v) => Some(*v as f64),
+            Scalar::Double(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    fn truthy(&self) -> bool {
+        matches!(self, Scalar::Bool(true))
+    }
+
+    /// Converts to the outcome's declared type (numbers between long and double).
+    fn coerce(self, to: ValueType) -> Scalar {
+        match (to, self) {
+            (ValueType::Double, Scalar::Long(v)) => Scalar::Double(v as f64),
+            (ValueType::Long, Scalar::Double(v)) => Scalar::Long(v.round() as i64),
+            (_, v) => v,
+        }
+    }
+}
+
+/// Where a record was read from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SourceRef {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// An impression as the join state keeps it: what the example row needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Impression {
+    pub event_id: Uuid,
+    pub match_id: Uuid,
+    pub viewer_id: String,
+    pub candidate_id: String,
+    pub time_ms: i64,
+    pub request_id: String,
+    pub model_version: String,
+    pub experiment_id: Option<String>,
+    pub experiment_arm: Option<String>,
+    pub rank: i32,
+    pub score: f64,
+    pub features: BTreeMap<String, Option<FeatureValue>>,
+    pub source: SourceRef,
+}
+
+/// One outcome value for one outcome column, keyed for the join.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The outcome column (spec `outcome.name`).
+    pub name: String,
+    /// Identity of the source record (event id, or table and primary key): duplicates of the
+    /// same record count once.
+    pub id: String,
+    pub join_key: String,
+    pub time_ms: i64,
+    pub value: Scalar,
+    /// The watermark of the outcome's partition just before it was read.
+    pub arrival_watermark_ms: i64,
+    /// Users the record is about (for erasure).
+    pub users: Vec<String>,
+}
+
+/// The join keys of a match for a viewer: every join an outcome may use.
+pub fn match_key(match_id: &Uuid) -> String {
+    format!("m:{match_id}")
+}
+
+pub fn match_viewer_key(match_id: &Uuid, user: &str) -> String {
+    format!("v:{match_id}:{user}")
+}
+
+pub fn pair_key(a: &str, b: &str) -> String {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    format!("p:{lo}\u{1f}{hi}")
+}
+
+/// The key an outcome from a source with `join` uses.
+pub fn outcome_key(
+    join: Join,
+    match_id: Option<&Uuid>,
+    actor: &str,
+    other: Option<&str>,
+) -> Option<String> {
+    match join {
+        Join::Match => match_id.map(match_key),
+        Join::MatchViewer => match_id.map(|m| match_viewer_key(m, actor)),
+        Join::Pair => other.map(|o| pair_key(actor, o)),
+    }
+}
+
+impl Impression {
+    pub fn keys(&self) -> Vec<String> {
+        vec![
+            match_key(&self.match_id),
+            match_viewer_key(&self.match_id, &self.viewer_id),
+            pair_key(&self.viewer_id, &self.candidate_id),
+        ]
+    }
+
+    pub fn users(&self) -> Vec<String> {
+        vec![self.viewer_id.clone(), self.candidate_id.clone()]
+    }
+}
+
+/// A spec with what the hot path needs precomputed.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub spec: LabelSpec,
+    pub hash: String,
+    pub close_after_ms: i64,
+    pub retention_after_close_ms: i64,
+    windows: HashMap<String, i64>,
+}
+
+impl Compiled {
+    pub fn new(spec: LabelSpec) -> Self {
+        let windows = spec
+            .outcomes
+            .iter()
+            .map(|o| (o.name.clone(), millis(o.window)))
+            .collect();
+        Self {
+            hash: spec.hash(),
+            close_after_ms: spec.close_after_ms(),
+            retention_after_close_ms: spec.retention_after_close_ms(),
+            windows,
+            spec,
+        }
+    }
+
+    pub fn close_ms(&self, impression: &Impression) -> i64 {
+        impression.time_ms.saturating_add(self.close_after_ms)
+    }
+
+    /// The deterministic example id: the same impression under the same spec, always.
+    pub fn example_id(&self, impression: &Impression) -> Uuid {
+        let name = format!("{}/{}/{}", self.spec.name, self.hash, impression.event_id);
+        Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())
+    }
+
+    /// Whether `outcome` joins `impression`: same key, and in the outcome's window.
+    pub fn joins(&self, impression: &Impression, keys: &[String], outcome: &Outcome) -> bool {
+        let Some(window) = self.windows.get(&outcome.name) else {
+            return false;
+        };
+        keys.contains(&outcome.join_key)
+            && outcome.time_ms >= impression.time_ms
+            && outcome.time_ms < impression.time_ms.saturating_add(*window)
+    }
+
+    /// Whether `outcome` was on time for an example closing at `close_ms`.
+    pub fn on_time(outcome: &Outcome, close_ms: i64) -> bool {
+        outcome.arrival_watermark_ms < close_ms
+    }
+
+    /// The example for `impression` from the joined `outcomes` (any order, duplicates allowed).
+    /// `late_included` says whether late outcomes count (corrections) or not (first version).
+    pub fn label(
+        &self,
+        impression: &Impression,
+        outcomes: &[Outcome],
+        late_included: bool,
+    ) -> Labeled {
+        let close = self.close_ms(impression);
+        let keys = impression.keys();
+        let mut joined: BTreeMap<(&str, i64, &str), &Outcome> = BTreeMap::new();
+        let mut late = 0;
+        for o in outcomes {
+            if !self.joins(impression, &keys, o) {
+                continue;
+            }
+            let on_time = Self::on_time(o, close);
+            if !on_time {
+                late += 1;
+            }
+            if on_time || late_included {
+                joined.insert((o.name.as_str(), o.time_ms, o.id.as_str()), o);
+            }
+        }
+        let mut values = Vec::with_capacity(self.spec.outcomes.len());
+        for spec in &self.spec.outcomes {
+            let mine: Vec<&Outcome> = joined
+                .range((spec.name.as_str(), i64::MIN, "")..)
+                .take_while(|((n, _, _), _)| *n == spec.name)
+                .map(|(_, o)| *o)
+                .collect();
+            let value = aggregate(spec.aggregate, spec.value_type, &mine)
+                .unwrap_or_else(|| default_value(spec.default.as_ref(), spec.value_type));
+            values.push((spec.name.clone(), value));
+        }
+        let label = self
+            .spec
+            .rules
+            .iter()
+            .find(|r| {
+                r.when.iter().all(|(name, cond)| {
+                    values
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .is_some_and(|(_, v)| holds(cond, v))
+                })
+            })
+            .map_or(self.spec.default_label, |r| r.label);
+        Labeled {
+            values,
+            label,
+            late_outcomes: late,
+            close_ms: close,
+        }
+    }
+}
+
+/// An example's computed outcome values and label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labeled {
+    /// One value per spec outcome, in spec order.
+    pub values: Vec<(String, Scalar)>,
+    pub label: Label,
+    /// Joined outcomes that were late (whether or not they were included).
+    pub late_outcomes: usize,
+    pub close_ms: i64,
+}
+
+impl Labeled {
+    pub fn value(&self, name: &str) -> Option<&Scalar> {
+        self.values.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+fn default_value(default: Option<&toml::Value>, to: ValueType) -> Scalar {
+    match default {
+        Some(toml::Value::Boolean(b)) => Scalar::Bool(*b),
+        Some(toml::Value::Integer(i)) => Scalar::Long(*i).coerce(to),
+        Some(toml::Value::Float(f)) => Scalar::Double(*f),
+        Some(toml::Value::String(s)) => Scalar::Text(s.clone()),
+        _ => Scalar::Null,
+    }
+}
+
+/// Folds outcomes sorted by (time, id); `None` when nothing joined.
+fn aggregate(agg: Aggregate, to: ValueType, outcomes: &[&Outcome]) -> Option<Scalar> {
+    if outcomes.is_empty() {
+        return (agg == Aggregate::Count).then_some(Scalar::Long(0));
+    }
+    let values = outcomes.iter().map(|o| o.value.clone().coerce(to));
+    Some(match agg {
+        Aggregate::Any => Scalar::Bool(outcomes.iter().any(|o| o.value.truthy())),
+        Aggregate::Count => Scalar::Long(outcomes.len() as i64),
+        Aggregate::First => values.into_iter().next().unwrap_or(Scalar::Null),
+        Aggregate::Last => values.into_iter().last().unwrap_or(Scalar::Null),
+        Aggregate::Max | Aggregate::Min | Aggregate::Sum => {
+            let nums = outcomes.iter().filter_map(|o| o.value.as_f64());
+            let folded = match agg {
+                Aggregate::Max => {
+                    nums.fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+                }
+                Aggregate::Min => {
+                    nums.fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))))
+                }
+                _ => Some(nums.sum()),
+            };
+            match folded {
+                Some(v) => Scalar::Double(v).coerce(to),
+                None => Scalar::Null,
+            }
+        }
+    })
+}
+
+fn holds(cond: &Condition, value: &Scalar) -> bool {
+    match cond {
+        Condition::Bool(b) => value == &Scalar::Bool(*b),
+        Condition::Number(n) => value.as_f64() == Some(*n),
+        Condition::Text(t) => matches!(value, Scalar::Text(v) if v == t),
+        Condition::Compare(Compare {
+            gte,
+            gt,
+            lte,
+            lt,
+            missing,
+        }) => {
+            if let Some(m) = missing
+                && (*value == Scalar::Null) != *m
+            {
+                return false;
+            }
+            let numeric = [gte, gt, lte, lt].iter().any(|c| c.is_some());
+            if !numeric {
+                return true;
+            }
+            let Some(v) = value.as_f64() else {
+                return false;
+            };
+            gte.is_none_or(|x| v >= x)
+                && gt.is_none_or(|x| v > x)
+                && lte.is_none_or(|x| v <= x)
+                && lt.is_none_or(|x| v < x)
+        }
+    }
+}
+
+/// Per-partition watermarks of the input.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Watermarks {
+    /// (topic, partition) → highest event time read; absent until a record is read.
+    partitions: BTreeMap<String, i64>,
+    /// Partitions assigned but at their end (nothing more to read right now).
+    #[serde(skip)]
+    at_end: BTreeMap<String, bool>,
+}
+
+fn tp(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+impl Watermarks {
+    /// Declares an assigned partition: it holds the global watermark back until it has been
+    /// read to its end.
+    pub fn assign(&mut self, topic: &str, partition: i32) {
+        self.at_end.insert(tp(topic, partition), false);
+    }
+
+    /// The partition's watermark before a record at `time_ms`; then advances it.
+    pub fn observe(&mut self, topic: &str, partition: i32, time_ms: i64) -> i64 {
+        let key = tp(topic, partition);
+        self.at_end.insert(key.clone(), false);
+        let wm = self.partitions.entry(key).or_insert(i64::MIN);
+        let before = *wm;
+        *wm = (*wm).max(time_ms);
+        before
+    }
+
+    /// The partition has nothing more to read for now.
+    pub fn reached_end(&mut self, topic: &str, partition: i32) {
+        self.at_end.insert(tp(topic, partition), true);
+    }
+
+    pub fn partition(&self, topic: &str, partition: i32) -> i64 {
+        self.partitions
+            .get(&tp(topic, partition))
+            .copied()
+            .unwrap_or(i64::MIN)
+    }
+
+    /// The lowest watermark among partitions with records left to read; when every partition
+    /// is at its end, the highest event time read anywhere.
+    pub fn global(&self) -> i64 {
+        let busy = self
+            .at_end
+            .iter()
+            .filter(|(_, end)| !**end)
+            .map(|(k, _)| self.partitions.get(k).copied().unwrap_or(i64::MIN))
+            .min();
+        busy.unwrap_or_else(|| self.partitions.values().copied().max().unwrap_or(i64::MIN))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::spec::EXAMPLE_SPEC;
+
+    const T0: i64 = 1_795_000_000_000;
+    const MIN: i64 = 60_000;
+    const HOUR: i64 = 60 * MIN;
+
+    fn compiled() -> Compiled {
+        Compiled::new(LabelSpec::parse("example", EXAMPLE_SPEC).unwrap())
+    }
+
+    fn impression(viewer: &str, candidate: &str, match_id: Uuid) -> Impression {
+        Impression {
+            event_id: Uuid::new_v4(),
+            match_id,
+            viewer_id: viewer.into(),
+            candidate_id: candidate.into(),
+            time_ms: T0,
+            request_id: "r".into(),
+            model_version: "m1".into(),
+            experiment_id: None,
+            experiment_arm: Some("b".into()),
+            rank: 1,
+            score: 0.5,
+            features: BTreeMap::new(),
+            source: SourceRef {
+                topic: "feedloop.events".into(),
+                partition: 0,
+                offset: 0,
+            },
+        }
+    }
+
+    fn outcome(name: &str, id: &str, key: String, dt: i64, value: Scalar) -> Outcome {
+        Outcome {
+            name: name.into(),
+            id: id.into(),
+            join_key: key,
+            time_ms: T0 + dt,
+            value,
+            arrival_watermark_ms: T0 + dt,
+            users: vec![],
+        }
+    }
+
+    fn decision(imp: &Impression, id: &str, dt: i64, accept: bool) -> Outcome {
+        let key = match_viewer_key(&imp.match_id, &imp.viewer_id);
+        outcome("accepted", id, key, dt, Scalar::Bool(accept))
+    }
+
+    fn chat(imp: &Impression, id: &str, dt: i64, seconds: f64) -> Outcome {
+        outcome(
+            "chat_seconds",
+            id,
+            match_key(&imp.match_id),
+            dt,
+            Scalar::Double(seconds),
+        )
+    }
+
+    fn report(imp: &Impression, id: &str, dt: i64) -> Outcome {
+        let key = pair_key(&imp.candidate_id, &imp.viewer_id);
+        outcome("reported", id, key, dt, Scalar::Bool(true))
+    }
+
+    #[test]
+    fn accepted_and_long_chat_is_positive() {
+        let c = compiled();
+        let imp = impression("a", "b", Uuid::new_v4());
+        let l = c.label(
+            &imp,
+            &[
+                decision(&imp, "d", MIN, true),
+                chat(&imp, "c", 20 * MIN, 45.0),
+            ],
+            false,
+        );
+        assert_eq!(l.label, Label::Positive);
+        assert_eq!(l.value("accepted"), Some(&Scalar::Bool(true)));
+        assert_eq!(l.value("chat_seconds"), Some(&Scalar::Double(45.0)));
+        assert_eq!(l.value("reported"), Some(&Scalar::Bool(false)));
+    }
+
+    #[test]
+    fn window_boundaries_are_half_open() {
+        let c = compiled();
+        let imp = impression("a", "b", Uuid::new_v4());
+        // Exactly at the impression: counts.
+        let at_start = c.label(&imp, &[decision(&imp, "d", 0, false)], false);
+        assert_eq!(at_start.value("accepted"), Some(&Scalar::Bool(false)));
+        // One ms before the end of the 10-minute window: counts; at the end: does not.
+        let inside = c.label(&imp, &[decision(&imp, "d", 10 * MIN - 1, true)], false);
+        assert_eq!(inside.value("accepted"), Some(&Scalar::Bool(true)));
+        let at_end = c.label(&imp, &[decision(&imp, "d", 10 * MIN, true)], false);
+        assert_eq!(at_end.value("accepted"), Some(&Scalar::Null));
+        assert_eq!(at_end.label, Label::Unknown);
+        // Before the impression: does not count.
+        let before = c.label(&imp, &[decision(&imp, "d", -1, true)], false);
+        assert_eq!(before.value("accepted"), Some(&Scalar::Null));
+        // A report at 24 h - 1 ms counts, at 24 h not.
+        let r = c.label(&imp, &[report(&imp, "r", 24 * HOUR - 1)], false);
+        assert_eq!(r.label, Label::Negative);
+        let r = c.label(&imp, &[report(&imp, "r", 24 * HOUR)], false);
+        assert_eq!(r.value("reported"), Some(&Scalar::Bool(false)));
+    }
+
+    #[test]
+    fn a_report_either_way_round_and_only_between_the_pair() {
+        let c = compiled();
+        let imp = impression("a", "b", Uuid::new_v4());
+        let other = outcome(
+            "reported",
+            "r",
+            pair_key("a", "z"),
+            HOUR,
+            Scalar::Bool(true),
+        );
+        assert_eq!(
+            c.label(&imp, &[other], false).value("reported"),
+            Some(&Scalar::Bool(false))
+        );
+        let theirs = outcome(
+            "reported",
+            "r",
+            pair_key("b", "a"),
+            HOUR,
+            Scalar::Bool(true),
+        );
+        assert_eq!(c.label(&imp, &[theirs], false).label, Label::Negative);
+    }
+
+    #[test]
+    fn the_other_sides_decision_does_not_count() {
+        let c = compiled();
+        let m = Uuid::new_v4();
+        let a_sees_b = impression("a", "b", m);
+        let b_sees_a = impression("b", "a", m);
+        let b_skips = decision(&b_sees_a, "d", MIN, false);
+        let a_accepts = decision(&a_sees_b, "e", MIN, true);
+        let chat = chat(&a_sees_b, "c", 5 * MIN, 10.0);
+        let outcomes = [b_skips, a_accepts, chat];
+        let a = c.label(&a_sees_b, &outcomes, false);
+        let b = c.label(&b_sees_a, &outcomes, false);
+        assert_eq!(a.value("accepted"), Some(&Scalar::Bool(true)));
+        assert_eq!(b.value("accepted"), Some(&Scalar::Bool(false)));
+        // Both impressions of the match see the chat.
+        assert_eq!(a.value("chat_seconds"), Some(&Scalar::Double(10.0)));
+        assert_eq!(b.value("chat_seconds"), Some(&Scalar::Double(10.0)));
+        assert_eq!(a.label, Label::Negative, "accepted but chatted 10 s < 30 s");
+        assert_eq!(b.label, Label::Negative);
+    }
+
+    #[test]
+    fn first_decision_wins_and_duplicates_count_once() {
+        let c = compiled();
+        let imp = impression("a", "b", Uuid::new_v4());
+        let first = decision(&imp, "d1", MIN, true);
+        let second = decision(&imp, "d2", 2 * MIN, false);
+        let l = c.label(&imp, &[second.clone(), first.clone(), first.clone()], false);
+        assert_eq!(l.value("accepted"), Some(&Scalar::Bool(true)));
+        let spec_count = EXAMPLE_SPEC
+            .replace("aggregate = \"max\"", "aggregate = \"count\"")
+            .replace(
+                "name = \"chat_seconds\"\ntype = \"double\"",
+                "name = \"chats\"\ntype = \"long\"",
+            )
+            .replace("chat_seconds = { gte = 30 }", "chats = { gte = 1 }")
+            .replace("chat_seconds = { lt = 30 }", "chats = { lt = 1 }");
+        let c2 = Compiled::new(LabelSpec::parse("count", &spec_count).unwrap());
+        let mk = |id: &str| {
+            outcome(
+                "chats",
+                id,
+                match_key(&imp.match_id),
+                MIN,
+                Scalar::Double(1.0),
+            )
+        };
+        let l = c2.label(&imp, &[mk("x"), mk("x"), mk("y")], false);
+        assert_eq!(l.value("chats"), Some(&Scalar::Long(2)));
+    }
+
+    #[test]
+    fn no_outcome_gives_defaults_and_the_default_label() {
+        let c = compiled();
+        let imp = impression("a", "b", Uuid::new_v4());
+        let l = c.label(&imp, &[], false);
+        assert_eq!(l.label, Label::Unknown);
+        assert_eq!(l.value("accepted"), Some(&Scalar::Null));
+        assert_eq!(l.value("reported"), Some(&Scalar::Bool(false)));
+        assert_eq!(l.late_outcomes, 0);
+    }
+
+    #[test]
+    fn late_outcomes_are_left_out_of_the_first_version_and_in_corrections() {
+        let c = compiled();
+        let imp = impression("a", "b", Uuid::new_v4());
+        let close = c.close_ms(&imp);
+        let mut late_report = report(&imp, "r", HOUR);
+        late_report.arrival_watermark_ms = close; // the partition had passed the close
+        let on_time = decision(&imp, "d", MIN, true);
+        let outcomes = [on_time, chat(&imp, "c", 2 * MIN, 60.0), late_report];
+        let first = c.label(&imp, &outcomes, false);
+        assert_eq!(first.label, Label::Positive);
+        assert_eq!(first.late_outcomes, 1);
+        let corrected = c.label(&imp, &outcomes, true);
+        assert_eq!(corrected.label, Label::Negative);
+    }
+
+    #[test]
+    fn watermarks_are_the_minimum_of_busy_partitions() {
+        let mut w = Watermarks::default();
+        w.assign("e", 0);
+        w.assign("e", 1);
+        assert_eq!(w.global(), i64::MIN);
+        assert_eq!(w.observe("e", 0, 100), i64::MIN);
+        assert_eq!(w.observe("e", 0, 90), 100, "out of order keeps the highest");
+        assert_eq!(w.partition("e", 0), 100);
+        assert_eq!(w.global(), i64::MIN, "partition 1 has not been read");
+        w.observe("e", 1, 50);
+        assert_eq!(w.global(), 50);
+        w.reached_end("e", 1);
+        assert_eq!(
+            w.global(),
+            100,
+            "an idle partition does not hold the others back"
+        );
+        w.reached_end("e", 0);
+        assert_eq!(w.global(), 100);
+        w.observe("e", 1, 60);
+        assert_eq!(w.global(), 60);
+    }
+
+    fn arb_outcomes(imp: Impression) -> impl Strategy<Value = Vec<Outcome>> {
+        let kinds = prop_oneof![Just(0u8), Just(1), Just(2)];
+        proptest::collection::vec(
+            (
+                kinds,
+                -HOUR..26 * HOUR,
+                any::<bool>(),
+                0.0f64..300.0,
+                0u8..20,
+                any::<bool>(),
+            ),
+            0..12,
+        )
+        .prop_map(move |v| {
+            v.into_iter()
+                .map(|(kind, dt, b, secs, id, late)| {
+                    let id = format!("o{id}");
+                    let mut o = match kind {
+                        0 => decision(&imp, &id, dt, b),
+                        1 => chat(&imp, &id, dt, secs.floor()),
+                        _ => report(&imp, &id, dt),
+                    };
+                    if late {
+                        o.arrival_watermark_ms = i64::MAX;
+                    }
+                    o
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// Arrival order, duplicates and late outcomes the first version leaves out do not
+        /// change the first version; the label agrees with an independent reading of the spec.
+        #[test]
+        fn order_duplicates_and_late_data_do_not_change_the_first_version(
+            outcomes in arb_outcomes(impression("a", "b", Uuid::from_u128(7))),
+            seed in any::<u64>(),
+        ) {
+            let c = compiled();
+            let imp = impression("a", "b", Uuid::from_u128(7));
+            let base = c.label(&imp, &outcomes, false);
+            let mut shuffled = outcomes.clone();
+            shuffled.extend(outcomes.iter().take(3).cloned());
+            let n = shuffled.len();
+            for i in 0..n {
+                let j = (seed as usize).wrapping_mul(i + 1) % n.max(1);
+                shuffled.swap(i, j);
+            }
+            let again = c.label(&imp, &shuffled, false);
+            prop_assert_eq!(&base.values, &again.values);
+            prop_assert_eq!(base.label, again.label);
+            let no_late: Vec<Outcome> = outcomes.iter().filter(|o| o.arrival_watermark_ms != i64::MAX).cloned().collect();
+            prop_assert_eq!(&c.label(&imp, &no_late, false).values, &base.values);
+
+            // Independent oracle for the example spec.
+            let inwin = |o: &&Outcome, w: i64| o.time_ms >= T0 && o.time_ms < T0 + w && o.arrival_watermark_ms != i64::MAX;
+            let mut decisions: Vec<&Outcome> = no_late.iter().filter(|o| o.name == "accepted").filter(|o| inwin(o, 10 * MIN)).collect();
+            decisions.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
+            let accepted = decisions.first().map(|o| o.value == Scalar::Bool(true));
+            let chat = no_late.iter().filter(|o| o.name == "chat_seconds").filter(|o| inwin(o, 2 * HOUR))
+                .filter_map(|o| o.value.as_f64()).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            let reported = no_late.iter().filter(|o| o.name == "reported").any(|o| inwin(&o, 24 * HOUR));
+            let expected = if reported || accepted == Some(false) {
+                Label::Negative
+            } else if accepted == Some(true) && chat.is_some_and(|c| c >= 30.0) {
+                Label::Positive
+            } else if accepted == Some(true) && chat.is_some_and(|c| c < 30.0) {
+                Label::Negative
+            } else {
+                Label::Unknown
+            };
+            prop_assert_eq!(base.label, expected);
+        }
+    }
+}
