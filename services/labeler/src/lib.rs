@@ -3,6 +3,10 @@
 //!
 //! - `spec`: the declarative label spec (TOML);
 //! - `window`: the pure window, label and watermark logic;
+//! - `dataset`: Parquet files, manifests and the object store root;
+//! - `state`: the `StateStore` port for join state and its adapters;
 
+pub mod dataset;
 pub mod spec;
+pub mod state;
 pub mod window;

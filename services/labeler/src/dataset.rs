@@ -1,0 +1,451 @@
+//! Datasets: labeled examples as Parquet files in the Hive layout
+//! `<root>/<dataset>/dt=YYYY-MM-DD/hour=HH/part-<uuid>.parquet`, on any `object_store` (local
+//! filesystem or S3-compatible), with a JSON manifest per partition version next to the files.
+//!
+//! Columns are typed: timestamps as `timestamp[ms, UTC]`, one typed column per spec outcome,
+//! the experiment arm and model version kept as strings for slicing, and the serving features
+//! as a JSON string.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use arrow_array::{
+    ArrayRef, RecordBatch,
+    builder::{
+        BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+        TimestampMillisecondBuilder,
+    },
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path};
+use parquet::{
+    arrow::ArrowWriter,
+    basic::{Compression, ZstdLevel},
+    file::properties::WriterProperties,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::{
+    spec::{LabelSpec, ValueType},
+    window::{Impression, Labeled, Scalar},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("dataset root `{uri}`: {message}")]
+    Root { uri: String, message: String },
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("Arrow: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error("manifest: {0}")]
+    Manifest(#[from] serde_json::Error),
+}
+
+/// One labeled example, as written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub example_id: Uuid,
+    pub version: i32,
+    pub impression: Impression,
+    pub labeled: Labeled,
+}
+
+impl Example {
+    /// The Hive partition of the example: its impression's hour.
+    pub fn partition(&self) -> String {
+        hive_partition(self.impression.time_ms)
+    }
+}
+
+/// `dt=YYYY-MM-DD/hour=HH` of a time in ms since the epoch (UTC).
+pub fn hive_partition(time_ms: i64) -> String {
+    let secs = time_ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let hour = secs.rem_euclid(86_400) / 3600;
+    let (y, m, d) = civil_from_days(days);
+    format!("dt={y:04}-{m:02}-{d:02}/hour={hour:02}")
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// The Arrow schema of a spec's dataset.
+pub fn arrow_schema(spec: &LabelSpec) -> SchemaRef {
+    let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    let mut fields = vec![
+        Field::new("example_id", DataType::Utf8, false),
+        Field::new("version", DataType::Int32, false),
+        Field::new("impression_event_id", DataType::Utf8, false),
+        Field::new("match_id", DataType::Utf8, false),
+        Field::new("viewer_id", DataType::Utf8, false),
+        Field::new("candidate_id", DataType::Utf8, false),
+        Field::new("impression_time", ts(), false),
+        Field::new("request_id", DataType::Utf8, false),
+        Field::new("model_version", DataType::Utf8, false),
+        Field::new("experiment_id", DataType::Utf8, true),
+        Field::new("experiment_arm", DataType::Utf8, true),
+        Field::new("rank", DataType::Int32, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new("features", DataType::Utf8, false),
+    ];
+    for o in &spec.outcomes {
+        let t = match o.value_type {
+            ValueType::Boolean => DataType::Boolean,
+            ValueType::Long => DataType::Int64,
+            ValueType::Double => DataType::Float64,
+            ValueType::String => DataType::Utf8,
+        };
+        fields.push(Field::new(&o.name, t, true));
+    }
+    fields.extend([
+        Field::new("label", DataType::Utf8, false),
+        Field::new("window_closed_at", ts(), false),
+        Field::new("source_topic", DataType::Utf8, false),
+        Field::new("source_partition", DataType::Int32, false),
+        Field::new("source_offset", DataType::Int64, false),
+    ]);
+    let metadata = [
+        ("feedloop.dataset".to_owned(), spec.name.clone()),
+        ("feedloop.label_spec_hash".to_owned(), spec.hash()),
+    ];
+    Arc::new(
+        Schema::new(fields).with_metadata(
+            metadata
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+        ),
+    )
+}
+
+/// Builds one record batch of `rows` under `spec`'s schema.
+pub fn record_batch(
+    spec: &LabelSpec,
+    schema: &SchemaRef,
+    rows: &[Example],
+) -> Result<RecordBatch, DatasetError> {
+    let n = rows.len();
+    let utf8 = || StringBuilder::with_capacity(n, n * 16);
+    let (mut example_id, mut event_id, mut match_id, mut viewer, mut candidate) =
+        (utf8(), utf8(), utf8(), utf8(), utf8());
+    let (mut request, mut model, mut exp, mut arm, mut features, mut label, mut topic) =
+        (utf8(), utf8(), utf8(), utf8(), utf8(), utf8(), utf8());
+    let mut version = Int32Builder::with_capacity(n);
+    let mut rank = Int32Builder::with_capacity(n);
+    let mut partition = Int32Builder::with_capacity(n);
+    let mut offset = Int64Builder::with_capacity(n);
+    let mut score = Float64Builder::with_capacity(n);
+    let mut time = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut closed = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut outcomes: Vec<OutcomeColumn> = spec
+        .outcomes
+        .iter()
+        .map(|o| OutcomeColumn::new(o.value_type, n))
+        .collect();
+    let mut scratch = String::new();
+    for r in rows {
+        let i = &r.impression;
+        scratch.clear();
+        example_id.append_value(fmt_uuid(&mut scratch, &r.example_id));
+        scratch.clear();
+        event_id.append_value(fmt_uuid(&mut scratch, &i.event_id));
+        scratch.clear();
+        match_id.append_value(fmt_uuid(&mut scratch, &i.match_id));
+        version.append_value(r.version);
+        viewer.append_value(&i.viewer_id);
+        candidate.append_value(&i.candidate_id);
+        time.append_value(i.time_ms);
+        request.append_value(&i.request_id);
+        model.append_value(&i.model_version);
+        exp.append_option(i.experiment_id.as_deref());
+        arm.append_option(i.experiment_arm.as_deref());
+        rank.append_value(i.rank);
+        score.append_value(i.score);
+        features.append_value(serde_json::to_string(&i.features)?);
+        for (col, (_, value)) in outcomes.iter_mut().zip(&r.labeled.values) {
+            col.append(value);
+        }
+        label.append_value(r.labeled.label.as_str());
+        closed.append_value(r.labeled.close_ms);
+        topic.append_value(&i.source.topic);
+        partition.append_value(i.source.partition);
+        offset.append_value(i.source.offset);
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(example_id.finish()),
+        Arc::new(version.finish()),
+        Arc::new(event_id.finish()),
+        Arc::new(match_id.finish()),
+        Arc::new(viewer.finish()),
+        Arc::new(candidate.finish()),
+        Arc::new(time.finish()),
+        Arc::new(request.finish()),
+        Arc::new(model.finish()),
+        Arc::new(exp.finish()),
+        Arc::new(arm.finish()),
+        Arc::new(rank.finish()),
+        Arc::new(score.finish()),
+        Arc::new(features.finish()),
+    ];
+    columns.extend(outcomes.iter_mut().map(OutcomeColumn::finish));
+    columns.extend([
+        Arc::new(label.finish()) as ArrayRef,
+        Arc::new(closed.finish()),
+        Arc::new(topic.finish()),
+        Arc::new(partition.finish()),
+        Arc::new(offset.finish()),
+    ]);
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+fn fmt_uuid<'a>(buf: &'a mut String, id: &Uuid) -> &'a str {
+    use std::fmt::Write;
+    let _ = write!(buf, "{id}");
+    buf.as_str()
+}
+
+enum OutcomeColumn {
+    Bool(BooleanBuilder),
+    Long(Int64Builder),
+    Double(Float64Builder),
+    Text(StringBuilder),
+}
+
+impl OutcomeColumn {
+    fn new(t: ValueType, n: usize) -> Self {
+        match t {
+            ValueType::Boolean => Self::Bool(BooleanBuilder::with_capacity(n)),
+            ValueType::Long => Self::Long(Int64Builder::with_capacity(n)),
+            ValueType::Double => Self::Double(Float64Builder::with_capacity(n)),
+            ValueType::String => Self::Text(StringBuilder::with_capacity(n, n * 8)),
+        }
+    }
+
+    fn append(&mut self, v: &Scalar) {
+        match (self, v) {
+            (Self::Bool(b), Scalar::Bool(x)) => b.append_value(*x),
+            (Self::Long(b), Scalar::Long(x)) => b.append_value(*x),
+            (Self::Long(b), Scalar::Double(x)) => b.append_value(x.round() as i64),
+            (Self::Double(b), Scalar::Double(x)) => b.append_value(*x),
+            (Self::Double(b), Scalar::Long(x)) => b.append_value(*x as f64),
+            (Self::Text(b), Scalar::Text(x)) => b.append_value(x),
+            (Self::Bool(b), _) => b.append_null(),
+            (Self::Long(b), _) => b.append_null(),
+            (Self::Double(b), _) => b.append_null(),
+            (Self::Text(b), _) => b.append_null(),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Self::Bool(b) => Arc::new(b.finish()),
+            Self::Long(b) => Arc::new(b.finish()),
+            Self::Double(b) => Arc::new(b.finish()),
+            Self::Text(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+/// Encodes `batch` as one Parquet file (zstd).
+pub fn parquet_bytes(batch: &RecordBatch) -> Result<Vec<u8>, DatasetError> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+        .set_max_row_group_row_count(Some(256 * 1024))
+        .build();
+    let mut out = Vec::with_capacity(batch.num_rows() * 64);
+    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
+    writer.write(batch)?;
+    writer.close()?;
+    Ok(out)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One file of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFile {
+    /// Object URI.
+    pub uri: String,
+    pub row_count: i64,
+    pub byte_size: i64,
+    pub sha256: String,
+}
+
+/// A half-open offset range of a source topic partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRange {
+    pub topic: String,
+    pub partition: i32,
+    pub start_offset: i64,
+    pub end_offset: i64,
+}
+
+/// A dataset partition version: the JSON manifest next to the files, the row in
+/// `labeler.partitions`, and (Avro `DatasetPartition`) the announcement on
+/// `feedloop.datasets.partitions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub dataset: String,
+    pub partition: String,
+    pub version: i32,
+    pub manifest_uri: String,
+    pub files: Vec<DataFile>,
+    pub schema_id: i32,
+    pub row_count: i64,
+    pub byte_size: i64,
+    pub event_time_min: i64,
+    pub event_time_max: i64,
+    pub sources: Vec<SourceRange>,
+    pub label_spec_hash: String,
+    pub label_counts: BTreeMap<String, i64>,
+    pub erasure_epoch: i64,
+    pub supersedes_version: Option<i32>,
+    pub committed_at: i64,
+}
+
+/// Where datasets live: a URL (`file:///abs/path`, `s3://bucket/prefix`, or a plain absolute
+/// path) and the object store behind it.
+#[derive(Debug, Clone)]
+pub struct Root {
+    pub store: Arc<dyn ObjectStore>,
+    /// The root's path inside the store.
+    pub prefix: Path,
+    /// The root as configured, for URIs in manifests.
+    pub uri: String,
+}
+
+impl Root {
+    /// Opens `uri`; S3 options (`aws_endpoint`, `aws_access_key_id`, `aws_allow_http`, …) come
+    /// from `options` and the `AWS_*` environment.
+    pub fn open(uri: &str, options: &BTreeMap<String, String>) -> Result<Self, DatasetError> {
+        let root_err = |message: String| DatasetError::Root {
+            uri: uri.to_owned(),
+            message,
+        };
+        let url_text = if uri.starts_with('/') {
+            format!("file://{uri}")
+        } else {
+            uri.to_owned()
+        };
+        let url = url::Url::parse(&url_text).map_err(|e| root_err(e.to_string()))?;
+        if url.scheme() == "file" {
+            let dir = url
+                .to_file_path()
+                .map_err(|()| root_err("not an absolute file path".into()))?;
+            std::fs::create_dir_all(&dir).map_err(|e| root_err(e.to_string()))?;
+        }
+        let mut opts: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        opts.extend(options.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let (store, prefix) =
+            object_store::parse_url_opts(&url, opts).map_err(|e| root_err(e.to_string()))?;
+        Ok(Self {
+            store: Arc::from(store),
+            prefix,
+            uri: url_text.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// Path of `rel` (`dataset/dt=…/…`) in the store.
+    pub fn path(&self, rel: &str) -> Path {
+        let mut p = self.prefix.clone();
+        for part in rel.split('/').filter(|s| !s.is_empty()) {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    /// URI of `rel` for manifests.
+    pub fn uri_of(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.uri)
+    }
+
+    /// `rel` of a URI this root produced.
+    pub fn rel_of<'a>(&self, uri: &'a str) -> Option<&'a str> {
+        uri.strip_prefix(&self.uri)?.strip_prefix('/')
+    }
+
+    pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<(), DatasetError> {
+        self.store
+            .put(&self.path(rel), PutPayload::from(Bytes::from(bytes)))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, rel: &str) -> Result<Bytes, DatasetError> {
+        Ok(self.store.get(&self.path(rel)).await?.bytes().await?)
+    }
+
+    pub async fn delete(&self, rel: &str) -> Result<(), DatasetError> {
+        match self.store.delete(&self.path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every object under `rel`, as paths relative to the root.
+    pub async fn list(&self, rel: &str) -> Result<Vec<String>, DatasetError> {
+        use futures_util::TryStreamExt;
+        let base = self.path(rel);
+        let objects: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&base)).try_collect().await?;
+        let prefix = self.prefix.as_ref();
+        Ok(objects
+            .into_iter()
+            .map(|o| {
+                let full = o.location.as_ref().to_owned();
+                full.strip_prefix(prefix)
+                    .map(|s| s.trim_start_matches('/').to_owned())
+                    .unwrap_or(full)
+            })
+            .collect())
+    }
+}
+
+/// Relative path of a new data file in `partition` of `dataset`.
+pub fn data_file_rel(dataset: &str, partition: &str) -> String {
+    format!("{dataset}/{partition}/part-{}.parquet", Uuid::now_v7())
+}
+
+/// Relative path of a partition version's manifest.
+pub fn manifest_rel(dataset: &str, partition: &str, version: i32) -> String {
+    format!("{dataset}/{partition}/_manifest.v{version:06}.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hive_partitions_are_utc_hours() {
+        assert_eq!(hive_partition(0), "dt=1970-01-01/hour=00");
+        // 2026-11-28T17:59:59.999Z
+        assert_eq!(hive_partition(1_795_888_799_999), "dt=2026-11-28/hour=17");
+        assert_eq!(hive_partition(1_795_888_800_000), "dt=2026-11-28/hour=18");
+        assert_eq!(hive_partition(951_782_400_000), "dt=2000-02-29/hour=00");
+        assert_eq!(hive_partition(-1), "dt=1969-12-31/hour=23");
+    }
+}
