@@ -96,6 +96,9 @@ pub struct Outcome {
     pub arrival_watermark_ms: i64,
     /// Users the record is about (for erasure).
     pub users: Vec<String>,
+    /// Where the record was read (`topic/partition/offset`): a replay of the same record has
+    /// the same origin, a client's duplicate another.
+    pub origin: String,
 }
 
 /// The join keys of a match for a viewer: every join an outcome may use.
@@ -186,6 +189,17 @@ impl Compiled {
             && outcome.time_ms < impression.time_ms.saturating_add(*window)
     }
 
+    /// Whether `outcome` can be late for any impression it joins: only then is the join state
+    /// consulted on arrival.
+    pub fn may_be_late(&self, outcome: &Outcome) -> bool {
+        let window = self.windows.get(&outcome.name).copied().unwrap_or(0);
+        outcome.arrival_watermark_ms
+            >= outcome
+                .time_ms
+                .saturating_sub(window)
+                .saturating_add(self.close_after_ms)
+    }
+
     /// Whether `outcome` was on time for an example closing at `close_ms`.
     pub fn on_time(outcome: &Outcome, close_ms: i64) -> bool {
         outcome.arrival_watermark_ms < close_ms
@@ -203,18 +217,22 @@ impl Compiled {
         let keys = impression.keys();
         let mut joined: BTreeMap<(&str, i64, &str), &Outcome> = BTreeMap::new();
         let mut late = 0;
+        let mut late_seen = std::collections::BTreeSet::new();
         for o in outcomes {
             if !self.joins(impression, &keys, o) {
                 continue;
             }
             let on_time = Self::on_time(o, close);
-            if !on_time {
-                late += 1;
-            }
             if on_time || late_included {
-                joined.insert((o.name.as_str(), o.time_ms, o.id.as_str()), o);
+                let key = (o.name.as_str(), o.time_ms, o.id.as_str());
+                if joined.insert(key, o).is_none() && !on_time {
+                    late += 1;
+                }
+            } else if !joined.contains_key(&(o.name.as_str(), o.time_ms, o.id.as_str())) {
+                late_seen.insert((o.name.as_str(), o.time_ms, o.id.as_str()));
             }
         }
+        late += late_seen.len();
         let mut values = Vec::with_capacity(self.spec.outcomes.len());
         for spec in &self.spec.outcomes {
             let mine: Vec<&Outcome> = joined
@@ -347,7 +365,8 @@ pub struct Watermarks {
     at_end: BTreeMap<String, bool>,
 }
 
-fn tp(topic: &str, partition: i32) -> String {
+/// `topic/partition`, the key of per-partition maps.
+pub fn tp(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
 
@@ -371,6 +390,16 @@ impl Watermarks {
     /// The partition has nothing more to read for now.
     pub fn reached_end(&mut self, topic: &str, partition: i32) {
         self.at_end.insert(tp(topic, partition), true);
+    }
+
+    /// The per-partition watermarks, to commit with the offsets.
+    pub fn snapshot(&self) -> BTreeMap<String, i64> {
+        self.partitions.clone()
+    }
+
+    /// Restores committed watermarks.
+    pub fn restore(&mut self, partitions: BTreeMap<String, i64>) {
+        self.partitions = partitions;
     }
 
     pub fn partition(&self, topic: &str, partition: i32) -> i64 {
@@ -439,6 +468,7 @@ mod tests {
             value,
             arrival_watermark_ms: T0 + dt,
             users: vec![],
+            origin: String::new(),
         }
     }
 

@@ -50,6 +50,7 @@ pub struct CompiledSchema {
     id: u32,
     json: Arc<str>,
     fast: serde_avro_fast::Schema,
+    full_name: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for CompiledSchema {
@@ -66,11 +67,27 @@ impl CompiledSchema {
         let fast = json
             .parse::<serde_avro_fast::Schema>()
             .map_err(|e| CodecError::InvalidSchema(e.to_string()))?;
+        let full_name = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| {
+                let name = v.get("name")?.as_str()?;
+                Some(match v.get("namespace").and_then(|n| n.as_str()) {
+                    Some(ns) if !ns.is_empty() && !name.contains('.') => format!("{ns}.{name}"),
+                    _ => name.to_owned(),
+                })
+            })
+            .map(Arc::from);
         Ok(Self {
             id,
             json: Arc::from(json),
             fast,
+            full_name,
         })
+    }
+
+    /// Full name (`namespace.name`) of a named top-level type.
+    pub fn full_name(&self) -> Option<&str> {
+        self.full_name.as_deref()
     }
 
     pub fn id(&self) -> u32 {

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::avro::{CodecError, CompiledSchema};
+
 /// `io.feedloop.events.Platform`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -253,6 +255,15 @@ impl EventType {
     }
 }
 
+/// Why a record is not a decodable event.
+#[derive(Debug, thiserror::Error)]
+pub enum EventDecodeError {
+    #[error("record `{0}` is not a catalogue event")]
+    NotAnEvent(String),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
 /// Any interaction event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -266,6 +277,25 @@ pub enum Event {
 }
 
 impl Event {
+    /// Decodes an Avro body written with `schema`, whichever catalogue event it is (the
+    /// schema's record name says which).
+    pub fn decode(schema: &CompiledSchema, body: &[u8]) -> Result<Self, EventDecodeError> {
+        let name = schema.full_name().unwrap_or_default();
+        let kind = EventType::ALL
+            .into_iter()
+            .find(|t| t.record() == name)
+            .ok_or_else(|| EventDecodeError::NotAnEvent(name.to_owned()))?;
+        Ok(match kind {
+            EventType::MatchImpression => Self::MatchImpression(schema.decode_body(body)?),
+            EventType::MatchDecision => Self::MatchDecision(schema.decode_body(body)?),
+            EventType::ChatEnded => Self::ChatEnded(schema.decode_body(body)?),
+            EventType::ReportSubmitted => Self::ReportSubmitted(schema.decode_body(body)?),
+            EventType::UserBlocked => Self::UserBlocked(schema.decode_body(body)?),
+            EventType::ScreenViewed => Self::ScreenViewed(schema.decode_body(body)?),
+            EventType::UserIdentified => Self::UserIdentified(schema.decode_body(body)?),
+        })
+    }
+
     pub fn envelope(&self) -> &Envelope {
         match self {
             Self::MatchImpression(e) => &e.envelope,

@@ -8,7 +8,7 @@ pub mod events;
 pub use deadletter::{DeadLetter, DeadLetterReason};
 pub use erasure::{ErasureOrigin, ErasureRequest};
 pub use events::{
-    ChatEnded, ChatEndedBy, Decision, Envelope, Event, EventType, FeatureValue, MatchDecision,
+    ChatEnded, ChatEndedBy, Decision, Envelope, Event, EventDecodeError, EventType, FeatureValue, MatchDecision,
     MatchImpression, Platform, ReportReason, ReportSubmitted, ScreenViewed, UserBlocked,
     UserIdentified,
 };

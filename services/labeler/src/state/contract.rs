@@ -77,6 +77,7 @@ fn outcome(key: String, name: &str, id: &str, time_ms: i64, users: &[&str]) -> O
         value: Scalar::Double(12.5),
         arrival_watermark_ms: time_ms - 5,
         users: users.iter().map(|u| (*u).to_owned()).collect(),
+        origin: format!("t/0/{time_ms}"),
     }
 }
 

@@ -1,0 +1,1127 @@
+//! One pipeline per dataset: read the inputs from the committed offsets, keep join state,
+//! emit examples as the watermark passes their close, and commit files, manifests and offsets
+//! together.
+//!
+//! Commit protocol (exactly once across crashes and replays):
+//! 1. join state writes are idempotent upserts, flushed before the commit;
+//! 2. Parquet files are written, then a manifest per touched partition version (JSON next to
+//!    the files);
+//! 3. examples are published to `feedloop.labels.<dataset>` and acknowledged;
+//! 4. one Postgres transaction inserts the partition versions, the per-user index, and the
+//!    dataset's position (next offsets, per-partition watermarks, emitted-through watermark);
+//! 5. the new versions are announced on `feedloop.datasets.partitions`, and join state that
+//!    committed examples no longer need expires.
+//!
+//! A crash before 4 leaves files no manifest in Postgres references: the next session deletes
+//! them and resumes from the previous position, and replays produce the same examples (same
+//! ids). Examples on the labels topic are at-least-once: a replay may publish an
+//! (example_id, version) again, which consumers drop by id.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use feedloop_core::{
+    avro::{CodecError, CompiledSchema, wire},
+    catalogue::{DEADLETTER_TOPIC, PARTITIONS_TOPIC},
+    kafka::{KafkaConfig, QuietEof},
+    model::{DeadLetter, DeadLetterReason, FeatureValue},
+    registry_client::{RegistryClient, RegistryClientError},
+};
+use futures_util::{StreamExt, stream::select_all};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{Consumer, StreamConsumer},
+    error::KafkaError,
+    message::{BorrowedMessage, Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    config::Config,
+    dataset::{
+        self, DataFile, DatasetError, Example, Manifest, Root, SourceRange, data_file_rel,
+        manifest_rel,
+    },
+    input::{self, Decoded, Input},
+    observability,
+    spec::{Label, LatePolicy, TYPED_OUTCOMES},
+    state::{CloseCursor, StateError, StateStore, StoredImpression},
+    window::{Compiled, Outcome, Scalar, SourceRef, Watermarks, tp},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("control database: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("schema registry: {0}")]
+    Registry(#[from] RegistryClientError),
+    #[error("encoding: {0}")]
+    Codec(#[from] CodecError),
+    #[error("corrupt position of dataset {dataset}: {message}")]
+    Position { dataset: String, message: String },
+    #[error(
+        "dataset {dataset} was built with label spec {committed}, the configured spec hashes to {configured}: \
+         give a changed spec a new dataset name, or rebuild it with `feedloop replay`"
+    )]
+    SpecChanged {
+        dataset: String,
+        committed: String,
+        configured: String,
+    },
+    #[error("another labeler holds dataset {0}; waiting for it to stop")]
+    Locked(String),
+    #[error("input topic {0} does not exist (is cdc running with the same prefix?)")]
+    MissingTopic(String),
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// What every dataset pipeline shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub control: PgPool,
+    pub state: Arc<dyn StateStore>,
+    pub root: Root,
+    pub registry: Arc<RegistryClient>,
+    pub producer: FutureProducer,
+    pub deadletter: Arc<CompiledSchema>,
+    pub partitions_schema: Arc<CompiledSchema>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("root", &self.root.uri).finish_non_exhaustive()
+    }
+}
+
+/// A dataset: its compiled spec and its labels schema.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub spec: Arc<Compiled>,
+    pub labels_schema: Arc<CompiledSchema>,
+    pub labels_topic: String,
+}
+
+impl Dataset {
+    fn name(&self) -> &str {
+        &self.spec.spec.name
+    }
+}
+
+/// The input topics of a dataset: the events topic and the cdc topics of its spec's tables.
+pub fn input_topics(cfg: &Config, spec: &Compiled) -> Vec<(String, Option<String>)> {
+    let mut topics = vec![(cfg.inputs.events_topic.clone(), None)];
+    for table in spec.spec.cdc_tables() {
+        topics.push((format!("{}.{table}", cfg.inputs.cdc_prefix), Some(table)));
+    }
+    topics
+}
+
+/// Runs the dataset's pipeline until `shutdown`, restarting from the last commit after errors.
+pub async fn run(shared: Shared, dataset: Dataset, shutdown: CancellationToken, ready: Arc<AtomicBool>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match session(&shared, &dataset, &shutdown, &ready).await {
+            Ok(()) => return,
+            Err(e) => {
+                ready.store(false, Ordering::Release);
+                observability::restart(dataset.name());
+                tracing::warn!(dataset = dataset.name(), error = %e, "Labeler pipeline failed; restarting from the last commit");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn session(
+    shared: &Shared,
+    dataset: &Dataset,
+    shutdown: &CancellationToken,
+    ready: &AtomicBool,
+) -> Result<(), EngineError> {
+    let name = dataset.name().to_owned();
+    // One writer per dataset: a session-level advisory lock on its own connection.
+    let mut lock = shared.control.acquire().await?.detach();
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('feedloop.labeler.' || $1))")
+        .bind(&name)
+        .fetch_one(&mut lock)
+        .await?;
+    if !locked {
+        return Err(EngineError::Locked(name));
+    }
+    let mut p = Pipeline::open(shared.clone(), dataset.clone()).await?;
+    let consumers = p.consumers(shutdown).await?;
+    let mut merged = select_all(
+        consumers
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, c))| c.stream().map(move |m| (i, m))),
+    );
+    ready.store(true, Ordering::Release);
+    tracing::info!(dataset = %name, "Labeler pipeline running");
+    let interval = shared.cfg.commit_interval();
+    let mut next_commit = tokio::time::Instant::now() + interval;
+    let mut since_advance = 0usize;
+    loop {
+        let item = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                p.advance().await?;
+                p.commit().await?;
+                tracing::info!(dataset = %name, "Labeler pipeline stopped after a final commit");
+                return Ok(());
+            }
+            item = merged.next() => item,
+            () = tokio::time::sleep_until(next_commit) => None,
+        };
+        match item {
+            Some((i, Ok(msg))) => {
+                let (topic, table, _) = &consumers[i];
+                p.handle(topic, table.as_deref(), &msg).await?;
+                since_advance += 1;
+            }
+            Some((i, Err(KafkaError::PartitionEOF(partition)))) => {
+                p.watermarks.reached_end(&consumers[i].0, partition);
+                since_advance = usize::MAX;
+            }
+            Some((_, Err(e))) => return Err(e.into()),
+            None => since_advance = usize::MAX,
+        }
+        if since_advance >= 2000 {
+            p.advance().await?;
+            since_advance = 0;
+        }
+        let due = tokio::time::Instant::now() >= next_commit;
+        if p.rows.len() >= shared.cfg.datasets.commit_max_rows || (due && p.has_progress()) {
+            p.advance().await?;
+            p.commit().await?;
+        }
+        if due {
+            next_commit = tokio::time::Instant::now() + interval;
+        }
+    }
+}
+
+/// The committed position of a dataset.
+#[derive(Debug, Default)]
+struct Position {
+    seq: i64,
+    offsets: BTreeMap<String, i64>,
+    watermarks: BTreeMap<String, i64>,
+    emitted_through_ms: i64,
+}
+
+struct Pipeline {
+    shared: Shared,
+    dataset: Dataset,
+    name: String,
+    watermarks: Watermarks,
+    /// Next offset to read, per `topic/partition`.
+    offsets: BTreeMap<String, i64>,
+    /// First offset read since the last commit, per `topic/partition`.
+    batch_start: BTreeMap<String, i64>,
+    emitted_through_ms: i64,
+    seq: i64,
+    pending_impressions: Vec<StoredImpression>,
+    pending_outcomes: Vec<Outcome>,
+    rows: Vec<Example>,
+}
+
+impl Pipeline {
+    async fn open(shared: Shared, dataset: Dataset) -> Result<Self, EngineError> {
+        let name = dataset.name().to_owned();
+        let row = sqlx::query(
+            "SELECT spec_hash, seq, offsets, watermarks, emitted_through_ms
+             FROM labeler.positions WHERE dataset = $1",
+        )
+        .bind(&name)
+        .fetch_optional(&shared.control)
+        .await?;
+        let position = match row {
+            None => Position {
+                emitted_through_ms: i64::MIN,
+                ..Position::default()
+            },
+            Some(r) => {
+                let committed: String = r.try_get("spec_hash")?;
+                if committed != dataset.spec.hash {
+                    return Err(EngineError::SpecChanged {
+                        dataset: name,
+                        committed,
+                        configured: dataset.spec.hash.clone(),
+                    });
+                }
+                let parse = |text: String| {
+                    serde_json::from_str::<BTreeMap<String, i64>>(&text).map_err(|e| {
+                        EngineError::Position {
+                            dataset: name.clone(),
+                            message: e.to_string(),
+                        }
+                    })
+                };
+                Position {
+                    seq: r.try_get("seq")?,
+                    offsets: parse(r.try_get("offsets")?)?,
+                    watermarks: parse(r.try_get("watermarks")?)?,
+                    emitted_through_ms: r.try_get("emitted_through_ms")?,
+                }
+            }
+        };
+        let mut watermarks = Watermarks::default();
+        watermarks.restore(position.watermarks);
+        let p = Self {
+            shared,
+            dataset,
+            name,
+            watermarks,
+            offsets: position.offsets,
+            batch_start: BTreeMap::new(),
+            emitted_through_ms: position.emitted_through_ms,
+            seq: position.seq,
+            pending_impressions: Vec::new(),
+            pending_outcomes: Vec::new(),
+            rows: Vec::new(),
+        };
+        p.clean_uncommitted().await?;
+        publish_pending(&p.shared, Some(&p.name)).await?;
+        Ok(p)
+    }
+
+    /// Deletes files and manifests no committed partition version references (left by a
+    /// commit that did not finish).
+    async fn clean_uncommitted(&self) -> Result<(), EngineError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT ON (partition) partition, version, manifest
+             FROM labeler.partitions WHERE dataset = $1 ORDER BY partition, version DESC",
+        )
+        .bind(&self.name)
+        .fetch_all(&self.shared.control)
+        .await?;
+        let mut keep = HashSet::new();
+        let mut latest = HashMap::new();
+        for r in rows {
+            let partition: String = r.try_get("partition")?;
+            let version: i32 = r.try_get("version")?;
+            let manifest: Manifest = serde_json::from_str(&r.try_get::<String, _>("manifest")?)
+                .map_err(DatasetError::from)?;
+            for f in &manifest.files {
+                if let Some(rel) = self.shared.root.rel_of(&f.uri) {
+                    keep.insert(rel.to_owned());
+                }
+            }
+            latest.insert(partition, version);
+        }
+        let mut removed = 0;
+        for rel in self.shared.root.list(&self.name).await? {
+            let Some((dir, file)) = rel.rsplit_once('/') else {
+                continue;
+            };
+            let partition = dir.strip_prefix(&format!("{}/", self.name)).unwrap_or(dir);
+            let orphan = if file.ends_with(".parquet") {
+                !keep.contains(&rel)
+            } else if let Some(v) = file
+                .strip_prefix("_manifest.v")
+                .and_then(|v| v.strip_suffix(".json"))
+                .and_then(|v| v.parse::<i32>().ok())
+            {
+                latest.get(partition).is_none_or(|l| v > *l)
+            } else {
+                false
+            };
+            if orphan {
+                self.shared.root.delete(&rel).await?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(dataset = %self.name, files = removed, "Removed files of an unfinished commit");
+        }
+        Ok(())
+    }
+
+    /// Consumers of the input topics, assigned from the committed offsets.
+    async fn consumers(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<(String, Option<String>, StreamConsumer<QuietEof>)>, EngineError> {
+        let cfg = &self.shared.cfg;
+        let mut out = Vec::new();
+        for (topic, table) in input_topics(cfg, &self.dataset.spec) {
+            let consumer = consumer(&cfg.kafka, &cfg.consumer, &self.name)?;
+            let partitions = wait_for_partitions(
+                &consumer,
+                &topic,
+                Duration::from_millis(cfg.inputs.wait_for_topics_ms),
+                shutdown,
+            )
+            .await?;
+            let mut tpl = TopicPartitionList::new();
+            for p in partitions {
+                let offset = self
+                    .offsets
+                    .get(&tp(&topic, p))
+                    .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                tpl.add_partition_offset(&topic, p, offset)?;
+                self.watermarks.assign(&topic, p);
+            }
+            consumer.assign(&tpl)?;
+            out.push((topic, table, consumer));
+        }
+        Ok(out)
+    }
+
+    fn has_progress(&self) -> bool {
+        !self.rows.is_empty() || !self.batch_start.is_empty()
+    }
+
+    async fn handle(
+        &mut self,
+        topic: &str,
+        table: Option<&str>,
+        msg: &BorrowedMessage<'_>,
+    ) -> Result<(), EngineError> {
+        let partition = msg.partition();
+        let offset = msg.offset();
+        let key = tp(topic, partition);
+        self.offsets.insert(key.clone(), offset + 1);
+        self.batch_start.entry(key).or_insert(offset);
+        let Some(bytes) = msg.payload() else {
+            // Tombstones of compacted cdc topics carry nothing to label.
+            observability::record(&self.name, "other");
+            return Ok(());
+        };
+        let source = SourceRef {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+        };
+        let watermark = self.watermarks.partition(topic, partition);
+        let decoded = match self.decode(table, msg.key(), bytes, source.clone(), watermark).await? {
+            Ok(d) => d,
+            Err((reason, detail)) => {
+                return self.dead_letter(reason, &detail, bytes, &source).await;
+            }
+        };
+        self.watermarks.observe(topic, partition, decoded.time_ms);
+        match decoded.input {
+            Input::Impression(impression) => {
+                observability::record(&self.name, "impression");
+                let spec = self.dataset.spec.clone();
+                let stored = StoredImpression {
+                    example_id: spec.example_id(&impression),
+                    close_ms: spec.close_ms(&impression),
+                    impression,
+                };
+                if stored.close_ms <= self.emitted_through_ms {
+                    // Its close has passed already: emit it now with what is known.
+                    observability::late_impression(&self.name);
+                    self.flush().await?;
+                    let outcomes = self
+                        .shared
+                        .state
+                        .outcomes_by_keys(&self.name, &stored.impression.keys())
+                        .await?;
+                    let labeled = spec.label(&stored.impression, &outcomes, true);
+                    self.rows.push(Example {
+                        example_id: stored.example_id,
+                        version: 1,
+                        impression: stored.impression.clone(),
+                        labeled,
+                    });
+                    observability::examples(&self.name, "first", 1);
+                    if spec.spec.late_outcomes == LatePolicy::Correct {
+                        self.pending_impressions.push(stored);
+                    }
+                } else {
+                    self.pending_impressions.push(stored);
+                }
+            }
+            Input::Outcomes(outcomes) if outcomes.is_empty() => {
+                observability::record(&self.name, "other");
+            }
+            Input::Outcomes(outcomes) => {
+                observability::record(&self.name, "outcome");
+                for o in outcomes {
+                    // Most outcomes are on time for every impression they can join; only the
+                    // others need the join state now.
+                    if self.dataset.spec.may_be_late(&o) {
+                        self.late_outcome(&o).await?;
+                    }
+                    self.pending_outcomes.push(o);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a record; `Ok(Err(..))` is a poison record for the dead-letter topic.
+    async fn decode(
+        &self,
+        table: Option<&str>,
+        key: Option<&[u8]>,
+        bytes: &[u8],
+        source: SourceRef,
+        watermark: i64,
+    ) -> Result<Result<Decoded, (DeadLetterReason, String)>, EngineError> {
+        let frame = match wire::split(bytes) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err((DeadLetterReason::DecodeFailure, e.to_string()))),
+        };
+        let schema = match self.shared.registry.schema(frame.schema_id).await {
+            Ok(s) => s,
+            Err(RegistryClientError::Codec(e)) => {
+                return Ok(Err((DeadLetterReason::DecodeFailure, e.to_string())));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let spec = &self.dataset.spec;
+        let decoded = match table {
+            None => input::event(spec, &schema, frame.body, source, watermark),
+            Some(table) => {
+                let origin = format!("{}/{}/{}", source.topic, source.partition, source.offset);
+                input::change(spec, table, &schema, key, frame.body, &origin, watermark)
+            }
+        };
+        Ok(decoded.map_err(|e| (DeadLetterReason::DecodeFailure, e.to_string())))
+    }
+
+    /// An outcome read after its partition passed the close of impressions it joins.
+    async fn late_outcome(&mut self, o: &Outcome) -> Result<(), EngineError> {
+        self.flush().await?;
+        let spec = self.dataset.spec.clone();
+        let state = self.shared.state.clone();
+        let impressions = state.impressions_by_keys(&self.name, std::slice::from_ref(&o.join_key)).await?;
+        for imp in impressions {
+            let keys = imp.impression.keys();
+            if !spec.joins(&imp.impression, &keys, o) || Compiled::on_time(o, imp.close_ms) {
+                continue;
+            }
+            let policy = spec.spec.late_outcomes;
+            let mut outcomes = state.outcomes_by_keys(&self.name, &keys).await?;
+            // A client's duplicate (same record id, another origin) changes nothing; a replay
+            // of this very record after a crash is corrected again.
+            if outcomes
+                .iter()
+                .any(|x| x.name == o.name && x.id == o.id && x.origin != o.origin)
+            {
+                continue;
+            }
+            observability::late_outcome(
+                &self.name,
+                match policy {
+                    LatePolicy::Drop => "drop",
+                    LatePolicy::Correct => "correct",
+                },
+            );
+            if policy == LatePolicy::Drop {
+                continue;
+            }
+            outcomes.push(o.clone());
+            let labeled = spec.label(&imp.impression, &outcomes, true);
+            let version = 1 + i32::try_from(labeled.late_outcomes).unwrap_or(i32::MAX - 1);
+            self.rows.push(Example {
+                example_id: imp.example_id,
+                version,
+                impression: imp.impression,
+                labeled,
+            });
+            observability::examples(&self.name, "correction", 1);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), EngineError> {
+        if !self.pending_impressions.is_empty() {
+            self.shared
+                .state
+                .put_impressions(&self.name, &self.pending_impressions)
+                .await?;
+            self.pending_impressions.clear();
+        }
+        if !self.pending_outcomes.is_empty() {
+            self.shared
+                .state
+                .put_outcomes(&self.name, &self.pending_outcomes)
+                .await?;
+            self.pending_outcomes.clear();
+        }
+        Ok(())
+    }
+
+    /// Emits every example whose close the global watermark has reached.
+    async fn advance(&mut self) -> Result<(), EngineError> {
+        let w = self.watermarks.global();
+        observability::watermark(&self.name, w, now_ms());
+        if w <= self.emitted_through_ms {
+            return Ok(());
+        }
+        self.flush().await?;
+        let spec = self.dataset.spec.clone();
+        let state = self.shared.state.clone();
+        let mut cursor = CloseCursor::after(self.emitted_through_ms);
+        loop {
+            let page = state.due_impressions(&self.name, cursor, w, 2000).await?;
+            let Some(last) = page.last() else { break };
+            cursor = CloseCursor {
+                close_ms: last.close_ms,
+                example_id: last.example_id,
+            };
+            let keys: Vec<String> = page
+                .iter()
+                .flat_map(|i| i.impression.keys())
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let mut by_key: HashMap<String, Vec<Outcome>> = HashMap::new();
+            for o in state.outcomes_by_keys(&self.name, &keys).await? {
+                by_key.entry(o.join_key.clone()).or_default().push(o);
+            }
+            let n = page.len();
+            for imp in page {
+                let outcomes: Vec<Outcome> = imp
+                    .impression
+                    .keys()
+                    .iter()
+                    .filter_map(|k| by_key.get(k))
+                    .flatten()
+                    .cloned()
+                    .collect();
+                let labeled = spec.label(&imp.impression, &outcomes, false);
+                self.rows.push(Example {
+                    example_id: imp.example_id,
+                    version: 1,
+                    impression: imp.impression,
+                    labeled,
+                });
+            }
+            observability::examples(&self.name, "first", n as u64);
+        }
+        self.emitted_through_ms = w;
+        Ok(())
+    }
+
+    /// Writes the waiting examples and commits them with the position they cover.
+    async fn commit(&mut self) -> Result<(), EngineError> {
+        if !self.has_progress() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.flush().await?;
+        let shared = self.shared.clone();
+        let root = &shared.root;
+        let spec = &self.dataset.spec;
+        let sources: Vec<SourceRange> = self
+            .batch_start
+            .iter()
+            .filter_map(|(k, start)| {
+                let (topic, partition) = k.rsplit_once('/')?;
+                Some(SourceRange {
+                    topic: topic.to_owned(),
+                    partition: partition.parse().ok()?,
+                    start_offset: *start,
+                    end_offset: self.offsets.get(k).copied().unwrap_or(*start),
+                })
+            })
+            .collect();
+
+        // 1. Files, grouped by Hive partition.
+        let mut by_partition: BTreeMap<String, Vec<Example>> = BTreeMap::new();
+        for row in self.rows.drain(..) {
+            by_partition.entry(row.partition()).or_default().push(row);
+        }
+        let schema = dataset::arrow_schema(&spec.spec);
+        let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM labeler.erasure_epochs WHERE dataset = $1")
+            .bind(&self.name)
+            .fetch_optional(&shared.control)
+            .await?
+            .unwrap_or(0);
+        let committed_at = now_ms();
+        let mut manifests = Vec::new();
+        let mut users: Vec<(String, String)> = Vec::new();
+        for (partition, rows) in &by_partition {
+            let batch = dataset::record_batch(&spec.spec, &schema, rows)?;
+            let bytes = tokio::task::block_in_place(|| dataset::parquet_bytes(&batch))?;
+            let rel = data_file_rel(&self.name, partition);
+            let file = DataFile {
+                uri: root.uri_of(&rel),
+                row_count: rows.len() as i64,
+                byte_size: bytes.len() as i64,
+                sha256: dataset::sha256_hex(&bytes),
+            };
+            root.put(&rel, bytes).await?;
+            let previous = latest_manifest(&shared.control, &self.name, partition).await?;
+            let manifest = next_manifest(NextManifest {
+                previous: previous.as_ref(),
+                root,
+                dataset: &self.name,
+                partition,
+                file,
+                rows,
+                sources: &sources,
+                schema_id: self.dataset.labels_schema.id(),
+                spec_hash: &spec.hash,
+                epoch,
+                committed_at,
+            });
+            root.put(
+                &manifest_rel(&self.name, partition, manifest.version),
+                serde_json::to_vec_pretty(&manifest).map_err(DatasetError::from)?,
+            )
+            .await?;
+            let mut seen = HashSet::new();
+            for r in rows {
+                for u in [&r.impression.viewer_id, &r.impression.candidate_id] {
+                    if seen.insert(u.as_str()) {
+                        users.push((u.clone(), partition.clone()));
+                    }
+                }
+            }
+            manifests.push(manifest);
+        }
+
+        // 2. The labels topic, acknowledged.
+        self.publish_examples(&by_partition).await?;
+
+        // 3. One transaction: manifests, the per-user index, the position.
+        let mut tx = shared.control.begin().await?;
+        for m in &manifests {
+            sqlx::query(
+                "INSERT INTO labeler.partitions
+                 (dataset, partition, version, manifest_uri, manifest, row_count, byte_size, erasure_epoch)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&m.dataset)
+            .bind(&m.partition)
+            .bind(m.version)
+            .bind(&m.manifest_uri)
+            .bind(serde_json::to_string(m).map_err(DatasetError::from)?)
+            .bind(m.row_count)
+            .bind(m.byte_size)
+            .bind(m.erasure_epoch)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !users.is_empty() {
+            let (user_ids, partitions): (Vec<String>, Vec<String>) = users.into_iter().unzip();
+            sqlx::query(
+                "INSERT INTO labeler.partition_users (dataset, user_id, partition)
+                 SELECT $1, u, p FROM UNNEST($2::text[], $3::text[]) AS t(u, p)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&self.name)
+            .bind(&user_ids)
+            .bind(&partitions)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let json = |m: &BTreeMap<String, i64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
+        sqlx::query(
+            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, watermarks, emitted_through_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (dataset) DO UPDATE SET spec_hash = EXCLUDED.spec_hash, seq = EXCLUDED.seq,
+               offsets = EXCLUDED.offsets, watermarks = EXCLUDED.watermarks,
+               emitted_through_ms = EXCLUDED.emitted_through_ms, committed_at = now()",
+        )
+        .bind(&self.name)
+        .bind(&spec.hash)
+        .bind(self.seq + 1)
+        .bind(json(&self.offsets))
+        .bind(json(&self.watermarks.snapshot()))
+        .bind(self.emitted_through_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.seq += 1;
+        self.batch_start.clear();
+        let rows: usize = by_partition.values().map(Vec::len).sum();
+
+        // 4. Announce, then forget state committed examples no longer need.
+        publish_pending(&shared, Some(&self.name)).await?;
+        if self.emitted_through_ms > i64::MIN {
+            let keep_after_close = spec.retention_after_close_ms;
+            let expired = shared
+                .state
+                .expire(
+                    &self.name,
+                    self.emitted_through_ms.saturating_sub(keep_after_close),
+                    self.emitted_through_ms
+                        .saturating_sub(keep_after_close)
+                        .saturating_sub(spec.close_after_ms),
+                )
+                .await?;
+            observability::expired(&self.name, expired);
+        }
+        observability::committed(&self.name, started.elapsed().as_secs_f64(), 0);
+        tracing::debug!(dataset = %self.name, rows, partitions = manifests.len(), "Committed");
+        Ok(())
+    }
+
+    async fn publish_examples(&self, rows: &BTreeMap<String, Vec<Example>>) -> Result<(), EngineError> {
+        let topic = &self.dataset.labels_topic;
+        let mut encoder = self.dataset.labels_schema.encoder();
+        let mut futures = Vec::new();
+        for row in rows.values().flatten() {
+            let record = LabeledExampleRecord::new(&self.name, &self.dataset.spec.hash, row);
+            let mut value = Vec::with_capacity(512);
+            encoder.encode(&record, &mut value)?;
+            let key = row.impression.match_id.to_string();
+            let version = row.version.to_string();
+            let id = row.example_id.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "example_id", value: Some(id.as_str()) })
+                .insert(Header { key: "version", value: Some(version.as_str()) });
+            let record = FutureRecord::to(topic).key(&key).payload(&value).headers(headers);
+            futures.push(send(&self.shared.producer, record).await?);
+        }
+        for f in futures {
+            f.await.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        reason: DeadLetterReason,
+        detail: &str,
+        original: &[u8],
+        source: &SourceRef,
+    ) -> Result<(), EngineError> {
+        observability::record(&self.name, "dead_letter");
+        observability::dead_letter(&self.name, reason.as_str());
+        tracing::warn!(dataset = %self.name, topic = %source.topic, partition = source.partition, offset = source.offset, reason = reason.as_str(), detail, "Poison record sent to the dead-letter topic");
+        let dl = DeadLetter {
+            dead_letter_id: Uuid::now_v7(),
+            service: "labeler".into(),
+            reason,
+            detail: detail.to_owned(),
+            path: None,
+            event_type: None,
+            event_id: None,
+            app_id: None,
+            source_topic: Some(source.topic.clone()),
+            source_partition: Some(source.partition),
+            source_offset: Some(source.offset),
+            original: original.to_vec(),
+            received_at: now_ms(),
+        };
+        let mut value = Vec::new();
+        self.shared.deadletter.encode(&dl, &mut value)?;
+        let key = format!("{}/{}", source.topic, source.partition);
+        let record: FutureRecord<'_, String, Vec<u8>> = FutureRecord::to(DEADLETTER_TOPIC).key(&key).payload(&value);
+        let f = send(&self.shared.producer, record).await?;
+        f.await.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+        Ok(())
+    }
+}
+
+type Delivery = rdkafka::producer::DeliveryFuture;
+
+/// Enqueues a record, waiting while the producer queue is full.
+async fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<Delivery, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+fn consumer(
+    kafka: &KafkaConfig,
+    properties: &BTreeMap<String, String>,
+    dataset: &str,
+) -> Result<StreamConsumer<QuietEof>, KafkaError> {
+    let mut cfg: ClientConfig = kafka.client_config(&format!("feedloop-labeler-{dataset}"));
+    for (k, v) in properties {
+        cfg.set(k, v);
+    }
+    cfg.set("group.id", format!("feedloop-labeler-{dataset}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest");
+    cfg.create_with_context(QuietEof)
+}
+
+async fn wait_for_partitions(
+    consumer: &StreamConsumer<QuietEof>,
+    topic: &str,
+    wait: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Vec<i32>, EngineError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let md = tokio::task::block_in_place(|| {
+            consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
+        })?;
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if !partitions.is_empty() {
+            return Ok(partitions);
+        }
+        if Instant::now() >= deadline || shutdown.is_cancelled() {
+            return Err(EngineError::MissingTopic(topic.to_owned()));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn latest_manifest(
+    pool: &PgPool,
+    dataset: &str,
+    partition: &str,
+) -> Result<Option<Manifest>, EngineError> {
+    let text: Option<String> = sqlx::query_scalar(
+        "SELECT manifest FROM labeler.partitions WHERE dataset = $1 AND partition = $2
+         ORDER BY version DESC LIMIT 1",
+    )
+    .bind(dataset)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match text {
+        Some(t) => Some(serde_json::from_str(&t).map_err(DatasetError::from)?),
+        None => None,
+    })
+}
+
+struct NextManifest<'a> {
+    previous: Option<&'a Manifest>,
+    root: &'a Root,
+    dataset: &'a str,
+    partition: &'a str,
+    file: DataFile,
+    rows: &'a [Example],
+    sources: &'a [SourceRange],
+    schema_id: u32,
+    spec_hash: &'a str,
+    epoch: i64,
+    committed_at: i64,
+}
+
+/// The partition's next version: the previous files plus the new one.
+fn next_manifest(n: NextManifest<'_>) -> Manifest {
+    let version = n.previous.map_or(1, |p| p.version + 1);
+    let mut files = n.previous.map(|p| p.files.clone()).unwrap_or_default();
+    files.push(n.file);
+    let mut counts = n.previous.map(|p| p.label_counts.clone()).unwrap_or_default();
+    for r in n.rows {
+        *counts.entry(r.labeled.label.as_str().to_owned()).or_insert(0) += 1;
+    }
+    let times = n.rows.iter().map(|r| r.impression.time_ms);
+    let (mut lo, mut hi) = n
+        .previous
+        .map_or((i64::MAX, i64::MIN), |p| (p.event_time_min, p.event_time_max));
+    for t in times {
+        lo = lo.min(t);
+        hi = hi.max(t);
+    }
+    let mut sources: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
+    for s in n.previous.map(|p| p.sources.as_slice()).unwrap_or_default().iter().chain(n.sources) {
+        let e = sources
+            .entry((s.topic.clone(), s.partition))
+            .or_insert((s.start_offset, s.end_offset));
+        e.0 = e.0.min(s.start_offset);
+        e.1 = e.1.max(s.end_offset);
+    }
+    let rel = manifest_rel(n.dataset, n.partition, version);
+    Manifest {
+        dataset: n.dataset.to_owned(),
+        partition: n.partition.to_owned(),
+        version,
+        manifest_uri: n.root.uri_of(&rel),
+        row_count: files.iter().map(|f| f.row_count).sum(),
+        byte_size: files.iter().map(|f| f.byte_size).sum(),
+        files,
+        schema_id: i32::try_from(n.schema_id).unwrap_or(i32::MAX),
+        event_time_min: lo,
+        event_time_max: hi,
+        sources: sources
+            .into_iter()
+            .map(|((topic, partition), (start_offset, end_offset))| SourceRange {
+                topic,
+                partition,
+                start_offset,
+                end_offset,
+            })
+            .collect(),
+        label_spec_hash: n.spec_hash.to_owned(),
+        label_counts: counts,
+        erasure_epoch: n.epoch,
+        supersedes_version: n.previous.map(|p| p.version),
+        committed_at: n.committed_at,
+    }
+}
+
+/// Announces committed partition versions not announced yet (of one dataset, or all).
+pub async fn publish_pending(shared: &Shared, dataset: Option<&str>) -> Result<(), EngineError> {
+    let rows = sqlx::query(
+        "SELECT dataset, partition, version, manifest FROM labeler.partitions
+         WHERE published_at IS NULL AND ($1::text IS NULL OR dataset = $1)
+         ORDER BY committed_at, dataset, partition, version",
+    )
+    .bind(dataset)
+    .fetch_all(&shared.control)
+    .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut futures = Vec::new();
+    let mut done = Vec::new();
+    for r in &rows {
+        let manifest: Manifest = serde_json::from_str(&r.try_get::<String, _>("manifest")?)
+            .map_err(DatasetError::from)?;
+        let mut value = Vec::new();
+        shared.partitions_schema.encode(&manifest, &mut value)?;
+        let record = FutureRecord::to(PARTITIONS_TOPIC).key(&manifest.dataset).payload(&value);
+        futures.push(send(&shared.producer, record).await?);
+        done.push((
+            r.try_get::<String, _>("dataset")?,
+            r.try_get::<String, _>("partition")?,
+            r.try_get::<i32, _>("version")?,
+        ));
+    }
+    for f in futures {
+        f.await.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+    }
+    let (datasets, rest): (Vec<String>, Vec<(String, i32)>) =
+        done.into_iter().map(|(d, p, v)| (d, (p, v))).unzip();
+    let (partitions, versions): (Vec<String>, Vec<i32>) = rest.into_iter().unzip();
+    sqlx::query(
+        "UPDATE labeler.partitions p SET published_at = now()
+         FROM UNNEST($1::text[], $2::text[], $3::int[]) AS t(d, pa, v)
+         WHERE p.dataset = t.d AND p.partition = t.pa AND p.version = t.v",
+    )
+    .bind(&datasets)
+    .bind(&partitions)
+    .bind(&versions)
+    .execute(&shared.control)
+    .await?;
+    Ok(())
+}
+
+/// `io.feedloop.labels.LabeledExample` on `feedloop.labels.<dataset>`.
+#[derive(Debug, Serialize)]
+struct LabeledExampleRecord<'a> {
+    example_id: String,
+    dataset: &'a str,
+    label_spec_hash: &'a str,
+    version: i32,
+    impression_event_id: String,
+    match_id: String,
+    viewer_id: &'a str,
+    candidate_id: &'a str,
+    impression_time: i64,
+    request_id: &'a str,
+    model_version: &'a str,
+    experiment_id: Option<&'a str>,
+    experiment_arm: Option<&'a str>,
+    rank: i32,
+    score: f64,
+    features: &'a BTreeMap<String, Option<FeatureValue>>,
+    accepted: Option<bool>,
+    chat_seconds: Option<f64>,
+    reported: bool,
+    blocked: bool,
+    label: Label,
+    extra_labels: BTreeMap<&'a str, Option<FeatureValue>>,
+    window_closed_at: i64,
+    source_topic: &'a str,
+    source_partition: i32,
+    source_offset: i64,
+}
+
+fn feature(v: &Scalar) -> Option<FeatureValue> {
+    match v {
+        Scalar::Null => None,
+        Scalar::Bool(b) => Some(FeatureValue::Bool(*b)),
+        Scalar::Long(l) => Some(FeatureValue::Long(*l)),
+        Scalar::Double(d) => Some(FeatureValue::Double(*d)),
+        Scalar::Text(t) => Some(FeatureValue::String(t.clone())),
+    }
+}
+
+impl<'a> LabeledExampleRecord<'a> {
+    fn new(dataset: &'a str, spec_hash: &'a str, row: &'a Example) -> Self {
+        let i = &row.impression;
+        let l = &row.labeled;
+        let bool_of = |n: &str| matches!(l.value(n), Some(Scalar::Bool(true)));
+        Self {
+            example_id: row.example_id.to_string(),
+            dataset,
+            label_spec_hash: spec_hash,
+            version: row.version,
+            impression_event_id: i.event_id.to_string(),
+            match_id: i.match_id.to_string(),
+            viewer_id: &i.viewer_id,
+            candidate_id: &i.candidate_id,
+            impression_time: i.time_ms,
+            request_id: &i.request_id,
+            model_version: &i.model_version,
+            experiment_id: i.experiment_id.as_deref(),
+            experiment_arm: i.experiment_arm.as_deref(),
+            rank: i.rank,
+            score: i.score,
+            features: &i.features,
+            accepted: match l.value("accepted") {
+                Some(Scalar::Bool(b)) => Some(*b),
+                _ => None,
+            },
+            chat_seconds: match l.value("chat_seconds") {
+                Some(Scalar::Double(d)) => Some(*d),
+                Some(Scalar::Long(v)) => Some(*v as f64),
+                _ => None,
+            },
+            reported: bool_of("reported"),
+            blocked: bool_of("blocked"),
+            label: l.label,
+            extra_labels: l
+                .values
+                .iter()
+                .filter(|(n, _)| !TYPED_OUTCOMES.iter().any(|(t, _)| t == n))
+                .map(|(n, v)| (n.as_str(), feature(v)))
+                .collect(),
+            window_closed_at: l.close_ms,
+            source_topic: &i.source.topic,
+            source_partition: i.source.partition,
+            source_offset: i.source.offset,
+        }
+    }
+}

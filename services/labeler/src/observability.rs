@@ -1,0 +1,78 @@
+//! The labeler's metrics (`feedloop_labeler_*`).
+
+use feedloop_core::http::HttpMetrics;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+
+pub const RECORDS: &str = "feedloop_labeler_records_total";
+pub const EXAMPLES: &str = "feedloop_labeler_examples_total";
+pub const LATE_OUTCOMES: &str = "feedloop_labeler_late_outcomes_total";
+pub const LATE_IMPRESSIONS: &str = "feedloop_labeler_late_impressions_total";
+pub const DEAD_LETTERS: &str = "feedloop_labeler_dead_letters_total";
+pub const COMMITS: &str = "feedloop_labeler_commits_total";
+pub const COMMIT_DURATION: &str = "feedloop_labeler_commit_duration_seconds";
+pub const WATERMARK_LAG: &str = "feedloop_labeler_watermark_lag_seconds";
+pub const PENDING_ROWS: &str = "feedloop_labeler_pending_rows";
+pub const RESTARTS: &str = "feedloop_labeler_restarts_total";
+pub const STATE_EXPIRED: &str = "feedloop_labeler_state_expired_entries_total";
+
+pub const HTTP: HttpMetrics = HttpMetrics {
+    requests: "feedloop_labeler_http_requests_total",
+    duration: "feedloop_labeler_http_request_duration_seconds",
+};
+
+pub fn describe() {
+    describe_counter!(RECORDS, "Input records read, by dataset and kind (impression, outcome, other, dead_letter).");
+    describe_counter!(EXAMPLES, "Labeled examples written, by dataset and kind (first, correction).");
+    describe_counter!(LATE_OUTCOMES, "Outcomes that arrived after their example closed, by dataset and policy.");
+    describe_counter!(LATE_IMPRESSIONS, "Impressions read after their own example had closed, by dataset.");
+    describe_counter!(DEAD_LETTERS, "Input records sent to feedloop.deadletter, by dataset and reason.");
+    describe_counter!(COMMITS, "Dataset commits (files, manifests and offsets), by dataset.");
+    describe_histogram!(COMMIT_DURATION, "Time to commit a batch: files, Kafka, Postgres.");
+    describe_gauge!(WATERMARK_LAG, "Wall clock minus the dataset's global event-time watermark.");
+    describe_gauge!(PENDING_ROWS, "Examples waiting for the next commit, by dataset.");
+    describe_counter!(RESTARTS, "Pipeline restarts from the last commit after an error, by dataset.");
+    describe_counter!(STATE_EXPIRED, "Join-state entries expired after their examples were committed.");
+    describe_counter!(HTTP.requests, "HTTP requests to the operational endpoints.");
+    describe_histogram!(HTTP.duration, "HTTP request duration.");
+}
+
+pub fn record(dataset: &str, kind: &'static str) {
+    counter!(RECORDS, "dataset" => dataset.to_owned(), "kind" => kind).increment(1);
+}
+
+pub fn examples(dataset: &str, kind: &'static str, n: u64) {
+    counter!(EXAMPLES, "dataset" => dataset.to_owned(), "kind" => kind).increment(n);
+}
+
+pub fn late_outcome(dataset: &str, policy: &'static str) {
+    counter!(LATE_OUTCOMES, "dataset" => dataset.to_owned(), "policy" => policy).increment(1);
+}
+
+pub fn late_impression(dataset: &str) {
+    counter!(LATE_IMPRESSIONS, "dataset" => dataset.to_owned()).increment(1);
+}
+
+pub fn dead_letter(dataset: &str, reason: &'static str) {
+    counter!(DEAD_LETTERS, "dataset" => dataset.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn committed(dataset: &str, seconds: f64, pending: usize) {
+    counter!(COMMITS, "dataset" => dataset.to_owned()).increment(1);
+    histogram!(COMMIT_DURATION, "dataset" => dataset.to_owned()).record(seconds);
+    gauge!(PENDING_ROWS, "dataset" => dataset.to_owned()).set(pending as f64);
+}
+
+pub fn watermark(dataset: &str, watermark_ms: i64, now_ms: i64) {
+    if watermark_ms > i64::MIN {
+        let lag = (now_ms.saturating_sub(watermark_ms)) as f64 / 1000.0;
+        gauge!(WATERMARK_LAG, "dataset" => dataset.to_owned()).set(lag);
+    }
+}
+
+pub fn restart(dataset: &str) {
+    counter!(RESTARTS, "dataset" => dataset.to_owned()).increment(1);
+}
+
+pub fn expired(dataset: &str, n: u64) {
+    counter!(STATE_EXPIRED, "dataset" => dataset.to_owned()).increment(n);
+}
