@@ -156,6 +156,20 @@ impl Drop for TestRegistry {
     }
 }
 
+/// The venv python `integration-tests/run` prepared (`FEEDLOOP_PYTHON` overrides).
+pub fn python() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("FEEDLOOP_PYTHON") {
+        return std::path::PathBuf::from(p);
+    }
+    let venv = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        venv.is_file(),
+        "{} is missing: run integration-tests/run (it creates the venv with confluent-kafka, fastavro and pyarrow), or set FEEDLOOP_PYTHON",
+        venv.display()
+    );
+    venv
+}
+
 /// Kafka configuration of the shared broker.
 pub fn kafka() -> feedloop_core::kafka::KafkaConfig {
     feedloop_core::kafka::KafkaConfig::new(infra().kafka_bootstrap)
@@ -351,6 +365,8 @@ pub mod events {
             .unwrap_or_else(|| panic!("event without id: {event}"))
     }
 }
+
+pub mod labeler;
 
 /// Reading back what landed on a topic.
 pub mod log {

@@ -8,6 +8,7 @@ use feedloop_core::{
     kafka::{KafkaConfig, create_missing},
     model::{Decision, Envelope, MatchDecision, Platform},
 };
+use feedloop_integration_tests::python;
 use feedloop_integration_tests::{TestRegistry, infra};
 use rdkafka::{
     ClientConfig, Message,
@@ -15,20 +16,6 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
 };
 use serde_json::Value;
-
-/// The venv python the test script prepared (`FEEDLOOP_PYTHON` overrides).
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("FEEDLOOP_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        venv.is_file(),
-        "{} is missing: run integration-tests/run (it creates the venv with confluent-kafka and fastavro), or set FEEDLOOP_PYTHON",
-        venv.display()
-    );
-    venv
-}
 
 fn decision(i: i64) -> MatchDecision {
     MatchDecision {

@@ -5,4 +5,5 @@ mod cdc_faults;
 mod collector;
 mod collector_faults;
 mod confluent_clients;
+mod labeler;
 mod registry;

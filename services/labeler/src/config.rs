@@ -112,7 +112,10 @@ impl Config {
         let mut names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
-            return Err(ConfigError::invalid("specs.files", "two specs have the same name"));
+            return Err(ConfigError::invalid(
+                "specs.files",
+                "two specs have the same name",
+            ));
         }
         if self.datasets.root.is_empty() {
             return Err(ConfigError::invalid("datasets.root", "must not be empty"));
@@ -124,7 +127,10 @@ impl Config {
             ));
         }
         if self.datasets.labels_partitions < 1 {
-            return Err(ConfigError::invalid("datasets.labels_partitions", "must be positive"));
+            return Err(ConfigError::invalid(
+                "datasets.labels_partitions",
+                "must be positive",
+            ));
         }
         if self.state.store == StoreKind::Scylla && self.state.scylla_nodes.is_empty() {
             return Err(ConfigError::invalid(

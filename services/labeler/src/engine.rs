@@ -112,7 +112,9 @@ pub struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("root", &self.root.uri).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("root", &self.root.uri)
+            .finish_non_exhaustive()
     }
 }
 
@@ -140,7 +142,12 @@ pub fn input_topics(cfg: &Config, spec: &Compiled) -> Vec<(String, Option<String
 }
 
 /// Runs the dataset's pipeline until `shutdown`, restarting from the last commit after errors.
-pub async fn run(shared: Shared, dataset: Dataset, shutdown: CancellationToken, ready: Arc<AtomicBool>) {
+pub async fn run(
+    shared: Shared,
+    dataset: Dataset,
+    shutdown: CancellationToken,
+    ready: Arc<AtomicBool>,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
         match session(&shared, &dataset, &shutdown, &ready).await {
@@ -168,10 +175,11 @@ async fn session(
     let name = dataset.name().to_owned();
     // One writer per dataset: a session-level advisory lock on its own connection.
     let mut lock = shared.control.acquire().await?.detach();
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('feedloop.labeler.' || $1))")
-        .bind(&name)
-        .fetch_one(&mut lock)
-        .await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('feedloop.labeler.' || $1))")
+            .bind(&name)
+            .fetch_one(&mut lock)
+            .await?;
     if !locked {
         return Err(EngineError::Locked(name));
     }
@@ -422,7 +430,10 @@ impl Pipeline {
             offset,
         };
         let watermark = self.watermarks.partition(topic, partition);
-        let decoded = match self.decode(table, msg.key(), bytes, source.clone(), watermark).await? {
+        let decoded = match self
+            .decode(table, msg.key(), bytes, source.clone(), watermark)
+            .await?
+        {
             Ok(d) => d,
             Err((reason, detail)) => {
                 return self.dead_letter(reason, &detail, bytes, &source).await;
@@ -436,7 +447,7 @@ impl Pipeline {
                 let stored = StoredImpression {
                     example_id: spec.example_id(&impression),
                     close_ms: spec.close_ms(&impression),
-                    impression,
+                    impression: *impression,
                 };
                 if stored.close_ms <= self.emitted_through_ms {
                     // Its close has passed already: emit it now with what is known.
@@ -516,7 +527,9 @@ impl Pipeline {
         self.flush().await?;
         let spec = self.dataset.spec.clone();
         let state = self.shared.state.clone();
-        let impressions = state.impressions_by_keys(&self.name, std::slice::from_ref(&o.join_key)).await?;
+        let impressions = state
+            .impressions_by_keys(&self.name, std::slice::from_ref(&o.join_key))
+            .await?;
         for imp in impressions {
             let keys = imp.impression.keys();
             if !spec.joins(&imp.impression, &keys, o) || Compiled::on_time(o, imp.close_ms) {
@@ -636,19 +649,6 @@ impl Pipeline {
         let shared = self.shared.clone();
         let root = &shared.root;
         let spec = &self.dataset.spec;
-        let sources: Vec<SourceRange> = self
-            .batch_start
-            .iter()
-            .filter_map(|(k, start)| {
-                let (topic, partition) = k.rsplit_once('/')?;
-                Some(SourceRange {
-                    topic: topic.to_owned(),
-                    partition: partition.parse().ok()?,
-                    start_offset: *start,
-                    end_offset: self.offsets.get(k).copied().unwrap_or(*start),
-                })
-            })
-            .collect();
 
         // 1. Files, grouped by Hive partition.
         let mut by_partition: BTreeMap<String, Vec<Example>> = BTreeMap::new();
@@ -656,11 +656,12 @@ impl Pipeline {
             by_partition.entry(row.partition()).or_default().push(row);
         }
         let schema = dataset::arrow_schema(&spec.spec);
-        let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM labeler.erasure_epochs WHERE dataset = $1")
-            .bind(&self.name)
-            .fetch_optional(&shared.control)
-            .await?
-            .unwrap_or(0);
+        let epoch: i64 =
+            sqlx::query_scalar("SELECT epoch FROM labeler.erasure_epochs WHERE dataset = $1")
+                .bind(&self.name)
+                .fetch_optional(&shared.control)
+                .await?
+                .unwrap_or(0);
         let committed_at = now_ms();
         let mut manifests = Vec::new();
         let mut users: Vec<(String, String)> = Vec::new();
@@ -683,7 +684,6 @@ impl Pipeline {
                 partition,
                 file,
                 rows,
-                sources: &sources,
                 schema_id: self.dataset.labels_schema.id(),
                 spec_hash: &spec.hash,
                 epoch,
@@ -740,7 +740,8 @@ impl Pipeline {
             .execute(&mut *tx)
             .await?;
         }
-        let json = |m: &BTreeMap<String, i64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
+        let json =
+            |m: &BTreeMap<String, i64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
         sqlx::query(
             "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, watermarks, emitted_through_ms)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -782,7 +783,10 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn publish_examples(&self, rows: &BTreeMap<String, Vec<Example>>) -> Result<(), EngineError> {
+    async fn publish_examples(
+        &self,
+        rows: &BTreeMap<String, Vec<Example>>,
+    ) -> Result<(), EngineError> {
         let topic = &self.dataset.labels_topic;
         let mut encoder = self.dataset.labels_schema.encoder();
         let mut futures = Vec::new();
@@ -794,13 +798,24 @@ impl Pipeline {
             let version = row.version.to_string();
             let id = row.example_id.to_string();
             let headers = OwnedHeaders::new()
-                .insert(Header { key: "example_id", value: Some(id.as_str()) })
-                .insert(Header { key: "version", value: Some(version.as_str()) });
-            let record = FutureRecord::to(topic).key(&key).payload(&value).headers(headers);
+                .insert(Header {
+                    key: "example_id",
+                    value: Some(id.as_str()),
+                })
+                .insert(Header {
+                    key: "version",
+                    value: Some(version.as_str()),
+                });
+            let record = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&value)
+                .headers(headers);
             futures.push(send(&self.shared.producer, record).await?);
         }
         for f in futures {
-            f.await.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+            f.await
+                .map_err(|_| KafkaError::Canceled)?
+                .map_err(|(e, _)| e)?;
         }
         Ok(())
     }
@@ -833,9 +848,12 @@ impl Pipeline {
         let mut value = Vec::new();
         self.shared.deadletter.encode(&dl, &mut value)?;
         let key = format!("{}/{}", source.topic, source.partition);
-        let record: FutureRecord<'_, String, Vec<u8>> = FutureRecord::to(DEADLETTER_TOPIC).key(&key).payload(&value);
+        let record: FutureRecord<'_, String, Vec<u8>> =
+            FutureRecord::to(DEADLETTER_TOPIC).key(&key).payload(&value);
         let f = send(&self.shared.producer, record).await?;
-        f.await.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+        f.await
+            .map_err(|_| KafkaError::Canceled)?
+            .map_err(|(e, _)| e)?;
         Ok(())
     }
 }
@@ -850,7 +868,10 @@ async fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToByte
     loop {
         match producer.send_result(record) {
             Ok(f) => return Ok(f),
-            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                r,
+            )) => {
                 record = r;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -929,7 +950,6 @@ struct NextManifest<'a> {
     partition: &'a str,
     file: DataFile,
     rows: &'a [Example],
-    sources: &'a [SourceRange],
     schema_id: u32,
     spec_hash: &'a str,
     epoch: i64,
@@ -941,25 +961,49 @@ fn next_manifest(n: NextManifest<'_>) -> Manifest {
     let version = n.previous.map_or(1, |p| p.version + 1);
     let mut files = n.previous.map(|p| p.files.clone()).unwrap_or_default();
     files.push(n.file);
-    let mut counts = n.previous.map(|p| p.label_counts.clone()).unwrap_or_default();
+    let mut counts = n
+        .previous
+        .map(|p| p.label_counts.clone())
+        .unwrap_or_default();
     for r in n.rows {
-        *counts.entry(r.labeled.label.as_str().to_owned()).or_insert(0) += 1;
+        *counts
+            .entry(r.labeled.label.as_str().to_owned())
+            .or_insert(0) += 1;
     }
     let times = n.rows.iter().map(|r| r.impression.time_ms);
-    let (mut lo, mut hi) = n
-        .previous
-        .map_or((i64::MAX, i64::MIN), |p| (p.event_time_min, p.event_time_max));
+    let (mut lo, mut hi) = n.previous.map_or((i64::MAX, i64::MIN), |p| {
+        (p.event_time_min, p.event_time_max)
+    });
     for t in times {
         lo = lo.min(t);
         hi = hi.max(t);
     }
+    // Lineage: the offset ranges of every impression and joined outcome behind the rows.
     let mut sources: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
-    for s in n.previous.map(|p| p.sources.as_slice()).unwrap_or_default().iter().chain(n.sources) {
+    let mut add = |topic: &str, partition: i32, start: i64, end: i64| {
         let e = sources
-            .entry((s.topic.clone(), s.partition))
-            .or_insert((s.start_offset, s.end_offset));
-        e.0 = e.0.min(s.start_offset);
-        e.1 = e.1.max(s.end_offset);
+            .entry((topic.to_owned(), partition))
+            .or_insert((start, end));
+        e.0 = e.0.min(start);
+        e.1 = e.1.max(end);
+    };
+    for s in n.previous.map(|p| p.sources.as_slice()).unwrap_or_default() {
+        add(&s.topic, s.partition, s.start_offset, s.end_offset);
+    }
+    for r in n.rows {
+        let src = &r.impression.source;
+        add(&src.topic, src.partition, src.offset, src.offset + 1);
+        for origin in &r.labeled.origins {
+            let mut parts = origin.rsplitn(3, '/');
+            let (Some(offset), Some(partition), Some(topic)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if let (Ok(o), Ok(p)) = (offset.parse::<i64>(), partition.parse::<i32>()) {
+                add(topic, p, o, o + 1);
+            }
+        }
     }
     let rel = manifest_rel(n.dataset, n.partition, version);
     Manifest {
@@ -975,12 +1019,14 @@ fn next_manifest(n: NextManifest<'_>) -> Manifest {
         event_time_max: hi,
         sources: sources
             .into_iter()
-            .map(|((topic, partition), (start_offset, end_offset))| SourceRange {
-                topic,
-                partition,
-                start_offset,
-                end_offset,
-            })
+            .map(
+                |((topic, partition), (start_offset, end_offset))| SourceRange {
+                    topic,
+                    partition,
+                    start_offset,
+                    end_offset,
+                },
+            )
             .collect(),
         label_spec_hash: n.spec_hash.to_owned(),
         label_counts: counts,
@@ -1010,7 +1056,9 @@ pub async fn publish_pending(shared: &Shared, dataset: Option<&str>) -> Result<(
             .map_err(DatasetError::from)?;
         let mut value = Vec::new();
         shared.partitions_schema.encode(&manifest, &mut value)?;
-        let record = FutureRecord::to(PARTITIONS_TOPIC).key(&manifest.dataset).payload(&value);
+        let record = FutureRecord::to(PARTITIONS_TOPIC)
+            .key(&manifest.dataset)
+            .payload(&value);
         futures.push(send(&shared.producer, record).await?);
         done.push((
             r.try_get::<String, _>("dataset")?,
@@ -1019,7 +1067,9 @@ pub async fn publish_pending(shared: &Shared, dataset: Option<&str>) -> Result<(
         ));
     }
     for f in futures {
-        f.await.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+        f.await
+            .map_err(|_| KafkaError::Canceled)?
+            .map_err(|(e, _)| e)?;
     }
     let (datasets, rest): (Vec<String>, Vec<(String, i32)>) =
         done.into_iter().map(|(d, p, v)| (d, (p, v))).unzip();

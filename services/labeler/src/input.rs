@@ -18,7 +18,7 @@ use crate::{
 /// What one record means to a spec.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    Impression(Impression),
+    Impression(Box<Impression>),
     /// Outcome values (none when the record feeds no outcome of the spec).
     Outcomes(Vec<Outcome>),
 }
@@ -131,7 +131,7 @@ pub fn event(
     if let Event::MatchImpression(i) = &event {
         return Ok(Decoded {
             time_ms,
-            input: Input::Impression(Impression {
+            input: Input::Impression(Box::new(Impression {
                 event_id: env.event_id,
                 match_id: i.match_id,
                 viewer_id: env.user_id.clone(),
@@ -145,7 +145,7 @@ pub fn event(
                 score: i.score,
                 features: i.features.clone(),
                 source,
-            }),
+            })),
         });
     }
     let Some(kind) = event_kind(&event) else {

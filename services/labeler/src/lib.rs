@@ -94,10 +94,12 @@ pub async fn state_store(
     Ok(match config.state.store {
         StoreKind::Postgres => Arc::new(state::postgres::PostgresStore::new(control.clone())),
         StoreKind::Scylla => {
-            return Err(StartError::Config(feedloop_core::config::ConfigError::invalid(
-                "state.store",
-                "the ScyllaDB adapter is not built yet",
-            )));
+            return Err(StartError::Config(
+                feedloop_core::config::ConfigError::invalid(
+                    "state.store",
+                    "the ScyllaDB adapter is not built yet",
+                ),
+            ));
         }
     })
 }
@@ -176,7 +178,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         });
     }
     let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
-    let ready: Vec<Arc<AtomicBool>> = datasets.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let ready: Vec<Arc<AtomicBool>> = datasets
+        .iter()
+        .map(|_| Arc::new(AtomicBool::new(false)))
+        .collect();
     let all_ready = ready.clone();
     let app = Router::new()
         .route(

@@ -4,8 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 
-use feedloop_labeler::Config;
 use feedloop_core::{shutdown, telemetry};
+use feedloop_labeler::Config;
 
 /// mimalloc: the services allocate per event and per change; glibc's malloc cost a quarter of
 /// the collector's CPU under load and fragmented its memory.

@@ -21,17 +21,50 @@ pub const HTTP: HttpMetrics = HttpMetrics {
 };
 
 pub fn describe() {
-    describe_counter!(RECORDS, "Input records read, by dataset and kind (impression, outcome, other, dead_letter).");
-    describe_counter!(EXAMPLES, "Labeled examples written, by dataset and kind (first, correction).");
-    describe_counter!(LATE_OUTCOMES, "Outcomes that arrived after their example closed, by dataset and policy.");
-    describe_counter!(LATE_IMPRESSIONS, "Impressions read after their own example had closed, by dataset.");
-    describe_counter!(DEAD_LETTERS, "Input records sent to feedloop.deadletter, by dataset and reason.");
-    describe_counter!(COMMITS, "Dataset commits (files, manifests and offsets), by dataset.");
-    describe_histogram!(COMMIT_DURATION, "Time to commit a batch: files, Kafka, Postgres.");
-    describe_gauge!(WATERMARK_LAG, "Wall clock minus the dataset's global event-time watermark.");
-    describe_gauge!(PENDING_ROWS, "Examples waiting for the next commit, by dataset.");
-    describe_counter!(RESTARTS, "Pipeline restarts from the last commit after an error, by dataset.");
-    describe_counter!(STATE_EXPIRED, "Join-state entries expired after their examples were committed.");
+    describe_counter!(
+        RECORDS,
+        "Input records read, by dataset and kind (impression, outcome, other, dead_letter)."
+    );
+    describe_counter!(
+        EXAMPLES,
+        "Labeled examples written, by dataset and kind (first, correction)."
+    );
+    describe_counter!(
+        LATE_OUTCOMES,
+        "Outcomes that arrived after their example closed, by dataset and policy."
+    );
+    describe_counter!(
+        LATE_IMPRESSIONS,
+        "Impressions read after their own example had closed, by dataset."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Input records sent to feedloop.deadletter, by dataset and reason."
+    );
+    describe_counter!(
+        COMMITS,
+        "Dataset commits (files, manifests and offsets), by dataset."
+    );
+    describe_histogram!(
+        COMMIT_DURATION,
+        "Time to commit a batch: files, Kafka, Postgres."
+    );
+    describe_gauge!(
+        WATERMARK_LAG,
+        "Wall clock minus the dataset's global event-time watermark."
+    );
+    describe_gauge!(
+        PENDING_ROWS,
+        "Examples waiting for the next commit, by dataset."
+    );
+    describe_counter!(
+        RESTARTS,
+        "Pipeline restarts from the last commit after an error, by dataset."
+    );
+    describe_counter!(
+        STATE_EXPIRED,
+        "Join-state entries expired after their examples were committed."
+    );
     describe_counter!(HTTP.requests, "HTTP requests to the operational endpoints.");
     describe_histogram!(HTTP.duration, "HTTP request duration.");
 }

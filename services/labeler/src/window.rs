@@ -262,6 +262,7 @@ impl Compiled {
             label,
             late_outcomes: late,
             close_ms: close,
+            origins: joined.values().map(|o| o.origin.clone()).collect(),
         }
     }
 }
@@ -275,6 +276,8 @@ pub struct Labeled {
     /// Joined outcomes that were late (whether or not they were included).
     pub late_outcomes: usize,
     pub close_ms: i64,
+    /// Where the joined outcomes were read (`topic/partition/offset`), for lineage.
+    pub origins: Vec<String>,
 }
 
 impl Labeled {
@@ -303,7 +306,7 @@ fn aggregate(agg: Aggregate, to: ValueType, outcomes: &[&Outcome]) -> Option<Sca
         Aggregate::Any => Scalar::Bool(outcomes.iter().any(|o| o.value.truthy())),
         Aggregate::Count => Scalar::Long(outcomes.len() as i64),
         Aggregate::First => values.into_iter().next().unwrap_or(Scalar::Null),
-        Aggregate::Last => values.into_iter().last().unwrap_or(Scalar::Null),
+        Aggregate::Last => values.into_iter().next_back().unwrap_or(Scalar::Null),
         Aggregate::Max | Aggregate::Min | Aggregate::Sum => {
             let nums = outcomes.iter().filter_map(|o| o.value.as_f64());
             let folded = match agg {

@@ -8,9 +8,9 @@ pub mod events;
 pub use deadletter::{DeadLetter, DeadLetterReason};
 pub use erasure::{ErasureOrigin, ErasureRequest};
 pub use events::{
-    ChatEnded, ChatEndedBy, Decision, Envelope, Event, EventDecodeError, EventType, FeatureValue, MatchDecision,
-    MatchImpression, Platform, ReportReason, ReportSubmitted, ScreenViewed, UserBlocked,
-    UserIdentified,
+    ChatEnded, ChatEndedBy, Decision, Envelope, Event, EventDecodeError, EventType, FeatureValue,
+    MatchDecision, MatchImpression, Platform, ReportReason, ReportSubmitted, ScreenViewed,
+    UserBlocked, UserIdentified,
 };
 
 #[cfg(test)]

@@ -100,11 +100,11 @@ async fn roundtrip_and_idempotence(store: &dyn StateStore) -> Result<(), Contrac
     const CASE: &str = "roundtrip_and_idempotence";
     let i = impression(1, "alice", "bob", 10_000);
     store
-        .put_impressions("ds-a", &[i.clone()])
+        .put_impressions("ds-a", std::slice::from_ref(&i))
         .await
         .map_err(fail(CASE))?;
     store
-        .put_impressions("ds-a", &[i.clone()])
+        .put_impressions("ds-a", std::slice::from_ref(&i))
         .await
         .map_err(fail(CASE))?;
     let due = store
@@ -133,11 +133,11 @@ async fn roundtrip_and_idempotence(store: &dyn StateStore) -> Result<(), Contrac
         .await
         .map_err(fail(CASE))?;
     store
-        .put_outcomes("ds-a", &[o.clone()])
+        .put_outcomes("ds-a", std::slice::from_ref(&o))
         .await
         .map_err(fail(CASE))?;
     let got = store
-        .outcomes_by_keys("ds-a", &[o.join_key.clone()])
+        .outcomes_by_keys("ds-a", std::slice::from_ref(&o.join_key))
         .await
         .map_err(fail(CASE))?;
     check(CASE, got == vec![o.clone()], || {
@@ -152,7 +152,7 @@ async fn roundtrip_and_idempotence(store: &dyn StateStore) -> Result<(), Contrac
         .await
         .map_err(fail(CASE))?;
     let got = store
-        .outcomes_by_keys("ds-a", &[o.join_key.clone()])
+        .outcomes_by_keys("ds-a", std::slice::from_ref(&o.join_key))
         .await
         .map_err(fail(CASE))?;
     check(CASE, sorted(got.clone()) == sorted(vec![o, o2]), || {
@@ -234,7 +234,7 @@ async fn lookups_by_key(store: &dyn StateStore) -> Result<(), ContractFailure> {
         .map_err(fail(CASE))?;
     let pair = pair_key("dave", "carol");
     let mut found = store
-        .impressions_by_keys("ds-a", &[pair.clone()])
+        .impressions_by_keys("ds-a", std::slice::from_ref(&pair))
         .await
         .map_err(fail(CASE))?;
     found.sort_by_key(|i| i.example_id);

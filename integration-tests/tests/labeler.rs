@@ -1,0 +1,198 @@
+//! The labeler against a real broker, registry, cdc and Postgres: every label of a generated
+//! scenario, read back from Parquet with pyarrow, matches labels computed independently.
+
+use std::{collections::HashSet, time::Duration};
+
+use feedloop_integration_tests::{
+    cdc::TestCdc,
+    infra,
+    labeler::{self, Scenario},
+    log::read_all,
+};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+fn check_rows(scenario: &Scenario, data: &Value) {
+    let expected = scenario.expected();
+    let rows = data["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), expected.len(), "one example per impression");
+    let ids: HashSet<&str> = rows
+        .iter()
+        .filter_map(|r| r["example_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), rows.len(), "no duplicate example ids");
+    let mut labels = std::collections::BTreeMap::new();
+    for row in rows {
+        let id: uuid::Uuid = row["impression_event_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("impression id");
+        let want = expected
+            .get(&id)
+            .unwrap_or_else(|| panic!("unexpected example for impression {id}"));
+        let got_chat = row["chat_seconds"].as_f64();
+        assert_eq!(row["accepted"].as_bool(), want.accepted, "accepted of {id}");
+        assert!(
+            match (got_chat, want.chat_seconds) {
+                (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+                (None, None) => true,
+                _ => false,
+            },
+            "chat_seconds of {id}: {got_chat:?} vs {:?}",
+            want.chat_seconds
+        );
+        assert_eq!(
+            row["reported"].as_bool(),
+            Some(want.reported),
+            "reported of {id}"
+        );
+        assert_eq!(
+            row["blocked"].as_bool(),
+            Some(want.blocked),
+            "blocked of {id}"
+        );
+        assert_eq!(row["label"].as_str(), Some(want.label), "label of {id}");
+        assert_eq!(row["version"].as_i64(), Some(1));
+        *labels.entry(want.label).or_insert(0) += 1;
+    }
+    // The scenario exercises every label.
+    for l in ["positive", "negative", "unknown"] {
+        assert!(
+            labels.get(l).copied().unwrap_or(0) > 10,
+            "too few {l} examples: {labels:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_label_in_the_parquet_dataset_matches_an_independent_computation() {
+    let scenario = labeler::scenario(7, 900);
+    let cdc = TestCdc::start_with(|_| async {}, |_| {}).await;
+    labeler::insert_rows(&cdc.source, &scenario).await;
+    let events_topic = format!("{}.events", cdc.config.topics.prefix);
+    labeler::publish_events(&cdc.registry.client(), &events_topic, &scenario).await;
+    // cdc has streamed every product row before the labeler starts reading.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut landed = 0;
+        for t in ["app.reports", "app.blocks"] {
+            landed += read_all(&infra().kafka_bootstrap, &cdc.topic(t))
+                .await
+                .iter()
+                .filter(|r| !r.tombstone)
+                .count();
+        }
+        if landed >= scenario.rows.len() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cdc streamed {landed} of {} rows",
+            scenario.rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = format!("it_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let spec = labeler::spec_file(dir.path(), &dataset);
+    let root = dir.path().join("datasets");
+    let cfg = labeler::config(
+        &cdc.registry,
+        &spec,
+        &events_topic,
+        &cdc.config.topics.prefix,
+        &root,
+    )
+    .await;
+    let control = PgPool::connect(cfg.control.url.expose())
+        .await
+        .expect("control");
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg.clone(), shutdown.clone())
+        .await
+        .expect("labeler starts");
+    labeler::wait_rows(
+        &control,
+        &dataset,
+        scenario.impressions.len() as i64,
+        Duration::from_secs(120),
+    )
+    .await;
+
+    let data = labeler::read_dataset(&root, &dataset);
+    check_rows(&scenario, &data);
+    // Typed columns: timestamps as timestamps, experiment arm and model version kept.
+    let schema = &data["schema"];
+    assert_eq!(schema["impression_time"], "timestamp[ms, tz=UTC]");
+    assert_eq!(schema["window_closed_at"], "timestamp[ms, tz=UTC]");
+    assert_eq!(schema["accepted"], "bool");
+    assert_eq!(schema["chat_seconds"], "double");
+    assert_eq!(schema["experiment_arm"], "string");
+    assert_eq!(schema["model_version"], "string");
+    let arms: HashSet<&str> = data["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["experiment_arm"].as_str())
+        .collect();
+    assert_eq!(arms, HashSet::from(["control", "treatment"]));
+    // Lineage: source offsets cover the events topic.
+    for p in data["partitions"].as_array().expect("partitions") {
+        assert!(
+            p["sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["topic"] == events_topic.as_str()),
+            "manifest of {} names its source ranges: {p}",
+            p["partition"]
+        );
+    }
+    // Each row is also on the labels topic, and each partition version was announced.
+    let labels = read_all(
+        &infra().kafka_bootstrap,
+        &format!("feedloop.labels.{dataset}"),
+    )
+    .await;
+    let on_topic: HashSet<String> = labels
+        .iter()
+        .filter_map(|r| r.header("example_id").map(str::to_owned))
+        .collect();
+    assert_eq!(on_topic.len(), scenario.impressions.len());
+    let versions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM labeler.partitions WHERE dataset = $1 AND published_at IS NOT NULL",
+    )
+    .bind(&dataset)
+    .fetch_one(&control)
+    .await
+    .expect("count");
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM labeler.partitions WHERE dataset = $1")
+        .bind(&dataset)
+        .fetch_one(&control)
+        .await
+        .expect("count");
+    assert_eq!(
+        versions, all,
+        "every committed partition version is announced"
+    );
+    // The per-user index names the partitions each viewer appears in.
+    let indexed: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT user_id) FROM labeler.partition_users WHERE dataset = $1",
+    )
+    .bind(&dataset)
+    .fetch_one(&control)
+    .await
+    .expect("count");
+    let users: HashSet<&str> = scenario
+        .impressions
+        .iter()
+        .flat_map(|i| [i.viewer.as_str(), i.candidate.as_str()])
+        .collect();
+    assert_eq!(indexed as usize, users.len());
+
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    cdc.cleanup().await;
+}
