@@ -63,7 +63,7 @@ def main():
                 rows.append(row)
         if total != manifest["row_count"]:
             fail(f"{partition}: files hold {total} rows, manifest says {manifest['row_count']}")
-        partitions.append({"partition": partition, "version": version, "rows": total,
+        partitions.append({"partition": partition, "version": version, "rows": total, "files": len(manifest["files"]),
                            "sources": manifest["sources"], "label_counts": manifest["label_counts"]})
     json.dump({"schema": schema or {}, "partitions": partitions, "rows": rows}, sys.stdout)
 

@@ -6,4 +6,5 @@ mod collector;
 mod collector_faults;
 mod confluent_clients;
 mod labeler;
+mod labeler_faults;
 mod registry;
