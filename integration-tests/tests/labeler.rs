@@ -196,3 +196,38 @@ async fn every_label_in_the_parquet_dataset_matches_an_independent_computation()
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
     cdc.cleanup().await;
 }
+
+#[tokio::test]
+async fn postgres_state_store_passes_the_contract() {
+    let pool =
+        feedloop_core::postgres::connect(&feedloop_integration_tests::fresh_database().await, 4)
+            .await
+            .expect("connect");
+    feedloop_core::postgres::migrate(&pool)
+        .await
+        .expect("migrate");
+    let store = feedloop_labeler::state::postgres::PostgresStore::new(pool);
+    feedloop_labeler::state::contract::run_all(&store)
+        .await
+        .expect("contract");
+}
+
+#[tokio::test]
+#[ignore = "needs ScyllaDB, which cannot run here: start deploy/compose.scylla.yaml (or any cluster), set SCYLLA_NODES=host:9042 and run with --ignored; integration-tests/run does when SCYLLA_NODES is set"]
+async fn scylla_state_store_passes_the_contract() {
+    let nodes: Vec<String> = std::env::var("SCYLLA_NODES")
+        .expect("SCYLLA_NODES is not set")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let keyspace = format!(
+        "contract_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    let store = feedloop_labeler::state::scylla::ScyllaStore::connect(&nodes, &keyspace, 1)
+        .await
+        .expect("connect to ScyllaDB");
+    feedloop_labeler::state::contract::run_all(&store)
+        .await
+        .expect("contract");
+}

@@ -93,14 +93,14 @@ pub async fn state_store(
 ) -> Result<Arc<dyn StateStore>, StartError> {
     Ok(match config.state.store {
         StoreKind::Postgres => Arc::new(state::postgres::PostgresStore::new(control.clone())),
-        StoreKind::Scylla => {
-            return Err(StartError::Config(
-                feedloop_core::config::ConfigError::invalid(
-                    "state.store",
-                    "the ScyllaDB adapter is not built yet",
-                ),
-            ));
-        }
+        StoreKind::Scylla => Arc::new(
+            state::scylla::ScyllaStore::connect(
+                &config.state.scylla_nodes,
+                &config.state.scylla_keyspace,
+                config.state.scylla_replication_factor,
+            )
+            .await?,
+        ),
     })
 }
 

@@ -10,6 +10,7 @@
 pub mod contract;
 pub mod memory;
 pub mod postgres;
+pub mod scylla;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
