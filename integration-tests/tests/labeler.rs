@@ -192,6 +192,61 @@ async fn every_label_in_the_parquet_dataset_matches_an_independent_computation()
         .collect();
     assert_eq!(indexed as usize, users.len());
 
+    // Erasure hook: rewriting every partition that holds a user removes exactly their rows.
+    let before = data["rows"].as_array().expect("rows").clone();
+    let user = scenario.impressions[0].viewer.clone();
+    let names = |r: &Value| r["viewer_id"] == user.as_str() || r["candidate_id"] == user.as_str();
+    let theirs = before.iter().filter(|r| names(r)).count() as i64;
+    assert!(theirs > 0);
+    let root_handle =
+        feedloop_labeler::dataset::Root::open(&root.display().to_string(), &Default::default())
+            .expect("root");
+    let parts =
+        feedloop_labeler::erasure::partitions_with_users(&control, std::slice::from_ref(&user))
+            .await
+            .expect("index");
+    assert!(!parts.is_empty() && parts.iter().all(|(d, _)| *d == dataset));
+    let mut removed = 0;
+    for (d, p) in &parts {
+        let rw = feedloop_labeler::erasure::rewrite_partition(
+            &control,
+            &root_handle,
+            d,
+            p,
+            std::slice::from_ref(&user),
+        )
+        .await
+        .expect("rewrite");
+        let after = rw.after.expect("a new version");
+        assert_eq!(after.version, rw.before.version + 1);
+        assert_eq!(after.supersedes_version, Some(rw.before.version));
+        assert!(after.erasure_epoch > rw.before.erasure_epoch);
+        assert_eq!(after.row_count, rw.before.row_count - rw.rows_removed);
+        for f in &rw.before.files {
+            if !after.files.contains(f) {
+                let path = f.uri.trim_start_matches("file://");
+                assert!(
+                    !std::path::Path::new(path).exists(),
+                    "replaced file {path} was not deleted"
+                );
+            }
+        }
+        removed += rw.rows_removed;
+    }
+    assert_eq!(removed, theirs);
+    let rewritten = labeler::read_dataset(&root, &dataset);
+    let after_rows = rewritten["rows"].as_array().expect("rows");
+    assert_eq!(after_rows.len() as i64, before.len() as i64 - theirs);
+    assert!(
+        !after_rows.iter().any(names),
+        "a row still names the erased user"
+    );
+    let left =
+        feedloop_labeler::erasure::partitions_with_users(&control, std::slice::from_ref(&user))
+            .await
+            .expect("index");
+    assert!(left.is_empty(), "the per-user index still lists {left:?}");
+
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
     cdc.cleanup().await;

@@ -6,11 +6,13 @@
 //! - `input`: events and cdc rows as impressions and outcomes;
 //! - `state`: the `StateStore` port for join state and its adapters;
 //! - `dataset`: Parquet files, manifests and the object store root;
-//! - `engine`: one pipeline per dataset, and the commit protocol.
+//! - `engine`: one pipeline per dataset, and the commit protocol;
+//! - `erasure`: the per-user partition index and partition rewrites for the eraser.
 
 pub mod config;
 pub mod dataset;
 pub mod engine;
+pub mod erasure;
 pub mod input;
 pub mod observability;
 pub mod spec;

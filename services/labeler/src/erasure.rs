@@ -1,0 +1,231 @@
+//! Erasure hooks for the eraser: which dataset partitions hold a user (the per-user index
+//! written with every commit), and a rewrite of a partition without a set of users as a new
+//! manifest version.
+//!
+//! A rewrite reads only the files of the partition's current version that hold the users,
+//! writes their rows minus the users' to new files, commits a new version (Postgres row,
+//! manifest JSON, erasure epoch bumped) and then deletes the replaced files. The labeler
+//! announces the new version on `feedloop.datasets.partitions` at its next commit (unannounced
+//! versions are picked up by `engine::publish_pending`). A labeler commit racing on the same
+//! partition loses on the (dataset, partition, version) key and retries from its last commit.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use arrow_array::{Array, BooleanArray, RecordBatch, StringArray};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use sqlx::{PgPool, Row};
+
+use crate::dataset::{self, DataFile, DatasetError, Manifest, Root, data_file_rel, manifest_rel};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ErasureError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("control database: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("dataset {dataset} partition {partition} has no committed version")]
+    NoPartition { dataset: String, partition: String },
+    #[error("file {0} has no {1} column")]
+    Column(String, &'static str),
+}
+
+/// What a rewrite did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rewrite {
+    pub before: Manifest,
+    /// The new version; `None` when the partition held none of the users.
+    pub after: Option<Manifest>,
+    pub rows_removed: i64,
+    pub files_rewritten: usize,
+}
+
+/// The (dataset, partition) pairs whose rows name any of `users`.
+pub async fn partitions_with_users(
+    control: &PgPool,
+    users: &[String],
+) -> Result<Vec<(String, String)>, ErasureError> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT dataset, partition FROM labeler.partition_users
+         WHERE user_id = ANY($1) ORDER BY dataset, partition",
+    )
+    .bind(users)
+    .fetch_all(control)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("dataset")?, r.try_get("partition")?)))
+        .collect()
+}
+
+fn keep_mask(
+    batch: &RecordBatch,
+    users: &HashSet<&str>,
+    file: &str,
+) -> Result<BooleanArray, ErasureError> {
+    let column = |name: &'static str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or_else(|| ErasureError::Column(file.to_owned(), name))
+    };
+    let viewer = column("viewer_id")?;
+    let candidate = column("candidate_id")?;
+    Ok((0..batch.num_rows())
+        .map(|i| {
+            let named = |a: &StringArray| !a.is_null(i) && users.contains(a.value(i));
+            Some(!(named(viewer) || named(candidate)))
+        })
+        .collect())
+}
+
+/// Rewrites the current version of `partition` of `dataset` without `users`.
+pub async fn rewrite_partition(
+    control: &PgPool,
+    root: &Root,
+    dataset: &str,
+    partition: &str,
+    users: &[String],
+) -> Result<Rewrite, ErasureError> {
+    let text: Option<String> = sqlx::query_scalar(
+        "SELECT manifest FROM labeler.partitions WHERE dataset = $1 AND partition = $2
+         ORDER BY version DESC LIMIT 1",
+    )
+    .bind(dataset)
+    .bind(partition)
+    .fetch_optional(control)
+    .await?;
+    let before: Manifest = match text {
+        Some(t) => serde_json::from_str(&t).map_err(DatasetError::from)?,
+        None => {
+            return Err(ErasureError::NoPartition {
+                dataset: dataset.to_owned(),
+                partition: partition.to_owned(),
+            });
+        }
+    };
+    let wanted: HashSet<&str> = users.iter().map(String::as_str).collect();
+    let mut files = Vec::with_capacity(before.files.len());
+    let mut replaced = Vec::new();
+    let mut removed = 0i64;
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for f in &before.files {
+        let rel = root.rel_of(&f.uri).unwrap_or(&f.uri).to_owned();
+        let bytes: Bytes = root.get(&rel).await?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(DatasetError::from)?
+            .build()
+            .map_err(DatasetError::from)?;
+        let mut kept = Vec::new();
+        let mut dropped = 0i64;
+        for batch in reader {
+            let batch = batch.map_err(DatasetError::from)?;
+            let mask = keep_mask(&batch, &wanted, &rel)?;
+            dropped += mask.iter().filter(|k| *k == Some(false)).count() as i64;
+            let filtered = arrow_select::filter::filter_record_batch(&batch, &mask)
+                .map_err(DatasetError::from)?;
+            if let Some(labels) = filtered
+                .column_by_name("label")
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            {
+                for l in labels.iter().flatten() {
+                    *counts.entry(l.to_owned()).or_insert(0) += 1;
+                }
+            }
+            kept.push(filtered);
+        }
+        if dropped == 0 {
+            files.push(f.clone());
+            continue;
+        }
+        removed += dropped;
+        replaced.push(rel);
+        let total: usize = kept.iter().map(RecordBatch::num_rows).sum();
+        if total == 0 {
+            continue;
+        }
+        let schema = kept[0].schema();
+        let merged =
+            arrow_select::concat::concat_batches(&schema, &kept).map_err(DatasetError::from)?;
+        let out = dataset::parquet_bytes(&merged)?;
+        let new_rel = data_file_rel(dataset, partition);
+        files.push(DataFile {
+            uri: root.uri_of(&new_rel),
+            row_count: total as i64,
+            byte_size: out.len() as i64,
+            sha256: dataset::sha256_hex(&out),
+        });
+        root.put(&new_rel, out).await?;
+    }
+    if removed == 0 {
+        return Ok(Rewrite {
+            before,
+            after: None,
+            rows_removed: 0,
+            files_rewritten: 0,
+        });
+    }
+    let mut tx = control.begin().await?;
+    let epoch: i64 = sqlx::query_scalar(
+        "INSERT INTO labeler.erasure_epochs (dataset, epoch) VALUES ($1, 1)
+         ON CONFLICT (dataset) DO UPDATE SET epoch = labeler.erasure_epochs.epoch + 1
+         RETURNING epoch",
+    )
+    .bind(dataset)
+    .fetch_one(&mut *tx)
+    .await?;
+    let version = before.version + 1;
+    let after = Manifest {
+        version,
+        manifest_uri: root.uri_of(&manifest_rel(dataset, partition, version)),
+        row_count: files.iter().map(|f| f.row_count).sum(),
+        byte_size: files.iter().map(|f| f.byte_size).sum(),
+        files,
+        label_counts: counts,
+        erasure_epoch: epoch,
+        supersedes_version: Some(before.version),
+        committed_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        ..before.clone()
+    };
+    root.put(
+        &manifest_rel(dataset, partition, version),
+        serde_json::to_vec_pretty(&after).map_err(DatasetError::from)?,
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO labeler.partitions
+         (dataset, partition, version, manifest_uri, manifest, row_count, byte_size, erasure_epoch)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(dataset)
+    .bind(partition)
+    .bind(version)
+    .bind(&after.manifest_uri)
+    .bind(serde_json::to_string(&after).map_err(DatasetError::from)?)
+    .bind(after.row_count)
+    .bind(after.byte_size)
+    .bind(epoch)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM labeler.partition_users WHERE dataset = $1 AND partition = $2 AND user_id = ANY($3)")
+        .bind(dataset)
+        .bind(partition)
+        .bind(users)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    for rel in &replaced {
+        root.delete(rel).await?;
+    }
+    Ok(Rewrite {
+        before,
+        after: Some(after),
+        rows_removed: removed,
+        files_rewritten: replaced.len(),
+    })
+}
