@@ -42,8 +42,9 @@ CREATE TABLE labeler.positions (
     offsets        text        NOT NULL,
     -- {"topic/partition": highest event time read}
     watermarks     text        NOT NULL,
-    -- The global watermark up to which examples were emitted.
+    -- Examples were emitted up to this (close time, example id).
     emitted_through_ms bigint  NOT NULL,
+    emitted_through_id uuid    NOT NULL,
     committed_at   timestamptz NOT NULL DEFAULT now()
 );
 

@@ -2,5 +2,6 @@
 //! schema tooling.
 
 pub mod bench;
+pub mod datasets;
 pub mod dev;
 pub mod schemas;

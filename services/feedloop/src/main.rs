@@ -46,6 +46,54 @@ enum Command {
         #[command(subcommand)]
         command: SchemasCommand,
     },
+    /// List and inspect the datasets the labeler committed.
+    Datasets {
+        /// The labeler's control database.
+        #[arg(
+            long,
+            env = "FEEDLOOP_CONTROL_URL",
+            hide_env_values = true,
+            global = true
+        )]
+        control: Option<String>,
+        #[command(subcommand)]
+        command: DatasetsCommand,
+    },
+    /// Rebuild a dataset from the log into a new root (nothing is published).
+    Replay {
+        /// The labeler's configuration file (specs, inputs, Kafka, registry, control database).
+        #[arg(long)]
+        config: PathBuf,
+        /// The dataset (label spec name) to rebuild.
+        #[arg(long)]
+        dataset: String,
+        /// Where to start reading; only `earliest` (the whole retained log).
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// The new dataset root (a path, file:// or s3:// URL).
+        #[arg(long)]
+        root: String,
+        /// Bookkeeping database of the rebuild (default: a fresh database next to the
+        /// labeler's control database).
+        #[arg(long)]
+        control: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DatasetsCommand {
+    /// Every dataset: partitions, rows, bytes, last commit.
+    Ls {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The current version of each partition of a dataset.
+    Show {
+        dataset: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +236,80 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Datasets { control, command } => {
+            let url = control.context("--control (or FEEDLOOP_CONTROL_URL) is required: the labeler's control database; `feedloop dev up` writes it to endpoints.json as postgres_url")?;
+            let pool = sqlx::PgPool::connect(&url)
+                .await
+                .context("connecting to the control database")?;
+            match command {
+                DatasetsCommand::Ls { json } => {
+                    let all = feedloop::datasets::list(&pool).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&all)?);
+                    } else {
+                        println!(
+                            "{:<28} {:>10} {:>12} {:>12}  LAST COMMIT",
+                            "DATASET", "PARTITIONS", "ROWS", "BYTES"
+                        );
+                        for d in &all {
+                            println!(
+                                "{:<28} {:>10} {:>12} {:>12}  {}",
+                                d.dataset, d.partitions, d.rows, d.bytes, d.last_commit
+                            );
+                        }
+                    }
+                }
+                DatasetsCommand::Show { dataset, json } => {
+                    let parts = feedloop::datasets::show(&pool, &dataset).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&parts)?);
+                    } else {
+                        println!(
+                            "{:<26} {:>7} {:>10} {:>12} {:>5} {:>6}  MANIFEST",
+                            "PARTITION", "VERSION", "ROWS", "BYTES", "FILES", "EPOCH"
+                        );
+                        for p in &parts {
+                            println!(
+                                "{:<26} {:>7} {:>10} {:>12} {:>5} {:>6}  {}",
+                                p.partition,
+                                p.version,
+                                p.rows,
+                                p.bytes,
+                                p.files,
+                                p.erasure_epoch,
+                                p.manifest_uri
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            config,
+            dataset,
+            from,
+            root,
+            control,
+        } => {
+            if from != "earliest" {
+                bail!("--from {from}: only `earliest` is supported (the whole retained log)");
+            }
+            let config = feedloop_labeler::Config::load(Some(&config))?;
+            let summary = feedloop::datasets::replay(feedloop::datasets::ReplayOptions {
+                config,
+                dataset,
+                root,
+                control,
+                progress: true,
+            })
+            .await?;
+            println!(
+                "replayed {}: {} records read, {} rows in {} partitions under {}",
+                summary.dataset, summary.records, summary.rows, summary.partitions, summary.root
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schemas { command } => match command {
             SchemasCommand::Register {
                 registry,

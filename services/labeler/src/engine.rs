@@ -108,6 +108,25 @@ pub struct Shared {
     pub producer: FutureProducer,
     pub deadletter: Arc<CompiledSchema>,
     pub partitions_schema: Arc<CompiledSchema>,
+    pub mode: Mode,
+}
+
+/// How a pipeline runs.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Follow the log until shut down; publish examples and partition announcements.
+    Serve,
+    /// Rebuild: read the log to its end, commit, and stop; publish nothing (no labels, no
+    /// announcements, so schedulers are not triggered). `records` counts what was read.
+    Replay {
+        records: Arc<std::sync::atomic::AtomicU64>,
+    },
+}
+
+impl Mode {
+    fn publishes(&self) -> bool {
+        matches!(self, Mode::Serve)
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -166,7 +185,7 @@ pub async fn run(
     }
 }
 
-async fn session(
+pub(crate) async fn session(
     shared: &Shared,
     dataset: &Dataset,
     shutdown: &CancellationToken,
@@ -213,6 +232,9 @@ async fn session(
                 let (topic, table, _) = &consumers[i];
                 p.handle(topic, table.as_deref(), &msg).await?;
                 since_advance += 1;
+                if let Mode::Replay { records } = &shared.mode {
+                    records.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Some((i, Err(KafkaError::PartitionEOF(partition)))) => {
                 p.watermarks.reached_end(&consumers[i].0, partition);
@@ -224,6 +246,12 @@ async fn session(
         if since_advance >= 2000 {
             p.advance().await?;
             since_advance = 0;
+        }
+        if matches!(shared.mode, Mode::Replay { .. }) && p.watermarks.all_at_end() {
+            p.advance().await?;
+            p.commit().await?;
+            tracing::info!(dataset = %name, "Replay reached the end of the log");
+            return Ok(());
         }
         let due = tokio::time::Instant::now() >= next_commit;
         if p.rows.len() >= shared.cfg.datasets.commit_max_rows || (due && p.has_progress()) {
@@ -237,12 +265,12 @@ async fn session(
 }
 
 /// The committed position of a dataset.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Position {
     seq: i64,
     offsets: BTreeMap<String, i64>,
     watermarks: BTreeMap<String, i64>,
-    emitted_through_ms: i64,
+    emitted: CloseCursor,
 }
 
 struct Pipeline {
@@ -254,7 +282,8 @@ struct Pipeline {
     offsets: BTreeMap<String, i64>,
     /// First offset read since the last commit, per `topic/partition`.
     batch_start: BTreeMap<String, i64>,
-    emitted_through_ms: i64,
+    /// Examples up to this (close, id) were emitted.
+    emitted: CloseCursor,
     seq: i64,
     pending_impressions: Vec<StoredImpression>,
     pending_outcomes: Vec<Outcome>,
@@ -265,7 +294,8 @@ impl Pipeline {
     async fn open(shared: Shared, dataset: Dataset) -> Result<Self, EngineError> {
         let name = dataset.name().to_owned();
         let row = sqlx::query(
-            "SELECT spec_hash, seq, offsets, watermarks, emitted_through_ms
+            "SELECT spec_hash, seq, offsets, watermarks, emitted_through_ms,
+                    emitted_through_id::text AS emitted_through_id
              FROM labeler.positions WHERE dataset = $1",
         )
         .bind(&name)
@@ -273,8 +303,10 @@ impl Pipeline {
         .await?;
         let position = match row {
             None => Position {
-                emitted_through_ms: i64::MIN,
-                ..Position::default()
+                seq: 0,
+                offsets: BTreeMap::new(),
+                watermarks: BTreeMap::new(),
+                emitted: CloseCursor::after(i64::MIN),
             },
             Some(r) => {
                 let committed: String = r.try_get("spec_hash")?;
@@ -297,7 +329,14 @@ impl Pipeline {
                     seq: r.try_get("seq")?,
                     offsets: parse(r.try_get("offsets")?)?,
                     watermarks: parse(r.try_get("watermarks")?)?,
-                    emitted_through_ms: r.try_get("emitted_through_ms")?,
+                    emitted: CloseCursor {
+                        close_ms: r.try_get("emitted_through_ms")?,
+                        example_id: Uuid::parse_str(&r.try_get::<String, _>("emitted_through_id")?)
+                            .map_err(|e| EngineError::Position {
+                                dataset: name.clone(),
+                                message: e.to_string(),
+                            })?,
+                    },
                 }
             }
         };
@@ -310,14 +349,16 @@ impl Pipeline {
             watermarks,
             offsets: position.offsets,
             batch_start: BTreeMap::new(),
-            emitted_through_ms: position.emitted_through_ms,
+            emitted: position.emitted,
             seq: position.seq,
             pending_impressions: Vec::new(),
             pending_outcomes: Vec::new(),
             rows: Vec::new(),
         };
         p.clean_uncommitted().await?;
-        publish_pending(&p.shared, Some(&p.name)).await?;
+        if p.shared.mode.publishes() {
+            publish_pending(&p.shared, Some(&p.name)).await?;
+        }
         Ok(p)
     }
 
@@ -449,7 +490,11 @@ impl Pipeline {
                     close_ms: spec.close_ms(&impression),
                     impression: *impression,
                 };
-                if stored.close_ms <= self.emitted_through_ms {
+                let at = CloseCursor {
+                    close_ms: stored.close_ms,
+                    example_id: stored.example_id,
+                };
+                if at <= self.emitted {
                     // Its close has passed already: emit it now with what is known.
                     observability::late_impression(&self.name);
                     self.flush().await?;
@@ -591,17 +636,20 @@ impl Pipeline {
     async fn advance(&mut self) -> Result<(), EngineError> {
         let w = self.watermarks.global();
         observability::watermark(&self.name, w, now_ms());
-        if w <= self.emitted_through_ms {
+        let target = CloseCursor::after(w);
+        if target <= self.emitted {
             return Ok(());
         }
         self.flush().await?;
         let spec = self.dataset.spec.clone();
         let state = self.shared.state.clone();
-        let mut cursor = CloseCursor::after(self.emitted_through_ms);
+        let max_rows = self.shared.cfg.datasets.commit_max_rows;
         loop {
-            let page = state.due_impressions(&self.name, cursor, w, 2000).await?;
+            let page = state
+                .due_impressions(&self.name, self.emitted, w, max_rows.clamp(1, 2000))
+                .await?;
             let Some(last) = page.last() else { break };
-            cursor = CloseCursor {
+            let cursor = CloseCursor {
                 close_ms: last.close_ms,
                 example_id: last.example_id,
             };
@@ -634,8 +682,13 @@ impl Pipeline {
                 });
             }
             observability::examples(&self.name, "first", n as u64);
+            self.emitted = cursor;
+            // A long catch-up commits as it goes, so that a crash does not redo it all.
+            if self.rows.len() >= max_rows {
+                self.commit().await?;
+            }
         }
-        self.emitted_through_ms = w;
+        self.emitted = target;
         Ok(())
     }
 
@@ -706,7 +759,9 @@ impl Pipeline {
         }
 
         // 2. The labels topic, acknowledged.
-        self.publish_examples(&by_partition).await?;
+        if shared.mode.publishes() {
+            self.publish_examples(&by_partition).await?;
+        }
 
         // 3. One transaction: manifests, the per-user index, the position.
         let mut tx = shared.control.begin().await?;
@@ -743,18 +798,20 @@ impl Pipeline {
         let json =
             |m: &BTreeMap<String, i64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
         sqlx::query(
-            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, watermarks, emitted_through_ms)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, watermarks, emitted_through_ms, emitted_through_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::uuid)
              ON CONFLICT (dataset) DO UPDATE SET spec_hash = EXCLUDED.spec_hash, seq = EXCLUDED.seq,
                offsets = EXCLUDED.offsets, watermarks = EXCLUDED.watermarks,
-               emitted_through_ms = EXCLUDED.emitted_through_ms, committed_at = now()",
+               emitted_through_ms = EXCLUDED.emitted_through_ms,
+               emitted_through_id = EXCLUDED.emitted_through_id, committed_at = now()",
         )
         .bind(&self.name)
         .bind(&spec.hash)
         .bind(self.seq + 1)
         .bind(json(&self.offsets))
         .bind(json(&self.watermarks.snapshot()))
-        .bind(self.emitted_through_ms)
+        .bind(self.emitted.close_ms)
+        .bind(self.emitted.example_id.to_string())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -763,15 +820,18 @@ impl Pipeline {
         let rows: usize = by_partition.values().map(Vec::len).sum();
 
         // 4. Announce, then forget state committed examples no longer need.
-        publish_pending(&shared, Some(&self.name)).await?;
-        if self.emitted_through_ms > i64::MIN {
+        if shared.mode.publishes() {
+            publish_pending(&shared, Some(&self.name)).await?;
+        }
+        let emitted_ms = self.emitted.close_ms;
+        if emitted_ms > i64::MIN {
             let keep_after_close = spec.retention_after_close_ms;
             let expired = shared
                 .state
                 .expire(
                     &self.name,
-                    self.emitted_through_ms.saturating_sub(keep_after_close),
-                    self.emitted_through_ms
+                    emitted_ms.saturating_sub(keep_after_close),
+                    emitted_ms
                         .saturating_sub(keep_after_close)
                         .saturating_sub(spec.close_after_ms),
                 )

@@ -44,7 +44,7 @@ pub use config::Config;
 use crate::{
     config::StoreKind,
     dataset::Root,
-    engine::{Dataset, Shared},
+    engine::{Dataset, Mode, Shared},
     state::StateStore,
     window::Compiled,
 };
@@ -106,9 +106,8 @@ pub async fn state_store(
     })
 }
 
-/// Starts one pipeline per label spec; runs until `shutdown`.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
-    observability::describe();
+/// Connects what the pipelines share and prepares one dataset per label spec.
+async fn prepare(config: &Config, mode: Mode) -> Result<(Shared, Vec<Dataset>), StartError> {
     let specs = config.label_specs()?;
     let control = postgres::connect(config.control.url.expose(), 8).await?;
     postgres::migrate(&control).await?;
@@ -148,16 +147,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         .await?;
     let labels_json = catalogue.composed("io.feedloop.labels.LabeledExample")?;
     let root = Root::open(&config.datasets.root, &config.datasets.options)?;
-    let state = state_store(&config, &control).await?;
+    let state = state_store(config, &control).await?;
     let shared = Shared {
         cfg: Arc::new(config.clone()),
         control,
         state,
         root,
         registry: registry.clone(),
-        producer: producer(&config)?,
+        producer: producer(config)?,
         deadletter,
         partitions_schema,
+        mode,
     };
     let mut datasets = Vec::new();
     for spec in specs {
@@ -179,6 +179,94 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             labels_topic: topic,
         });
     }
+    Ok((shared, datasets))
+}
+
+/// What a replay wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub dataset: String,
+    pub root: String,
+    pub records: u64,
+    pub rows: i64,
+    pub partitions: i64,
+}
+
+/// Rebuilds `dataset` from the earliest offsets of its inputs into `config.datasets.root`,
+/// with its bookkeeping in `config.control.url` (use a fresh database: positions and
+/// manifests of the rebuild must not mix with the live dataset's). Publishes nothing.
+/// `records` counts the records read, for progress.
+pub async fn replay(
+    mut config: Config,
+    dataset: &str,
+    records: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<ReplaySummary, ReplayError> {
+    let specs = config.label_specs()?;
+    let Some(spec) = specs.iter().find(|s| s.name == dataset) else {
+        return Err(ReplayError::UnknownDataset {
+            dataset: dataset.to_owned(),
+            known: specs.iter().map(|s| s.name.clone()).collect(),
+        });
+    };
+    config.state.store = StoreKind::Postgres;
+    config.specs.files = config
+        .specs
+        .files
+        .iter()
+        .filter(|f| {
+            std::fs::read_to_string(f)
+                .ok()
+                .and_then(|t| spec::LabelSpec::parse(f, &t).ok())
+                .is_some_and(|s| s.name == spec.name)
+        })
+        .cloned()
+        .collect();
+    let (shared, datasets) = prepare(&config, Mode::Replay { records }).await?;
+    let Some(d) = datasets.into_iter().find(|d| d.spec.spec.name == dataset) else {
+        return Err(ReplayError::UnknownDataset {
+            dataset: dataset.to_owned(),
+            known: Vec::new(),
+        });
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    engine::session(&shared, &d, &CancellationToken::new(), &done).await?;
+    let (rows, partitions): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(SUM(row_count), 0)::bigint, count(*) FROM (
+           SELECT DISTINCT ON (partition) row_count FROM labeler.partitions
+           WHERE dataset = $1 ORDER BY partition, version DESC) v",
+    )
+    .bind(dataset)
+    .fetch_one(&shared.control)
+    .await
+    .map_err(StartError::from)?;
+    Ok(ReplaySummary {
+        dataset: dataset.to_owned(),
+        root: shared.root.uri.clone(),
+        records: match &shared.mode {
+            Mode::Replay { records } => records.load(Ordering::Relaxed),
+            Mode::Serve => 0,
+        },
+        rows,
+        partitions,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error("no label spec names dataset {dataset} (configured: {known:?})")]
+    UnknownDataset { dataset: String, known: Vec<String> },
+    #[error("configuration: {0}")]
+    Config(#[from] feedloop_core::config::ConfigError),
+}
+
+/// Starts one pipeline per label spec; runs until `shutdown`.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+    observability::describe();
+    let (shared, datasets) = prepare(&config, Mode::Serve).await?;
     let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
     let ready: Vec<Arc<AtomicBool>> = datasets
         .iter()

@@ -412,6 +412,11 @@ impl Watermarks {
             .unwrap_or(i64::MIN)
     }
 
+    /// Every assigned partition has been read to its end.
+    pub fn all_at_end(&self) -> bool {
+        !self.at_end.is_empty() && self.at_end.values().all(|e| *e)
+    }
+
     /// The lowest watermark among partitions with records left to read; when every partition
     /// is at its end, the highest event time read anywhere.
     pub fn global(&self) -> i64 {
