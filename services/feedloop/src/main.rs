@@ -328,6 +328,7 @@ async fn dev_up(dir: PathBuf, postgres: Option<String>) -> anyhow::Result<ExitCo
     let shutdown = shutdown::on_signal();
     let stack = Stack::up(StackOptions {
         postgres_url: postgres,
+        datasets_root: Some(std::path::absolute(dir.join("datasets"))?),
         ..StackOptions::default()
     })
     .await
@@ -341,6 +342,7 @@ async fn dev_up(dir: PathBuf, postgres: Option<String>) -> anyhow::Result<ExitCo
         "  registry  {} (user {})",
         endpoints.registry_url, endpoints.registry_user
     );
+    println!("  datasets  {}", endpoints.datasets_root);
     println!("  endpoints {}", path.display());
     println!("Stop with: feedloop dev down --dir {}", dir.display());
     shutdown.cancelled().await;

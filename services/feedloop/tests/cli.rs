@@ -225,6 +225,25 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
     }
     assert!(streaming, "cdc streams the product database");
 
+    // The labeler runs the example spec into DIR/datasets.
+    let labeler = endpoints["labeler_url"].as_str().expect("labeler_url");
+    let root = endpoints["datasets_root"].as_str().expect("datasets_root");
+    assert!(root.ends_with("/datasets"), "{root}");
+    let mut running = false;
+    for _ in 0..300 {
+        if http
+            .get(format!("{labeler}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "the labeler's pipelines run");
+
     // The collector accepts events with the advertised write key, and only with it.
     let collector = endpoints["collector_url"].as_str().expect("collector_url");
     let write_key = endpoints["write_key"].as_str().expect("write_key");

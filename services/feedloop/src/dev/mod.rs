@@ -30,6 +30,8 @@ pub enum DevError {
     Collector(#[from] feedloop_collector::StartError),
     #[error("cdc: {0}")]
     Cdc(#[from] feedloop_cdc::StartError),
+    #[error("labeler: {0}")]
+    Labeler(#[from] feedloop_labeler::StartError),
     #[error("configuration: {0}")]
     Config(String),
     #[error("schema registration: {0}")]

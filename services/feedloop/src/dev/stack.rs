@@ -31,6 +31,8 @@ pub struct StackOptions {
     pub postgres_url: Option<String>,
     /// Broker storage when the stack runs its own tansu.
     pub broker_storage: Storage,
+    /// Where the labeler writes datasets (default: the stack's temporary working directory).
+    pub datasets_root: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -38,6 +40,7 @@ impl Default for StackOptions {
         Self {
             postgres_url: None,
             broker_storage: Storage::Memory,
+            datasets_root: None,
         }
     }
 }
@@ -58,6 +61,10 @@ pub struct Endpoints {
     pub product_url: String,
     /// cdc's operational endpoints (`/readyz` once streaming, `/metrics`).
     pub cdc_url: String,
+    /// Where the labeler writes its datasets (the example spec's `match_outcomes`).
+    pub datasets_root: String,
+    /// The labeler's operational endpoints.
+    pub labeler_url: String,
     /// Pid of the process running the stack.
     pub pid: u32,
 }
@@ -127,6 +134,8 @@ pub struct Stack {
     pub collector_url: String,
     pub product_url: String,
     pub cdc_url: String,
+    pub datasets_root: String,
+    pub labeler_url: String,
     admin_token: String,
     write_key: String,
     /// Working files of the services (the collector's spool).
@@ -235,6 +244,31 @@ impl Stack {
             let _ = running.task.await;
         });
 
+        let datasets_root = options
+            .datasets_root
+            .clone()
+            .unwrap_or_else(|| work.path().join("datasets"));
+        let mut labeler = feedloop_labeler::Config::from_defaults()
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        labeler.datasets.root = datasets_root.display().to_string();
+        labeler.kafka = kafka.clone();
+        labeler.registry = feedloop_labeler::config::RegistryConfig {
+            url: registry_url.clone(),
+            user: REGISTRY_USER.to_owned(),
+            password: Secret::new(admin_token.clone()),
+        };
+        labeler.control.url = Secret::new(postgres.url());
+        labeler.http.listen = "127.0.0.1:0".into();
+        labeler.log.json = false;
+        labeler
+            .validate()
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        let running = feedloop_labeler::start(labeler, shutdown.child_token()).await?;
+        let labeler_url = format!("http://{}", running.addr);
+        let labeler_task = tokio::spawn(async move {
+            let _ = running.task.await;
+        });
+
         let stack = Self {
             postgres,
             broker,
@@ -242,11 +276,13 @@ impl Stack {
             collector_url,
             product_url,
             cdc_url,
+            datasets_root: datasets_root.display().to_string(),
+            labeler_url,
             admin_token,
             write_key,
             work,
             shutdown,
-            tasks: vec![cdc_task, collector_task, registry_task],
+            tasks: vec![labeler_task, cdc_task, collector_task, registry_task],
         };
         stack.register_catalogue().await?;
         Ok(stack)
@@ -309,6 +345,8 @@ impl Stack {
             write_key: self.write_key.clone(),
             product_url: self.product_url.clone(),
             cdc_url: self.cdc_url.clone(),
+            datasets_root: self.datasets_root.clone(),
+            labeler_url: self.labeler_url.clone(),
             pid: std::process::id(),
         }
     }
