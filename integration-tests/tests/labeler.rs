@@ -286,3 +286,182 @@ async fn scylla_state_store_passes_the_contract() {
         .await
         .expect("contract");
 }
+
+/// Two specs side by side on the same log, differing only in their late policy: a report that
+/// arrives after its example closed corrects it (version 2) under `correct` and is only counted
+/// under `drop`. Records that are not Avro go to the dead-letter topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_outcomes_follow_the_policy_and_poison_records_are_dead_lettered() {
+    use feedloop_integration_tests::{TestRegistry, kafka, labeler::T0};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let registry = TestRegistry::start().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("l{}", &id[..8]);
+    let events_topic = format!("{prefix}.events");
+    feedloop_core::kafka::create_missing(
+        &kafka(),
+        &[
+            (events_topic.as_str(), 3, false),
+            (&format!("{prefix}.app.reports"), 1, true),
+            (&format!("{prefix}.app.blocks"), 1, true),
+        ],
+    )
+    .await
+    .expect("topics");
+    let schemas = labeler::event_schemas(&registry.client(), &events_topic).await;
+    let m = uuid::Uuid::new_v4();
+    let imp = labeler::Imp {
+        event_id: uuid::Uuid::new_v4(),
+        match_id: m,
+        viewer: "ann".into(),
+        candidate: "bob".into(),
+        time: T0,
+    };
+    let scenario = Scenario {
+        events: vec![
+            labeler::Ev::Impression(imp.clone()),
+            labeler::Ev::Decision {
+                id: uuid::Uuid::new_v4(),
+                match_id: m,
+                user: "ann".into(),
+                time: T0 + 60_000,
+                accept: true,
+            },
+            labeler::Ev::Chat {
+                id: uuid::Uuid::new_v4(),
+                match_id: m,
+                user: "bob".into(),
+                time: T0 + 300_000,
+                ms: 90_000,
+            },
+            labeler::Ev::Clock {
+                id: uuid::Uuid::new_v4(),
+                time: T0 + 2 * 86_400_000,
+            },
+            // Two hours after the impression: inside the 24 h window, but read after the
+            // partition passed the example's close.
+            labeler::Ev::Report {
+                id: uuid::Uuid::new_v4(),
+                match_id: m,
+                user: "bob".into(),
+                other: "ann".into(),
+                time: T0 + 7_200_000,
+            },
+        ],
+        rows: Vec::new(),
+        impressions: vec![imp.clone()],
+    };
+    let producer: FutureProducer = kafka()
+        .client_config("late-test")
+        .create()
+        .expect("producer");
+    let key = m.to_string();
+    let mut records = labeler::encoded(&scenario, &schemas);
+    records.insert(2, (key.clone(), b"not avro at all".to_vec()));
+    records.insert(
+        3,
+        (key.clone(), [0u8, 0, 0x0f, 0x42, 0x3f, 1, 2, 3].to_vec()),
+    );
+    for (_, value) in &records {
+        producer
+            .send(
+                FutureRecord::to(&events_topic).key(&key).payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let correct = format!("c_{}", &id[8..16]);
+    let drop = format!("d_{}", &id[8..16]);
+    let correct_spec = labeler::spec_file(dir.path(), &correct);
+    let drop_spec = dir.path().join(format!("{drop}.toml"));
+    std::fs::write(
+        &drop_spec,
+        std::fs::read_to_string(&correct_spec)
+            .expect("spec")
+            .replace(
+                &format!("name = \"{correct}\""),
+                &format!("name = \"{drop}\""),
+            )
+            .replace("late_outcomes = \"correct\"", "late_outcomes = \"drop\""),
+    )
+    .expect("spec");
+    let root = dir.path().join("datasets");
+    let mut cfg = labeler::config(&registry, &correct_spec, &events_topic, &prefix, &root).await;
+    cfg.specs.files.push(drop_spec.display().to_string());
+    let control = PgPool::connect(cfg.control.url.expose())
+        .await
+        .expect("control");
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg, shutdown.clone())
+        .await
+        .expect("start");
+    labeler::wait_rows(&control, &correct, 2, Duration::from_secs(60)).await;
+    labeler::wait_rows(&control, &drop, 1, Duration::from_secs(60)).await;
+
+    let rows = |data: &Value| -> Vec<(i64, String, bool)> {
+        let mut v: Vec<(i64, String, bool)> = data["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                (
+                    r["version"].as_i64().unwrap_or(0),
+                    r["label"].as_str().unwrap_or("").to_owned(),
+                    r["reported"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let corrected = labeler::read_dataset(&root, &correct);
+    assert_eq!(
+        rows(&corrected),
+        vec![(1, "positive".into(), false), (2, "negative".into(), true)]
+    );
+    let ids: HashSet<&str> = corrected["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["example_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 1, "a correction keeps the example id");
+    let dropped = labeler::read_dataset(&root, &drop);
+    assert_eq!(rows(&dropped), vec![(1, "positive".into(), false)]);
+
+    // Both poison records reached the dead-letter topic, once per dataset, with their origin.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = registry.client();
+        let mut mine = 0;
+        for r in read_all(
+            &infra().kafka_bootstrap,
+            feedloop_core::catalogue::DEADLETTER_TOPIC,
+        )
+        .await
+        {
+            if let Ok(dl) = client
+                .decode::<feedloop_core::model::DeadLetter>(&r.value)
+                .await
+                && dl.service == "labeler"
+                && dl.source_topic.as_deref() == Some(events_topic.as_str())
+            {
+                mine += 1;
+            }
+        }
+        if mine == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{mine} of 4 dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}
