@@ -131,6 +131,20 @@ enum BenchScenario {
         #[arg(long)]
         no_peer: bool,
     },
+    /// The labeler from the log to committed Parquet, against a DuckDB batch query computing
+    /// the same labels; Parquet write rows/s on one core.
+    Labeler {
+        /// Approximate number of events to label.
+        #[arg(long, default_value_t = 400_000)]
+        events: usize,
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+        /// Rows per Parquet-write repetition.
+        #[arg(long, default_value_t = 1_000_000)]
+        parquet_rows: usize,
+        #[arg(long, default_value = "bench-results/labeler.json")]
+        out: PathBuf,
+    },
     /// cdc from committed WAL to acked Kafka, against pg_recvlogical; lag at fixed rates.
     Cdc {
         /// Changes per throughput repetition.
@@ -215,6 +229,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     repetitions,
                     rates,
                     lag_seconds,
+                    out,
+                })
+                .await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchScenario::Labeler {
+                events,
+                repetitions,
+                parquet_rows,
+                out,
+            } => {
+                feedloop::bench::labeler::run(feedloop::bench::labeler::Options {
+                    events,
+                    repetitions,
+                    parquet_rows,
                     out,
                 })
                 .await?;

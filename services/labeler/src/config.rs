@@ -58,6 +58,9 @@ pub struct DatasetsConfig {
 pub enum StoreKind {
     Postgres,
     Scylla,
+    /// Not durable: a restart loses join state that the committed offsets do not replay.
+    /// For benchmarks and tests only.
+    Memory,
 }
 
 #[derive(Debug, Clone, Deserialize)]

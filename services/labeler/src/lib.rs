@@ -95,6 +95,7 @@ pub async fn state_store(
 ) -> Result<Arc<dyn StateStore>, StartError> {
     Ok(match config.state.store {
         StoreKind::Postgres => Arc::new(state::postgres::PostgresStore::new(control.clone())),
+        StoreKind::Memory => Arc::new(state::memory::MemoryStore::default()),
         StoreKind::Scylla => Arc::new(
             state::scylla::ScyllaStore::connect(
                 &config.state.scylla_nodes,

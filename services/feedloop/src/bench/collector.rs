@@ -482,31 +482,12 @@ pub async fn fastapi_peer(
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let app_dir = root.join("integration-tests/peers/fastapi_collector");
     let venv = root.join("target/bench-venv");
-    let python = venv.join("bin/python");
-    let ready = Command::new(&python)
-        .args([
-            "-c",
-            "import fastapi, uvicorn, confluent_kafka, fastavro, orjson",
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ready {
-        println!("Installing the FastAPI peer into {}…", venv.display());
-        let ok = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()?
-            .success()
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-                .arg(app_dir.join("requirements.txt"))
-                .status()?
-                .success();
-        if !ok {
-            bail!("could not install the FastAPI peer");
-        }
-    }
+    let requirements = app_dir.join("requirements.txt");
+    super::ensure_venv(
+        &venv,
+        "import fastapi, uvicorn, confluent_kafka, fastavro, orjson",
+        &["-r", &requirements.display().to_string()],
+    )?;
     let port = free_port()?;
     let workers = std::thread::available_parallelism()
         .map(usize::from)

@@ -3,6 +3,7 @@
 
 pub mod cdc;
 pub mod collector;
+pub mod labeler;
 pub mod load;
 
 use std::{
@@ -189,4 +190,34 @@ pub fn summary_ms(metric: &str, quantile: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|s| s * 1000.0)
+}
+
+/// Makes sure the Python venv at `venv` exists and `check` (Python code) runs in it; installs
+/// `packages` (pip arguments) from PyPI when it does not.
+pub fn ensure_venv(venv: &std::path::Path, check: &str, packages: &[&str]) -> anyhow::Result<()> {
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", check])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ready {
+        return Ok(());
+    }
+    println!("Installing {packages:?} into {}…", venv.display());
+    let ok = (python.is_file()
+        || Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(venv)
+            .status()?
+            .success())
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(packages)
+            .status()?
+            .success();
+    if !ok {
+        anyhow::bail!("could not install {packages:?} into {}", venv.display());
+    }
+    Ok(())
 }
