@@ -173,20 +173,35 @@ impl ScyllaStore {
         Ok(Self { session, st })
     }
 
+    /// Every row `st` selects with `values`, page by page.
+    async fn select<T>(
+        &self,
+        st: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<Vec<T>, StateError>
+    where
+        T: 'static + for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        self.session
+            .execute_iter(st.clone(), values)
+            .await
+            .map_err(err)?
+            .rows_stream::<T>()
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)
+    }
+
     async fn impression(
         &self,
         dataset: &str,
         id: Uuid,
     ) -> Result<Option<StoredImpression>, StateError> {
-        let rows = self
-            .session
-            .execute_unpaged(&self.st.get_impression, (dataset, id))
-            .await
-            .map_err(err)?
-            .into_rows_result()
-            .map_err(err)?;
-        let mut it = rows.rows::<(i64, Vec<u8>)>().map_err(err)?;
-        match it.next().transpose().map_err(err)? {
+        let rows: Vec<(i64, Vec<u8>)> = self
+            .select(&self.st.get_impression, (dataset, id))
+            .await?;
+        match rows.into_iter().next() {
             Some((close_ms, payload)) => Ok(Some(StoredImpression {
                 example_id: id,
                 close_ms,
@@ -226,20 +241,10 @@ impl ScyllaStore {
         name: &str,
         id: &str,
     ) -> Result<bool, StateError> {
-        let rows = self
-            .session
-            .execute_unpaged(&self.st.get_outcome, (dataset, join_key, name, id))
-            .await
-            .map_err(err)?
-            .into_rows_result()
-            .map_err(err)?;
-        let found = rows
-            .rows::<(i64, Vec<u8>)>()
-            .map_err(err)?
-            .next()
-            .transpose()
-            .map_err(err)?;
-        let Some((time_ms, _)) = found else {
+        let found: Vec<(i64, Vec<u8>)> = self
+            .select(&self.st.get_outcome, (dataset, join_key, name, id))
+            .await?;
+        let Some((time_ms, _)) = found.into_iter().next() else {
             return Ok(false);
         };
         self.session
@@ -360,29 +365,19 @@ impl StateStore for ScyllaStore {
         limit: usize,
     ) -> Result<Vec<StoredImpression>, StateError> {
         let buckets: Vec<i64> = self
-            .session
-            .execute_unpaged(
-                &self.st.close_buckets,
-                (dataset, bucket(from.close_ms), bucket(upto_ms)),
-            )
-            .await
-            .map_err(err)?
-            .into_rows_result()
-            .map_err(err)?
-            .rows::<(i64,)>()
-            .map_err(err)?
-            .map(|r| r.map(|(b,)| b))
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
+            .select::<(i64,)>(&self.st.close_buckets, (dataset, bucket(from.close_ms), bucket(upto_ms)))
+            .await?
+            .into_iter()
+            .map(|(b,)| b)
+            .collect();
         let mut out = Vec::new();
         for b in buckets {
             let left = limit.saturating_sub(out.len());
             if left == 0 {
                 break;
             }
-            let rows = self
-                .session
-                .execute_unpaged(
+            let ids: Vec<(i64, Uuid)> = self
+                .select(
                     &self.st.due,
                     (
                         dataset,
@@ -393,15 +388,7 @@ impl StateStore for ScyllaStore {
                         i32::try_from(left).unwrap_or(i32::MAX),
                     ),
                 )
-                .await
-                .map_err(err)?
-                .into_rows_result()
-                .map_err(err)?;
-            let ids: Vec<(i64, Uuid)> = rows
-                .rows::<(i64, Uuid)>()
-                .map_err(err)?
-                .collect::<Result<_, _>>()
-                .map_err(err)?;
+                .await?;
             for (_, id) in ids {
                 if let Some(i) = self.impression(dataset, id).await? {
                     out.push(i);
@@ -418,14 +405,8 @@ impl StateStore for ScyllaStore {
     ) -> Result<Vec<StoredImpression>, StateError> {
         let mut ids = BTreeSet::new();
         for k in keys {
-            let mut it = self
-                .session
-                .execute_iter(self.st.by_key.clone(), (dataset, k))
-                .await
-                .map_err(err)?
-                .rows_stream::<(Uuid,)>()
-                .map_err(err)?;
-            while let Some((id,)) = it.try_next().await.map_err(err)? {
+            let rows: Vec<(Uuid,)> = self.select(&self.st.by_key, (dataset, k)).await?;
+            for (id,) in rows {
                 ids.insert(id);
             }
         }
@@ -445,14 +426,8 @@ impl StateStore for ScyllaStore {
     ) -> Result<Vec<Outcome>, StateError> {
         let mut out = Vec::new();
         for k in keys {
-            let mut it = self
-                .session
-                .execute_iter(self.st.outcomes.clone(), (dataset, k))
-                .await
-                .map_err(err)?
-                .rows_stream::<(Vec<u8>,)>()
-                .map_err(err)?;
-            while let Some((payload,)) = it.try_next().await.map_err(err)? {
+            let rows: Vec<(Vec<u8>,)> = self.select(&self.st.outcomes, (dataset, k)).await?;
+            for (payload,) in rows {
                 out.push(from_json::<Outcome>(&payload)?);
             }
         }
@@ -486,24 +461,15 @@ impl StateStore for ScyllaStore {
         }
         // Drop the listing of buckets the loop above emptied.
         let emptied: Vec<i64> = self
-            .session
-            .execute_unpaged(
-                &self.st.close_buckets,
-                (
+            .select::<(i64,)>(&self.st.close_buckets, (
                     dataset,
                     i64::MIN / BUCKET_MS,
                     bucket(impressions_closed_before) - 1,
-                ),
-            )
-            .await
-            .map_err(err)?
-            .into_rows_result()
-            .map_err(err)?
-            .rows::<(i64,)>()
-            .map_err(err)?
-            .map(|r| r.map(|(b,)| b))
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
+                ))
+            .await?
+            .into_iter()
+            .map(|(b,)| b)
+            .collect();
         for b in emptied {
             self.session
                 .execute_unpaged(&self.st.del_close_bucket, (dataset, b))
@@ -512,29 +478,15 @@ impl StateStore for ScyllaStore {
         }
         // Outcomes by event-time bucket.
         let buckets: Vec<i64> = self
-            .session
-            .execute_unpaged(&self.st.outcome_buckets, (dataset, bucket(outcomes_before)))
-            .await
-            .map_err(err)?
-            .into_rows_result()
-            .map_err(err)?
-            .rows::<(i64,)>()
-            .map_err(err)?
-            .map(|r| r.map(|(b,)| b))
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
+            .select::<(i64,)>(&self.st.outcome_buckets, (dataset, bucket(outcomes_before)))
+            .await?
+            .into_iter()
+            .map(|(b,)| b)
+            .collect();
         for b in buckets {
-            let mut it = self
-                .session
-                .execute_iter(self.st.by_time.clone(), (dataset, b, outcomes_before))
-                .await
-                .map_err(err)?
-                .rows_stream::<(i64, String, String, String)>()
-                .map_err(err)?;
-            let mut gone = Vec::new();
-            while let Some(row) = it.try_next().await.map_err(err)? {
-                gone.push(row);
-            }
+            let gone: Vec<(i64, String, String, String)> = self
+                .select(&self.st.by_time, (dataset, b, outcomes_before))
+                .await?;
             for (_, key, name, id) in gone {
                 if self.delete_outcome(dataset, &key, &name, &id).await? {
                     n += 1;
@@ -553,17 +505,8 @@ impl StateStore for ScyllaStore {
     async fn purge_users(&self, users: &[String]) -> Result<u64, StateError> {
         let mut n = 0u64;
         for u in users {
-            let mut it = self
-                .session
-                .execute_iter(self.st.by_user.clone(), (u,))
-                .await
-                .map_err(err)?
-                .rows_stream::<(String, String, String)>()
-                .map_err(err)?;
-            let mut entries = Vec::new();
-            while let Some(row) = it.try_next().await.map_err(err)? {
-                entries.push(row);
-            }
+            let entries: Vec<(String, String, String)> =
+                self.select(&self.st.by_user, (u,)).await?;
             let mut impressions: HashMap<String, Vec<Uuid>> = HashMap::new();
             for (dataset, kind, entry) in &entries {
                 match kind.as_str() {
