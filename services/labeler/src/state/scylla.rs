@@ -198,9 +198,7 @@ impl ScyllaStore {
         dataset: &str,
         id: Uuid,
     ) -> Result<Option<StoredImpression>, StateError> {
-        let rows: Vec<(i64, Vec<u8>)> = self
-            .select(&self.st.get_impression, (dataset, id))
-            .await?;
+        let rows: Vec<(i64, Vec<u8>)> = self.select(&self.st.get_impression, (dataset, id)).await?;
         match rows.into_iter().next() {
             Some((close_ms, payload)) => Ok(Some(StoredImpression {
                 example_id: id,
@@ -365,7 +363,10 @@ impl StateStore for ScyllaStore {
         limit: usize,
     ) -> Result<Vec<StoredImpression>, StateError> {
         let buckets: Vec<i64> = self
-            .select::<(i64,)>(&self.st.close_buckets, (dataset, bucket(from.close_ms), bucket(upto_ms)))
+            .select::<(i64,)>(
+                &self.st.close_buckets,
+                (dataset, bucket(from.close_ms), bucket(upto_ms)),
+            )
             .await?
             .into_iter()
             .map(|(b,)| b)
@@ -461,11 +462,14 @@ impl StateStore for ScyllaStore {
         }
         // Drop the listing of buckets the loop above emptied.
         let emptied: Vec<i64> = self
-            .select::<(i64,)>(&self.st.close_buckets, (
+            .select::<(i64,)>(
+                &self.st.close_buckets,
+                (
                     dataset,
                     i64::MIN / BUCKET_MS,
                     bucket(impressions_closed_before) - 1,
-                ))
+                ),
+            )
             .await?
             .into_iter()
             .map(|(b,)| b)
