@@ -8,6 +8,8 @@ use feedloop_core::{
 };
 use serde::Deserialize;
 
+pub use feedloop_core::config::{ControlConfig, LogConfig, RegistryConfig};
+
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,28 +95,8 @@ pub struct ToastConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    pub url: String,
-    pub user: String,
-    pub password: Secret,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlConfig {
-    pub url: Secret,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    pub json: bool,
 }
 
 /// A `schema.table` name split in two.
@@ -188,12 +170,7 @@ impl Config {
                 "must be positive",
             ));
         }
-        if !self.registry.user.is_empty() && self.registry.password.is_empty() {
-            return Err(ConfigError::invalid(
-                "registry.password",
-                "required when registry.user is set",
-            ));
-        }
+        self.registry.validate()?;
         Ok(())
     }
 

@@ -15,14 +15,11 @@ pub mod source;
 pub mod tables;
 pub mod types;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, routing::get};
 use feedloop_core::{
-    catalogue::TOPICS,
-    kafka::ensure_topics,
-    postgres,
-    registry_client::{RegistryClient, RegistryClientError},
+    catalogue::TOPICS, kafka::ensure_topics, postgres, registry_client::RegistryClientError,
 };
 use rdkafka::producer::FutureProducer;
 use tokio::task::JoinHandle;
@@ -70,17 +67,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let control = postgres::connect(config.control.url.expose(), 4).await?;
     postgres::migrate(&control).await?;
     let source = postgres::connect(config.source.url.expose(), 4).await?;
-    let auth = (!config.registry.user.is_empty()).then(|| {
-        (
-            config.registry.user.clone(),
-            config.registry.password.clone(),
-        )
-    });
-    let registry = Arc::new(RegistryClient::new(
-        &config.registry.url,
-        auth,
-        Duration::from_secs(10),
-    )?);
+    let registry = Arc::new(config.registry.client()?);
     if let Err(e) = ensure_topics(&config.kafka, TOPICS).await {
         tracing::warn!(error = %e, "Could not ensure topics; continuing");
     }

@@ -12,6 +12,8 @@ use feedloop_core::{
 };
 use serde::Deserialize;
 
+pub use feedloop_core::config::{LogConfig, RegistryConfig};
+
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
 #[derive(Debug, Clone, Deserialize)]
@@ -42,14 +44,6 @@ pub struct HttpConfig {
     pub max_batch_len: usize,
     pub request_timeout_ms: u64,
     pub max_in_flight: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    pub url: String,
-    pub user: String,
-    pub password: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,12 +111,6 @@ pub struct SuppressionConfig {
     pub refresh_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    pub json: bool,
-}
-
 impl Config {
     /// Defaults, then `file`, then the environment; validated.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -188,12 +176,7 @@ impl Config {
                 "must be at least http.max_request_bytes",
             ));
         }
-        if !self.registry.user.is_empty() && self.registry.password.is_empty() {
-            return Err(ConfigError::invalid(
-                "registry.password",
-                "required when registry.user is set",
-            ));
-        }
+        self.registry.validate()?;
         Ok(())
     }
 

@@ -28,7 +28,7 @@ use feedloop_core::{
     catalogue::TOPICS,
     kafka::{KafkaAdminError, ensure_topics},
     postgres,
-    registry_client::{RegistryClient, RegistryClientError},
+    registry_client::RegistryClientError,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -75,13 +75,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     )
     .await?;
     postgres::migrate(&pool).await?;
-    let auth = (!config.registry.user.is_empty()).then(|| {
-        (
-            config.registry.user.clone(),
-            config.registry.password.clone(),
-        )
-    });
-    let registry = RegistryClient::new(&config.registry.url, auth, Duration::from_secs(10))?;
+    let registry = config.registry.client()?;
     let codecs = pipeline::Codecs::register(&registry).await?;
     // Best effort: topics may already exist, or be managed by the cluster's operators.
     if let Err(e) = ensure_topics(&config.kafka, TOPICS).await {

@@ -7,6 +7,55 @@ use std::{fmt, path::Path};
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use toml::{Table, Value};
 
+/// `[registry]`: the schema registry a service registers and resolves schemas with. An empty
+/// `user` means no authentication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub user: String,
+    pub password: Secret,
+}
+
+impl RegistryConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.user.is_empty() && self.password.is_empty() {
+            return Err(ConfigError::invalid(
+                "registry.password",
+                "required when registry.user is set",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A client with these credentials.
+    pub fn client(
+        &self,
+    ) -> Result<crate::registry_client::RegistryClient, crate::registry_client::RegistryClientError>
+    {
+        let auth = (!self.user.is_empty()).then(|| (self.user.clone(), self.password.clone()));
+        crate::registry_client::RegistryClient::new(
+            &self.url,
+            auth,
+            std::time::Duration::from_secs(10),
+        )
+    }
+}
+
+/// `[control]`: the control-plane database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    pub url: Secret,
+}
+
+/// `[log]`: JSON lines (production) or human-readable text.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub json: bool,
+}
+
 /// Prefix of configuration environment variables.
 pub const ENV_PREFIX: &str = "FEEDLOOP_";
 

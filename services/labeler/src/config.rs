@@ -3,12 +3,14 @@
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use feedloop_core::{
-    config::{self, ConfigError, Secret},
+    config::{self, ConfigError},
     kafka::KafkaConfig,
 };
 use serde::Deserialize;
 
 use crate::spec::{EXAMPLE_SPEC, LabelSpec};
+
+pub use feedloop_core::config::{ControlConfig, LogConfig, RegistryConfig};
 
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
@@ -74,28 +76,8 @@ pub struct StateConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    pub url: String,
-    pub user: String,
-    pub password: Secret,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlConfig {
-    pub url: Secret,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    pub json: bool,
 }
 
 impl Config {
@@ -141,12 +123,7 @@ impl Config {
                 "required when state.store = \"scylla\"",
             ));
         }
-        if !self.registry.user.is_empty() && self.registry.password.is_empty() {
-            return Err(ConfigError::invalid(
-                "registry.password",
-                "required when registry.user is set",
-            ));
-        }
+        self.registry.validate()?;
         Ok(())
     }
 

@@ -25,7 +25,6 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use axum::{Router, routing::get};
@@ -33,7 +32,7 @@ use feedloop_core::{
     catalogue::{Catalogue, DEADLETTER_TOPIC, PARTITIONS_TOPIC, TOPICS, labels_topic},
     kafka::{create_missing, ensure_topics},
     postgres,
-    registry_client::{RegistryClient, RegistryClientError},
+    registry_client::RegistryClientError,
 };
 use rdkafka::producer::FutureProducer;
 use tokio::task::JoinHandle;
@@ -112,17 +111,7 @@ async fn prepare(config: &Config, mode: Mode) -> Result<(Shared, Vec<Dataset>), 
     let specs = config.label_specs()?;
     let control = postgres::connect(config.control.url.expose(), 8).await?;
     postgres::migrate(&control).await?;
-    let auth = (!config.registry.user.is_empty()).then(|| {
-        (
-            config.registry.user.clone(),
-            config.registry.password.clone(),
-        )
-    });
-    let registry = Arc::new(RegistryClient::new(
-        &config.registry.url,
-        auth,
-        Duration::from_secs(10),
-    )?);
+    let registry = Arc::new(config.registry.client()?);
     if let Err(e) = ensure_topics(&config.kafka, TOPICS).await {
         tracing::warn!(error = %e, "Could not ensure topics; continuing");
     }

@@ -5,6 +5,8 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use feedloop_core::config::{self, ConfigError, Secret};
 use serde::Deserialize;
 
+pub use feedloop_core::config::LogConfig;
+
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,12 +37,6 @@ pub struct PostgresConfig {
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub users: BTreeMap<String, Secret>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    pub json: bool,
 }
 
 impl Config {
