@@ -3,6 +3,8 @@
 -- eraser uses.
 CREATE SCHEMA IF NOT EXISTS labeler;
 
+-- Erasure purges (rare) scan these tables by `users`; indexing every insert for them cost more
+-- than the scans.
 -- Impressions waiting for their windows to close (and, with late_outcomes = "correct", for
 -- corrections until the horizon). payload: the impression as JSON.
 CREATE TABLE labeler.impressions (
@@ -16,7 +18,6 @@ CREATE TABLE labeler.impressions (
 );
 CREATE INDEX impressions_by_close ON labeler.impressions (dataset, close_ms, example_id);
 CREATE INDEX impressions_by_key ON labeler.impressions USING gin (keys);
-CREATE INDEX impressions_by_user ON labeler.impressions USING gin (users);
 
 -- Outcomes waiting for impressions. payload: the outcome as JSON.
 CREATE TABLE labeler.outcomes (
@@ -30,7 +31,6 @@ CREATE TABLE labeler.outcomes (
     PRIMARY KEY (dataset, join_key, name, outcome_id)
 );
 CREATE INDEX outcomes_by_time ON labeler.outcomes (dataset, time_ms);
-CREATE INDEX outcomes_by_user ON labeler.outcomes USING gin (users);
 
 -- Where each dataset's labeler is in the log: written in the same transaction as the
 -- manifests of the rows it produced.

@@ -142,6 +142,9 @@ enum BenchScenario {
         /// Rows per Parquet-write repetition.
         #[arg(long, default_value_t = 1_000_000)]
         parquet_rows: usize,
+        /// Join-state stores to measure (postgres, memory).
+        #[arg(long, value_delimiter = ',', default_value = "postgres,memory")]
+        stores: Vec<String>,
         #[arg(long, default_value = "bench-results/labeler.json")]
         out: PathBuf,
     },
@@ -238,12 +241,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 events,
                 repetitions,
                 parquet_rows,
+                stores,
                 out,
             } => {
+                let stores = stores
+                    .iter()
+                    .map(|s| match s.as_str() {
+                        "postgres" => Ok(feedloop_labeler::config::StoreKind::Postgres),
+                        "memory" => Ok(feedloop_labeler::config::StoreKind::Memory),
+                        other => Err(anyhow::anyhow!(
+                            "--stores: unknown store {other} (postgres, memory)"
+                        )),
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 feedloop::bench::labeler::run(feedloop::bench::labeler::Options {
                     events,
                     repetitions,
                     parquet_rows,
+                    stores,
                     out,
                 })
                 .await?;

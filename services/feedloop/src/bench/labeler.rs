@@ -51,6 +51,8 @@ pub struct Options {
     pub repetitions: usize,
     /// Rows per Parquet-write repetition.
     pub parquet_rows: usize,
+    /// Join-state stores to measure.
+    pub stores: Vec<StoreKind>,
     pub out: PathBuf,
 }
 
@@ -594,7 +596,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .collect();
     let duck_counts: BTreeMap<String, i64> = serde_json::from_value(duck["counts"].clone())?;
     let duck = Stat::of(duck_rates);
-    for store in [StoreKind::Postgres, StoreKind::Memory] {
+    for &store in &opts.stores {
         let mut rates = Vec::new();
         for rep in 0..opts.repetitions {
             let (rate, counts) = labeler_run(&setup, store, rep).await?;
