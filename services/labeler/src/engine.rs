@@ -1097,14 +1097,31 @@ fn next_manifest(n: NextManifest<'_>) -> Manifest {
 }
 
 /// Announces committed partition versions not announced yet (of one dataset, or all).
-pub async fn publish_pending(shared: &Shared, dataset: Option<&str>) -> Result<(), EngineError> {
+async fn publish_pending(shared: &Shared, dataset: Option<&str>) -> Result<(), EngineError> {
+    announce(
+        &shared.control,
+        &shared.producer,
+        &shared.partitions_schema,
+        dataset,
+    )
+    .await
+}
+
+/// Publishes every committed partition version of `dataset` (or of all datasets) that was not
+/// announced yet on `feedloop.datasets.partitions`, then marks them announced.
+pub async fn announce(
+    control: &PgPool,
+    producer: &FutureProducer,
+    schema: &CompiledSchema,
+    dataset: Option<&str>,
+) -> Result<(), EngineError> {
     let rows = sqlx::query(
         "SELECT dataset, partition, version, manifest FROM labeler.partitions
          WHERE published_at IS NULL AND ($1::text IS NULL OR dataset = $1)
          ORDER BY committed_at, dataset, partition, version",
     )
     .bind(dataset)
-    .fetch_all(&shared.control)
+    .fetch_all(control)
     .await?;
     if rows.is_empty() {
         return Ok(());
@@ -1115,11 +1132,11 @@ pub async fn publish_pending(shared: &Shared, dataset: Option<&str>) -> Result<(
         let manifest: Manifest = serde_json::from_str(&r.try_get::<String, _>("manifest")?)
             .map_err(DatasetError::from)?;
         let mut value = Vec::new();
-        shared.partitions_schema.encode(&manifest, &mut value)?;
+        schema.encode(&manifest, &mut value)?;
         let record = FutureRecord::to(PARTITIONS_TOPIC)
             .key(&manifest.dataset)
             .payload(&value);
-        futures.push(send(&shared.producer, record).await?);
+        futures.push(send(producer, record).await?);
         done.push((
             r.try_get::<String, _>("dataset")?,
             r.try_get::<String, _>("partition")?,
@@ -1142,7 +1159,7 @@ pub async fn publish_pending(shared: &Shared, dataset: Option<&str>) -> Result<(
     .bind(&datasets)
     .bind(&partitions)
     .bind(&versions)
-    .execute(&shared.control)
+    .execute(control)
     .await?;
     Ok(())
 }

@@ -89,17 +89,17 @@ fn producer(config: &Config) -> Result<FutureProducer, rdkafka::error::KafkaErro
 
 /// The configured join-state adapter.
 pub async fn state_store(
-    config: &Config,
+    state: &config::StateConfig,
     control: &sqlx::PgPool,
 ) -> Result<Arc<dyn StateStore>, StartError> {
-    Ok(match config.state.store {
+    Ok(match state.store {
         StoreKind::Postgres => Arc::new(state::postgres::PostgresStore::new(control.clone())),
         StoreKind::Memory => Arc::new(state::memory::MemoryStore::default()),
         StoreKind::Scylla => Arc::new(
             state::scylla::ScyllaStore::connect(
-                &config.state.scylla_nodes,
-                &config.state.scylla_keyspace,
-                config.state.scylla_replication_factor,
+                &state.scylla_nodes,
+                &state.scylla_keyspace,
+                state.scylla_replication_factor,
             )
             .await?,
         ),
@@ -137,7 +137,7 @@ async fn prepare(config: &Config, mode: Mode) -> Result<(Shared, Vec<Dataset>), 
         .await?;
     let labels_json = catalogue.composed("io.feedloop.labels.LabeledExample")?;
     let root = Root::open(&config.datasets.root, &config.datasets.options)?;
-    let state = state_store(config, &control).await?;
+    let state = state_store(&config.state, &control).await?;
     let shared = Shared {
         cfg: Arc::new(config.clone()),
         control,

@@ -1,0 +1,387 @@
+//! The eraser end to end: a dataset built by the labeler from events and cdc rows, then two
+//! users erased through the API: their rows leave the dataset (read back with pyarrow), their
+//! join state goes, they are suppressed, tombstones are written, and the certificate proves it
+//! without naming them. Everyone else's rows are unchanged.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use feedloop_core::config::Secret;
+use feedloop_integration_tests::{
+    cdc::TestCdc,
+    infra, kafka,
+    labeler::{self},
+    log::read_all,
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "admin-token-for-tests-0123456789";
+
+fn rows_without(data: &Value, users: &[&str]) -> BTreeMap<String, Value> {
+    data["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| {
+            !users
+                .iter()
+                .any(|u| r["viewer_id"] == *u || r["candidate_id"] == *u)
+        })
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(o) = r.as_object_mut() {
+                o.remove("_partition");
+            }
+            (r["example_id"].as_str().unwrap_or_default().to_owned(), r)
+        })
+        .collect()
+}
+
+async fn wait_status(http: &reqwest::Client, url: &str, want: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let r: Value = http
+            .get(url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        if r["status"] == want {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request never became {want}: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
+    // A dataset from events and cdc rows.
+    let scenario = labeler::scenario(23, 500);
+    let cdc = TestCdc::start_with(|_| async {}, |_| {}).await;
+    labeler::insert_rows(&cdc.source, &scenario).await;
+    let events_topic = format!("{}.events", cdc.config.topics.prefix);
+    labeler::publish_events(&cdc.registry.client(), &events_topic, &scenario).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = format!("er_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let spec = labeler::spec_file(dir.path(), &dataset);
+    let root = dir.path().join("datasets");
+    let lcfg = labeler::config(
+        &cdc.registry,
+        &spec,
+        &events_topic,
+        &cdc.config.topics.prefix,
+        &root,
+    )
+    .await;
+    let control = PgPool::connect(lcfg.control.url.expose())
+        .await
+        .expect("control");
+    let stop_labeler = CancellationToken::new();
+    let labeler_running = feedloop_labeler::start(lcfg.clone(), stop_labeler.clone())
+        .await
+        .expect("labeler");
+    labeler::wait_rows(
+        &control,
+        &dataset,
+        scenario.impressions.len() as i64,
+        Duration::from_secs(120),
+    )
+    .await;
+    stop_labeler.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), labeler_running.task).await;
+    let before = labeler::read_dataset(&root, &dataset);
+
+    // Two users with rows, and pending join state for them.
+    let a = scenario.impressions[0].viewer.clone();
+    let b = scenario
+        .impressions
+        .iter()
+        .map(|i| i.viewer.clone())
+        .find(|v| *v != a)
+        .expect("another viewer");
+    let erased = [a.as_str(), b.as_str()];
+    let state = feedloop_labeler::state::postgres::PostgresStore::new(control.clone());
+    let mut pending = scenario.impressions[0].clone();
+    pending.time += 10 * 86_400_000;
+    use feedloop_labeler::state::StateStore;
+    state
+        .put_impressions(
+            &dataset,
+            &[feedloop_labeler::state::StoredImpression {
+                example_id: uuid::Uuid::new_v4(),
+                close_ms: pending.time + 86_430_000,
+                impression: feedloop_labeler::window::Impression {
+                    event_id: pending.event_id,
+                    match_id: pending.match_id,
+                    viewer_id: a.clone(),
+                    candidate_id: pending.candidate.clone(),
+                    time_ms: pending.time,
+                    request_id: "r".into(),
+                    model_version: "m".into(),
+                    experiment_id: None,
+                    experiment_arm: None,
+                    rank: 1,
+                    score: 0.1,
+                    features: BTreeMap::new(),
+                    source: feedloop_labeler::window::SourceRef {
+                        topic: events_topic.clone(),
+                        partition: 0,
+                        offset: 0,
+                    },
+                },
+            }],
+        )
+        .await
+        .expect("state");
+
+    // The eraser, on the labeler's control database and dataset root.
+    let tombstone_topic = format!("{}.users.compacted", cdc.config.topics.prefix);
+    feedloop_core::kafka::create_missing(&kafka(), &[(tombstone_topic.as_str(), 1, true)])
+        .await
+        .expect("topic");
+    let mut ecfg = feedloop_eraser::Config::from_defaults().expect("defaults");
+    ecfg.http.listen = "127.0.0.1:0".into();
+    ecfg.auth.admin_token = Secret::new(TOKEN);
+    ecfg.erasure.hash_key = Secret::new("hash-key-for-tests-0123456789");
+    ecfg.erasure.poll_interval_ms = 100;
+    ecfg.erasure.tombstone_topics = vec![tombstone_topic.clone()];
+    ecfg.datasets.root = root.display().to_string();
+    ecfg.kafka.bootstrap = infra().kafka_bootstrap;
+    ecfg.registry = lcfg.registry.clone();
+    ecfg.control.url = lcfg.control.url.clone();
+    ecfg.log.json = false;
+    ecfg.validate().expect("config");
+    let stop = CancellationToken::new();
+    let running = feedloop_eraser::start(ecfg, stop.clone())
+        .await
+        .expect("eraser");
+    let base = format!("http://{}/v1/erasure-requests", running.addr);
+    let http = reqwest::Client::new();
+
+    // Auth and validation.
+    let anonymous = http
+        .post(&base)
+        .json(&json!({"user_ids": [a], "reason": "gdpr", "requested_by": "t"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(anonymous.status(), 401);
+    let wrong = http
+        .get(&base)
+        .bearer_auth("nope")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(wrong.status(), 401);
+    for bad in [
+        json!({"user_ids": [], "reason": "gdpr", "requested_by": "t"}),
+        json!({"user_ids": [""], "reason": "gdpr", "requested_by": "t"}),
+        json!({"user_ids": ["x"], "reason": "", "requested_by": "t"}),
+        json!({"user_ids": ["x"], "reason": "gdpr"}),
+        json!({"user_ids": ["x"], "reason": "gdpr", "requested_by": "t", "surprise": 1}),
+        json!({"user_ids": (0..1001).map(|i| format!("u{i}")).collect::<Vec<_>>(), "reason": "gdpr", "requested_by": "t"}),
+    ] {
+        let r = http
+            .post(&base)
+            .bearer_auth(TOKEN)
+            .json(&bad)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 400, "{bad}");
+        let body: Value = r.json().await.expect("json error");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    let not_json = http
+        .post(&base)
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(not_json.status(), 400);
+    let bad_id = http
+        .get(format!("{base}/not-a-uuid"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(bad_id.status(), 400);
+
+    // Erase two users; the same idempotency key does not make a second request.
+    let body = json!({"user_ids": [a, b], "reason": "user asked", "requested_by": "privacy@example.com", "idempotency_key": "ticket-1"});
+    let created: Value = http
+        .post(&base)
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let again = http
+        .post(&base)
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(again["id"], created["id"]);
+    let id = created["id"].as_str().expect("id").to_owned();
+    let done = wait_status(&http, &format!("{base}/{id}"), "completed").await;
+    let targets: BTreeMap<String, Value> = done["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| {
+            (
+                t["target"].as_str().unwrap_or_default().to_owned(),
+                t.clone(),
+            )
+        })
+        .collect();
+    for t in ["suppression", "join_state", "datasets", "tombstones"] {
+        assert_eq!(targets[t]["status"], "completed", "{t}: {}", targets[t]);
+    }
+    assert!(targets["join_state"]["affected"].as_i64() >= Some(1));
+    assert_eq!(targets["tombstones"]["affected"].as_i64(), Some(2));
+
+    // No dataset row for them; every other row unchanged.
+    let after = labeler::read_dataset(&root, &dataset);
+    assert_eq!(
+        rows_without(&after, &[]),
+        rows_without(&before, &erased),
+        "only the erased users' rows went"
+    );
+    let removed = before["rows"].as_array().map_or(0, Vec::len)
+        - after["rows"].as_array().map_or(0, Vec::len);
+    assert!(removed > 0);
+    assert_eq!(
+        targets["datasets"]["affected"].as_i64(),
+        Some(removed as i64)
+    );
+    // No join state, suppressed, tombstoned.
+    let left: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM labeler.impressions WHERE users && $1) + (SELECT count(*) FROM labeler.outcomes WHERE users && $1)")
+        .bind([a.clone(), b.clone()])
+        .fetch_one(&control)
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+    let suppressed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM collector.suppressed_users WHERE user_id = ANY($1)",
+    )
+    .bind([a.clone(), b.clone()])
+    .fetch_one(&control)
+    .await
+    .expect("count");
+    assert_eq!(suppressed, 2);
+    let tombstones = read_all(&infra().kafka_bootstrap, &tombstone_topic).await;
+    for u in &erased {
+        assert!(
+            tombstones
+                .iter()
+                .any(|t| t.tombstone && t.key == u.as_bytes()),
+            "no tombstone for {u}"
+        );
+    }
+    // The certificate: hashes, not ids; before/after checksums of every manifest touched.
+    let cert: Value = http
+        .get(format!("{base}/{id}/certificate"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let text = cert.to_string();
+    assert!(
+        !text.contains(&a) && !text.contains(&b),
+        "the certificate names a user: {text}"
+    );
+    assert_eq!(cert["user_id_hashes"].as_array().map(Vec::len), Some(2));
+    let manifests = cert["manifests"].as_array().expect("manifests");
+    assert!(!manifests.is_empty());
+    for m in manifests {
+        assert_ne!(m["before_sha256"], m["after_sha256"]);
+        assert_eq!(
+            m["after_version"].as_i64(),
+            m["before_version"].as_i64().map(|v| v + 1)
+        );
+    }
+    // Listing by user finds it.
+    let listed: Value = http
+        .get(format!("{base}?user_id={a}&status=completed"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        listed["requests"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x["id"] == id.as_str()))
+    );
+
+    // A user in no partition: completes without touching a file.
+    let files_before = after["partitions"]
+        .as_array()
+        .expect("p")
+        .iter()
+        .map(|p| p["version"].clone())
+        .collect::<Vec<_>>();
+    let nobody: Value = http
+        .post(&base)
+        .bearer_auth(TOKEN)
+        .json(&json!({"user_ids": ["user-who-never-was"], "reason": "r", "requested_by": "t"}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let done = wait_status(
+        &http,
+        &format!("{base}/{}", nobody["id"].as_str().expect("id")),
+        "completed",
+    )
+    .await;
+    assert!(
+        done["targets"]
+            .as_array()
+            .expect("t")
+            .iter()
+            .any(|t| t["target"] == "datasets" && t["affected"] == 0)
+    );
+    let untouched = labeler::read_dataset(&root, &dataset);
+    assert_eq!(
+        untouched["partitions"]
+            .as_array()
+            .expect("p")
+            .iter()
+            .map(|p| p["version"].clone())
+            .collect::<Vec<_>>(),
+        files_before
+    );
+
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    cdc.cleanup().await;
+}

@@ -1,0 +1,97 @@
+//! eraser configuration (defaults in `default.toml`).
+
+use std::{collections::BTreeMap, path::Path};
+
+pub use feedloop_core::config::{ControlConfig, LogConfig, RegistryConfig};
+use feedloop_core::{
+    config::{self, ConfigError, Secret},
+    kafka::KafkaConfig,
+};
+pub use feedloop_labeler::config::StateConfig;
+use serde::Deserialize;
+
+pub const DEFAULTS: &str = include_str!("../default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub auth: AuthConfig,
+    pub erasure: ErasureConfig,
+    pub datasets: DatasetsConfig,
+    pub state: StateConfig,
+    pub kafka: KafkaConfig,
+    pub producer: BTreeMap<String, String>,
+    pub registry: RegistryConfig,
+    pub control: ControlConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub admin_token: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErasureConfig {
+    pub max_users: usize,
+    pub deadline_days: u32,
+    pub poll_interval_ms: u64,
+    pub max_attempts: u32,
+    pub tombstone_topics: Vec<String>,
+    pub hash_key: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetsConfig {
+    pub root: String,
+    pub options: BTreeMap<String, String>,
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: Self = config::load_from_env(DEFAULTS, file)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The defaults alone, unvalidated, for embedding.
+    pub fn from_defaults() -> Result<Self, ConfigError> {
+        config::load(DEFAULTS, None, Vec::new())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.auth.admin_token.expose().len() < 16 {
+            return Err(ConfigError::invalid(
+                "auth.admin_token",
+                "required, at least 16 characters",
+            ));
+        }
+        if self.erasure.hash_key.expose().len() < 16 {
+            return Err(ConfigError::invalid(
+                "erasure.hash_key",
+                "required, at least 16 characters",
+            ));
+        }
+        if self.erasure.max_users == 0 || self.erasure.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "erasure.max_users",
+                "max_users and max_attempts must be positive",
+            ));
+        }
+        if self.datasets.root.is_empty() {
+            return Err(ConfigError::invalid("datasets.root", "must not be empty"));
+        }
+        self.registry.validate()
+    }
+}

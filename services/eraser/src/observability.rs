@@ -1,0 +1,53 @@
+//! The eraser's metrics (`feedloop_eraser_*`).
+
+use feedloop_core::http::HttpMetrics;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use sqlx::PgPool;
+
+pub const OPEN_REQUESTS: &str = "feedloop_eraser_open_requests";
+pub const OLDEST_OPEN: &str = "feedloop_eraser_oldest_open_request_age_seconds";
+pub const OVERDUE: &str = "feedloop_eraser_overdue_requests";
+pub const TARGET_FAILURES: &str = "feedloop_eraser_target_failures_total";
+pub const REQUESTS: &str = "feedloop_eraser_requests_total";
+
+pub const HTTP: HttpMetrics = HttpMetrics {
+    requests: "feedloop_eraser_http_requests_total",
+    duration: "feedloop_eraser_http_request_duration_seconds",
+};
+
+pub fn describe() {
+    describe_gauge!(OPEN_REQUESTS, "Erasure requests pending or running.");
+    describe_gauge!(OLDEST_OPEN, "Age of the oldest open erasure request.");
+    describe_gauge!(OVERDUE, "Open erasure requests past their deadline.");
+    describe_counter!(
+        TARGET_FAILURES,
+        "Erasure targets that failed after every attempt, by target."
+    );
+    describe_counter!(REQUESTS, "Erasure requests accepted, by origin.");
+    describe_counter!(HTTP.requests, "HTTP requests.");
+    describe_histogram!(HTTP.duration, "HTTP request duration.");
+}
+
+pub fn target_failed(target: &'static str) {
+    counter!(TARGET_FAILURES, "target" => target).increment(1);
+}
+
+pub fn request(origin: &str) {
+    counter!(REQUESTS, "origin" => origin.to_owned()).increment(1);
+}
+
+/// Refreshes the open-request gauges from the database.
+pub async fn open_requests(pool: &PgPool) {
+    let row: Result<(i64, f64, i64), _> = sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(requested_at)), 0)::float8,
+                count(*) FILTER (WHERE deadline_at < now())
+         FROM eraser.requests WHERE status IN ('pending', 'running')",
+    )
+    .fetch_one(pool)
+    .await;
+    if let Ok((open, oldest, overdue)) = row {
+        gauge!(OPEN_REQUESTS).set(open as f64);
+        gauge!(OLDEST_OPEN).set(oldest);
+        gauge!(OVERDUE).set(overdue as f64);
+    }
+}

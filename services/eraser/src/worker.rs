@@ -1,0 +1,358 @@
+//! Executes open requests: each target in turn, idempotently, retried with backoff; then the
+//! overall status and, once completed, the audit certificate.
+//!
+//! A request interrupted by a crash is still `running` and is picked up again: every target is
+//! safe to repeat (suppression and tombstones are idempotent, purges and rewrites find nothing
+//! left to remove).
+
+use std::{sync::Arc, time::Duration};
+
+use feedloop_core::{
+    avro::CompiledSchema,
+    catalogue::ERASURE_AUDIT_TOPIC,
+    retry::{Attempt, RetryPolicy, retry},
+};
+use feedloop_labeler::{dataset::Root, erasure, state::StateStore};
+use hmac::{Hmac, Mac};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    config::Config,
+    observability,
+    store::{self, StoreError, TARGETS},
+};
+
+#[derive(Clone)]
+pub struct Worker {
+    pub cfg: Arc<Config>,
+    pub control: PgPool,
+    pub state: Arc<dyn StateStore>,
+    pub root: Root,
+    pub producer: FutureProducer,
+    pub partitions_schema: Arc<CompiledSchema>,
+    pub audit_schema: Arc<CompiledSchema>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+/// What a target did: how many rows, keys, records or files it affected, and details.
+type Done = (i64, serde_json::Value);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Worker {
+    /// Polls for open requests until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let poll = Duration::from_millis(self.cfg.erasure.poll_interval_ms);
+        loop {
+            match store::open(&self.control).await {
+                Ok(ids) => {
+                    for id in ids {
+                        if shutdown.is_cancelled() {
+                            return;
+                        }
+                        if let Err(e) = self.process(id).await {
+                            tracing::warn!(request = %id, error = %e, "Erasure request interrupted; will resume");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Cannot read open erasure requests"),
+            }
+            observability::open_requests(&self.control).await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// Runs every target of a request that is not completed, then settles its status.
+    pub async fn process(&self, id: Uuid) -> Result<(), StoreError> {
+        store::set_request_status(&self.control, id, "running", "worker picked it up").await?;
+        let users = store::users(&self.control, id).await?;
+        let states = store::targets(&self.control, id).await?;
+        for target in TARGETS {
+            let state = states.iter().find(|t| t.target == *target);
+            if state.is_some_and(|t| t.status == "completed" || t.status == "failed") {
+                continue;
+            }
+            let mut attempts = 0u32;
+            let max = self.cfg.erasure.max_attempts;
+            let result = retry(
+                RetryPolicy {
+                    initial: Duration::from_millis(200),
+                    max_interval: Duration::from_secs(5),
+                    max_elapsed: None,
+                },
+                || {
+                    attempts += 1;
+                    let attempt = attempts;
+                    let users = users.clone();
+                    async move {
+                        let _ = store::set_target(&self.control, id, target, "running", 0, &json!({}), None).await;
+                        match self.execute(target, &users).await {
+                            Ok(done) => Ok(done),
+                            Err(e) if attempt >= max => Err(Attempt::Fail(e)),
+                            Err(e) => {
+                                tracing::warn!(request = %id, target, attempt, error = %e, "Erasure target failed; retrying");
+                                Err(Attempt::Retry(e))
+                            }
+                        }
+                    }
+                },
+            )
+            .await;
+            match result {
+                Ok((affected, details)) => {
+                    store::set_target(
+                        &self.control,
+                        id,
+                        target,
+                        "completed",
+                        affected,
+                        &details,
+                        None,
+                    )
+                    .await?;
+                }
+                Err(e) => {
+                    observability::target_failed(target);
+                    store::set_target(&self.control, id, target, "failed", 0, &json!({}), Some(&e))
+                        .await?;
+                }
+            }
+        }
+        let states = store::targets(&self.control, id).await?;
+        if states.iter().any(|t| t.status == "failed") {
+            store::set_request_status(&self.control, id, "partially_failed", "a target failed")
+                .await?;
+        } else {
+            let certificate = self.certificate(id, &users, &states);
+            store::set_certificate(&self.control, id, &certificate).await?;
+            if let Err(e) = self.publish_audit(&certificate).await {
+                tracing::warn!(request = %id, error = %e, "Could not publish the audit certificate; it is stored");
+            }
+            store::set_request_status(&self.control, id, "completed", "every target completed")
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn execute(&self, target: &str, users: &[String]) -> Result<Done, String> {
+        match target {
+            "suppression" => self.suppress(users).await.map_err(|e| e.to_string()),
+            "join_state" => {
+                let n = self
+                    .state
+                    .purge_users(users)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((n as i64, json!({ "entries_removed": n })))
+            }
+            "datasets" => self.rewrite_datasets(users).await,
+            "tombstones" => self.tombstones(users).await,
+            other => Err(format!("unknown target {other}")),
+        }
+    }
+
+    async fn suppress(&self, users: &[String]) -> Result<Done, sqlx::Error> {
+        let n = sqlx::query(
+            "INSERT INTO collector.suppressed_users (user_id) SELECT unnest($1::text[])
+             ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(users)
+        .execute(&self.control)
+        .await?
+        .rows_affected();
+        Ok((users.len() as i64, json!({ "newly_suppressed": n })))
+    }
+
+    async fn rewrite_datasets(&self, users: &[String]) -> Result<Done, String> {
+        let parts = erasure::partitions_with_users(&self.control, users)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut manifests = Vec::new();
+        let mut rows = 0i64;
+        let mut files = 0usize;
+        let mut datasets = std::collections::BTreeSet::new();
+        for (dataset, partition) in &parts {
+            let rw =
+                erasure::rewrite_partition(&self.control, &self.root, dataset, partition, users)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let Some(after) = rw.after else { continue };
+            let digest = |m: &feedloop_labeler::dataset::Manifest| {
+                sha256_hex(&serde_json::to_vec(m).unwrap_or_default())
+            };
+            manifests.push(json!({
+                "dataset": dataset,
+                "partition": partition,
+                "before_version": rw.before.version,
+                "before_sha256": digest(&rw.before),
+                "after_version": after.version,
+                "after_sha256": digest(&after),
+                "rows_removed": rw.rows_removed,
+            }));
+            rows += rw.rows_removed;
+            files += rw.files_rewritten;
+            datasets.insert(dataset.clone());
+        }
+        for d in &datasets {
+            feedloop_labeler::engine::announce(
+                &self.control,
+                &self.producer,
+                &self.partitions_schema,
+                Some(d),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        Ok((
+            rows,
+            json!({ "rows_removed": rows, "files_rewritten": files, "partitions": manifests.len(), "manifests": manifests }),
+        ))
+    }
+
+    async fn tombstones(&self, users: &[String]) -> Result<Done, String> {
+        let mut futures = Vec::new();
+        for topic in &self.cfg.erasure.tombstone_topics {
+            for u in users {
+                let record: FutureRecord<'_, String, [u8]> = FutureRecord::to(topic).key(u);
+                let f = self
+                    .producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e.to_string())?;
+                futures.push(f);
+            }
+        }
+        let n = futures.len() as i64;
+        for f in futures {
+            f.await
+                .map_err(|_| "producer closed".to_owned())?
+                .map_err(|(e, _)| e.to_string())?;
+        }
+        Ok((
+            n,
+            json!({ "tombstones_written": n, "topics": self.cfg.erasure.tombstone_topics }),
+        ))
+    }
+
+    /// A keyed hash stands for each user id: provable for someone holding the id and the key,
+    /// meaningless to anyone else.
+    fn hash_user(&self, user: &str) -> String {
+        let key = self.cfg.erasure.hash_key.expose().as_bytes();
+        match Hmac::<Sha256>::new_from_slice(key) {
+            Ok(mut mac) => {
+                mac.update(user.as_bytes());
+                mac.finalize()
+                    .into_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            }
+            Err(_) => String::new(),
+        }
+    }
+
+    fn certificate(
+        &self,
+        id: Uuid,
+        users: &[String],
+        states: &[store::TargetState],
+    ) -> serde_json::Value {
+        let manifests = states
+            .iter()
+            .find(|t| t.target == "datasets")
+            .and_then(|t| t.details.get("manifests").cloned())
+            .unwrap_or_else(|| json!([]));
+        json!({
+            "certificate_id": Uuid::now_v7(),
+            "request_id": id,
+            "user_id_hashes": users.iter().map(|u| self.hash_user(u)).collect::<Vec<_>>(),
+            "status": "completed",
+            "targets": states.iter().map(|t| json!({
+                "target": t.target,
+                "status": t.status,
+                "affected": t.affected,
+                "detail": t.details.to_string(),
+                "finished_at": now_ms(),
+            })).collect::<Vec<_>>(),
+            "manifests": manifests,
+            "completed_at": now_ms(),
+        })
+    }
+
+    async fn publish_audit(&self, certificate: &serde_json::Value) -> Result<(), String> {
+        let audit: AuditRecord =
+            serde_json::from_value(certificate.clone()).map_err(|e| e.to_string())?;
+        let mut value = Vec::new();
+        self.audit_schema
+            .encode(&audit, &mut value)
+            .map_err(|e| e.to_string())?;
+        let key = audit.request_id.clone();
+        self.producer
+            .send(
+                FutureRecord::to(ERASURE_AUDIT_TOPIC)
+                    .key(&key)
+                    .payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// `io.feedloop.erasure.ErasureAudit`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct AuditRecord {
+    certificate_id: String,
+    request_id: String,
+    user_id_hashes: Vec<String>,
+    status: String,
+    targets: Vec<AuditTarget>,
+    manifests: Vec<AuditManifest>,
+    completed_at: i64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct AuditTarget {
+    target: String,
+    status: String,
+    affected: i64,
+    detail: Option<String>,
+    finished_at: Option<i64>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct AuditManifest {
+    dataset: String,
+    partition: String,
+    before_version: i32,
+    before_sha256: String,
+    after_version: i32,
+    after_sha256: String,
+    rows_removed: i64,
+}
