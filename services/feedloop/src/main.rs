@@ -46,6 +46,36 @@ enum Command {
         #[command(subcommand)]
         command: SchemasCommand,
     },
+    /// Erase users everywhere feedloop holds them, or show a request's status.
+    #[command(args_conflicts_with_subcommands = true)]
+    Erase {
+        /// The eraser's base URL (`eraser_url` in the dev endpoints file).
+        #[arg(long, env = "FEEDLOOP_ERASER_URL", global = true)]
+        eraser: Option<String>,
+        /// The admin token.
+        #[arg(
+            long,
+            env = "FEEDLOOP_ADMIN_TOKEN",
+            hide_env_values = true,
+            global = true
+        )]
+        token: Option<String>,
+        /// A user to erase (repeat for several).
+        #[arg(long)]
+        user: Vec<String>,
+        #[arg(long, default_value = "erasure requested from the command line")]
+        reason: String,
+        #[arg(long, default_value = "feedloop-cli")]
+        requested_by: String,
+        /// Makes a repeated command a no-op.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait until the request completes or partially fails.
+        #[arg(long)]
+        wait: bool,
+        #[command(subcommand)]
+        command: Option<EraseCommand>,
+    },
     /// List and inspect the datasets the labeler committed.
     Datasets {
         /// The labeler's control database.
@@ -78,6 +108,12 @@ enum Command {
         #[arg(long)]
         control: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum EraseCommand {
+    /// A request's overall and per-target status.
+    Status { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +316,54 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Erase {
+            eraser,
+            token,
+            user,
+            reason,
+            requested_by,
+            idempotency_key,
+            wait,
+            command,
+        } => {
+            let client = feedloop::erase::Eraser {
+                url: eraser
+                    .context("--eraser (or FEEDLOOP_ERASER_URL) is required: `feedloop dev up` writes it as eraser_url")?
+                    .trim_end_matches('/')
+                    .to_owned(),
+                token: token.context("--token (or FEEDLOOP_ADMIN_TOKEN) is required")?,
+            };
+            let id = match command {
+                Some(EraseCommand::Status { id }) => id,
+                None => {
+                    if user.is_empty() {
+                        bail!("give at least one --user, or `erase status ID`");
+                    }
+                    let id = client
+                        .request(&user, &reason, &requested_by, idempotency_key.as_deref())
+                        .await?;
+                    println!("erasure request {id} accepted");
+                    if !wait {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    loop {
+                        let s = client.status(&id).await?;
+                        if matches!(s["status"].as_str(), Some("completed" | "partially_failed")) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    id
+                }
+            };
+            let status = client.status(&id).await?;
+            print!("{}", feedloop::erase::describe(&status));
+            Ok(if status["status"] == "partially_failed" {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Datasets { control, command } => {
             let url = control.context("--control (or FEEDLOOP_CONTROL_URL) is required: the labeler's control database; `feedloop dev up` writes it to endpoints.json as postgres_url")?;
             let pool = sqlx::PgPool::connect(&url)

@@ -244,6 +244,44 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
     }
     assert!(running, "the labeler's pipelines run");
 
+    // `feedloop erase` reaches the eraser with the advertised token and waits for completion.
+    let eraser = endpoints["eraser_url"].as_str().expect("eraser_url");
+    let token = endpoints["admin_token"].as_str().expect("admin_token");
+    let out = Command::new(BIN)
+        .args([
+            "erase",
+            "--user",
+            "dev-user-to-erase",
+            "--wait",
+            "--eraser",
+            eraser,
+            "--token",
+            token,
+        ])
+        .output()
+        .expect("feedloop erase runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(": completed"), "{stdout}");
+    let id = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("erasure request ")
+                .and_then(|r| r.split_whitespace().next())
+        })
+        .expect("request id printed")
+        .to_owned();
+    let out = Command::new(BIN)
+        .args(["erase", "status", &id, "--eraser", eraser, "--token", token])
+        .output()
+        .expect("feedloop erase status runs");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("suppression"));
+
     // The collector accepts events with the advertised write key, and only with it.
     let collector = endpoints["collector_url"].as_str().expect("collector_url");
     let write_key = endpoints["write_key"].as_str().expect("write_key");

@@ -32,6 +32,8 @@ pub enum DevError {
     Cdc(#[from] feedloop_cdc::StartError),
     #[error("labeler: {0}")]
     Labeler(#[from] feedloop_labeler::StartError),
+    #[error("eraser: {0}")]
+    Eraser(#[from] feedloop_eraser::StartError),
     #[error("configuration: {0}")]
     Config(String),
     #[error("schema registration: {0}")]

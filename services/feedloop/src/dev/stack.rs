@@ -65,6 +65,8 @@ pub struct Endpoints {
     pub datasets_root: String,
     /// The labeler's operational endpoints.
     pub labeler_url: String,
+    /// The eraser's admin API (bearer `admin_token`).
+    pub eraser_url: String,
     /// Pid of the process running the stack.
     pub pid: u32,
 }
@@ -136,6 +138,7 @@ pub struct Stack {
     pub cdc_url: String,
     pub datasets_root: String,
     pub labeler_url: String,
+    pub eraser_url: String,
     admin_token: String,
     write_key: String,
     /// Working files of the services (the collector's spool).
@@ -269,6 +272,29 @@ impl Stack {
             let _ = running.task.await;
         });
 
+        let mut eraser = feedloop_eraser::Config::from_defaults()
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        eraser.http.listen = "127.0.0.1:0".into();
+        eraser.auth.admin_token = Secret::new(admin_token.clone());
+        eraser.erasure.hash_key = Secret::new(uuid::Uuid::new_v4().simple().to_string());
+        eraser.datasets.root = datasets_root.display().to_string();
+        eraser.kafka = kafka.clone();
+        eraser.registry = feedloop_core::config::RegistryConfig {
+            url: registry_url.clone(),
+            user: REGISTRY_USER.to_owned(),
+            password: Secret::new(admin_token.clone()),
+        };
+        eraser.control.url = Secret::new(postgres.url());
+        eraser.log.json = false;
+        eraser
+            .validate()
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        let running = feedloop_eraser::start(eraser, shutdown.child_token()).await?;
+        let eraser_url = format!("http://{}", running.addr);
+        let eraser_task = tokio::spawn(async move {
+            let _ = running.task.await;
+        });
+
         let stack = Self {
             postgres,
             broker,
@@ -278,11 +304,18 @@ impl Stack {
             cdc_url,
             datasets_root: datasets_root.display().to_string(),
             labeler_url,
+            eraser_url,
             admin_token,
             write_key,
             work,
             shutdown,
-            tasks: vec![labeler_task, cdc_task, collector_task, registry_task],
+            tasks: vec![
+                eraser_task,
+                labeler_task,
+                cdc_task,
+                collector_task,
+                registry_task,
+            ],
         };
         stack.register_catalogue().await?;
         Ok(stack)
@@ -347,6 +380,7 @@ impl Stack {
             cdc_url: self.cdc_url.clone(),
             datasets_root: self.datasets_root.clone(),
             labeler_url: self.labeler_url.clone(),
+            eraser_url: self.eraser_url.clone(),
             pid: std::process::id(),
         }
     }
