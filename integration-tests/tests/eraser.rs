@@ -385,3 +385,100 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
     cdc.cleanup().await;
 }
+
+/// A target that keeps failing (its topic does not exist yet) leaves the request
+/// partially_failed with the reason; once the cause is fixed, `retry` completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_reports_partially_failed_and_retry_completes_it() {
+    let registry = feedloop_integration_tests::TestRegistry::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = format!(
+        "missing_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    let mut ecfg = feedloop_eraser::Config::from_defaults().expect("defaults");
+    ecfg.http.listen = "127.0.0.1:0".into();
+    ecfg.auth.admin_token = Secret::new(TOKEN);
+    ecfg.erasure.hash_key = Secret::new("hash-key-for-tests-0123456789");
+    ecfg.erasure.poll_interval_ms = 100;
+    ecfg.erasure.max_attempts = 2;
+    ecfg.erasure.tombstone_topics = vec![topic.clone()];
+    ecfg.producer
+        .insert("message.timeout.ms".into(), "1500".into());
+    ecfg.datasets.root = dir.path().display().to_string();
+    ecfg.kafka.bootstrap = infra().kafka_bootstrap;
+    ecfg.registry = feedloop_core::config::RegistryConfig {
+        url: registry.url.clone(),
+        user: registry.user.clone(),
+        password: Secret::new(registry.password.clone()),
+    };
+    ecfg.control.url = Secret::new(feedloop_integration_tests::fresh_database().await);
+    ecfg.log.json = false;
+    let stop = CancellationToken::new();
+    let running = feedloop_eraser::start(ecfg, stop.clone())
+        .await
+        .expect("eraser");
+    let base = format!("http://{}/v1/erasure-requests", running.addr);
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(&base)
+        .bearer_auth(TOKEN)
+        .json(&json!({"user_ids": ["u-1"], "reason": "r", "requested_by": "t"}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let url = format!("{base}/{}", created["id"].as_str().expect("id"));
+    let failed = wait_status(&http, &url, "partially_failed").await;
+    let tomb = failed["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .find(|t| t["target"] == "tombstones")
+        .expect("tombstones target")
+        .clone();
+    assert_eq!(tomb["status"], "failed");
+    assert_eq!(tomb["attempts"], 2);
+    assert!(
+        tomb["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{tomb}"
+    );
+    assert!(
+        failed["targets"]
+            .as_array()
+            .expect("t")
+            .iter()
+            .any(|t| t["target"] == "suppression" && t["status"] == "completed")
+    );
+    let no_cert = http
+        .get(format!("{url}/certificate"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(no_cert.status(), 404);
+
+    feedloop_core::kafka::create_missing(&kafka(), &[(topic.as_str(), 1, true)])
+        .await
+        .expect("topic");
+    let retried = http
+        .post(format!("{url}/retry"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(retried.status(), 202);
+    let done = wait_status(&http, &url, "completed").await;
+    assert!(
+        done["targets"]
+            .as_array()
+            .expect("t")
+            .iter()
+            .all(|t| t["status"] == "completed"),
+        "{done}"
+    );
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}
