@@ -184,6 +184,18 @@ enum BenchScenario {
         #[arg(long, default_value = "bench-results/labeler.json")]
         out: PathBuf,
     },
+    /// Erasing one user from ~10M dataset rows in hourly partitions, against DuckDB rewriting
+    /// every file.
+    Eraser {
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 240)]
+        hours: usize,
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+        #[arg(long, default_value = "bench-results/eraser.json")]
+        out: PathBuf,
+    },
     /// cdc from committed WAL to acked Kafka, against pg_recvlogical; lag at fixed rates.
     Cdc {
         /// Changes per throughput repetition.
@@ -268,6 +280,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     repetitions,
                     rates,
                     lag_seconds,
+                    out,
+                })
+                .await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchScenario::Eraser {
+                rows,
+                hours,
+                repetitions,
+                out,
+            } => {
+                feedloop::bench::eraser::run(feedloop::bench::eraser::Options {
+                    rows,
+                    hours,
+                    repetitions,
                     out,
                 })
                 .await?;

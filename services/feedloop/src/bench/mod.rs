@@ -3,6 +3,7 @@
 
 pub mod cdc;
 pub mod collector;
+pub mod eraser;
 pub mod labeler;
 pub mod load;
 
