@@ -6,6 +6,7 @@ mod collector;
 mod collector_faults;
 mod confluent_clients;
 mod eraser;
+mod eraser_faults;
 mod labeler;
 mod labeler_faults;
 mod registry;
