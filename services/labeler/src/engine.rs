@@ -254,7 +254,13 @@ pub(crate) async fn session(
             return Ok(());
         }
         let due = tokio::time::Instant::now() >= next_commit;
-        if p.rows.len() >= shared.cfg.datasets.commit_max_rows || (due && p.has_progress()) {
+        // Caught up with every input: commit now rather than at the next interval, so that a
+        // quiet log does not hold finished examples back.
+        let caught_up = since_advance == 0 && p.watermarks.all_at_end() && !p.rows.is_empty();
+        if p.rows.len() >= shared.cfg.datasets.commit_max_rows
+            || (due && p.has_progress())
+            || caught_up
+        {
             p.advance().await?;
             p.commit().await?;
         }
