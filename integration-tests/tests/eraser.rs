@@ -482,3 +482,18 @@ async fn a_failing_target_reports_partially_failed_and_retry_completes_it() {
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }
+
+#[tokio::test]
+async fn postgres_key_store_passes_the_contract() {
+    let pool =
+        feedloop_core::postgres::connect(&feedloop_integration_tests::fresh_database().await, 4)
+            .await
+            .expect("connect");
+    feedloop_core::postgres::migrate(&pool)
+        .await
+        .expect("migrate");
+    let store = feedloop_core::crypto::PostgresKeyStore::new(pool);
+    feedloop_core::crypto::key_store_contract(&store)
+        .await
+        .expect("contract");
+}

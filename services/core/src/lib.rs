@@ -10,6 +10,7 @@
 pub mod avro;
 pub mod catalogue;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod http;
 pub mod kafka;

@@ -1,0 +1,323 @@
+//! Crypto-shredding building blocks: personal fields are encrypted with a per-user data key
+//! before they enter the immutable log, so that deleting the key erases them everywhere the
+//! log was copied.
+//!
+//! - [`seal`] / [`open`]: XChaCha20-Poly1305 (RustCrypto's `chacha20poly1305`) with a random
+//!   192-bit nonce and the user id as associated data, so that a ciphertext cannot be moved to
+//!   another user. A sealed field is text: `fl1:` + base64url(nonce ‖ ciphertext), and fits the
+//!   Avro string fields it replaces.
+//! - [`KeyStore`]: the port for per-user keys, with Postgres and in-memory adapters here.
+//!
+//! Once a key is deleted, [`open`] answers [`Opened::Erased`]: a clean value to show, never an
+//! error to retry.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use async_trait::async_trait;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chacha20poly1305::{
+    XChaCha20Poly1305, XNonce,
+    aead::{Aead, AeadCore, KeyInit, OsRng, Payload},
+};
+
+/// Prefix of a sealed field.
+pub const SEALED_PREFIX: &str = "fl1:";
+/// What consumers show in place of a field whose key was destroyed.
+pub const ERASED: &str = "[erased]";
+
+/// A 256-bit data key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DataKey([u8; 32]);
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
+
+impl DataKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        Self(XChaCha20Poly1305::generate_key(&mut OsRng).into())
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        <[u8; 32]>::try_from(bytes).ok().map(Self)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("encryption failed")]
+    Seal,
+    #[error("key store: {0}")]
+    Store(String),
+}
+
+/// Encrypts `plaintext` of `user` under `key`.
+pub fn seal(key: &DataKey, user: &str, plaintext: &str) -> Result<String, CryptoError> {
+    let cipher = XChaCha20Poly1305::new(key.as_bytes().into());
+    let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+    let ct = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext.as_bytes(),
+                aad: user.as_bytes(),
+            },
+        )
+        .map_err(|_| CryptoError::Seal)?;
+    let mut raw = Vec::with_capacity(nonce.len() + ct.len());
+    raw.extend_from_slice(&nonce);
+    raw.extend_from_slice(&ct);
+    Ok(format!("{SEALED_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw)))
+}
+
+/// A field read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// It was never sealed.
+    Plain(String),
+    /// Decrypted.
+    Clear(String),
+    /// The user's key is gone: the value is erased for good.
+    Erased,
+    /// Sealed, but not for this user or tampered with.
+    Invalid,
+}
+
+/// Reads a field that may be sealed; `key` is the user's key, `None` once destroyed.
+pub fn open(key: Option<&DataKey>, user: &str, field: &str) -> Opened {
+    let Some(encoded) = field.strip_prefix(SEALED_PREFIX) else {
+        return Opened::Plain(field.to_owned());
+    };
+    let Some(key) = key else {
+        return Opened::Erased;
+    };
+    let Ok(raw) = URL_SAFE_NO_PAD.decode(encoded) else {
+        return Opened::Invalid;
+    };
+    if raw.len() < 24 {
+        return Opened::Invalid;
+    }
+    let (nonce, ct) = raw.split_at(24);
+    let Ok(nonce) = <[u8; 24]>::try_from(nonce) else {
+        return Opened::Invalid;
+    };
+    let cipher = XChaCha20Poly1305::new(key.as_bytes().into());
+    match cipher.decrypt(
+        &XNonce::from(nonce),
+        Payload {
+            msg: ct,
+            aad: user.as_bytes(),
+        },
+    ) {
+        Ok(pt) => String::from_utf8(pt).map_or(Opened::Invalid, Opened::Clear),
+        Err(_) => Opened::Invalid,
+    }
+}
+
+/// Per-user data keys.
+#[async_trait]
+pub trait KeyStore: Send + Sync + std::fmt::Debug {
+    /// The user's key, created on first use.
+    async fn get_or_create(&self, user: &str) -> Result<DataKey, CryptoError>;
+    /// The user's key, `None` if it never existed or was destroyed.
+    async fn get(&self, user: &str) -> Result<Option<DataKey>, CryptoError>;
+    /// Destroys the keys of `users` (crypto-shredding); returns how many existed.
+    async fn destroy(&self, users: &[String]) -> Result<u64, CryptoError>;
+}
+
+/// In-memory keys, for tests.
+#[derive(Debug, Default)]
+pub struct MemoryKeyStore {
+    keys: Mutex<HashMap<String, DataKey>>,
+}
+
+#[async_trait]
+impl KeyStore for MemoryKeyStore {
+    async fn get_or_create(&self, user: &str) -> Result<DataKey, CryptoError> {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(keys
+            .entry(user.to_owned())
+            .or_insert_with(DataKey::generate)
+            .clone())
+    }
+
+    async fn get(&self, user: &str) -> Result<Option<DataKey>, CryptoError> {
+        let keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(keys.get(user).cloned())
+    }
+
+    async fn destroy(&self, users: &[String]) -> Result<u64, CryptoError> {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(users.iter().filter(|u| keys.remove(*u).is_some()).count() as u64)
+    }
+}
+
+/// Keys in Postgres (`keys.user_keys`). Concurrent first uses agree on one key.
+#[derive(Debug, Clone)]
+pub struct PostgresKeyStore {
+    pool: sqlx::PgPool,
+}
+
+impl PostgresKeyStore {
+    pub fn new(pool: sqlx::PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+fn store_err(e: sqlx::Error) -> CryptoError {
+    CryptoError::Store(e.to_string())
+}
+
+#[async_trait]
+impl KeyStore for PostgresKeyStore {
+    async fn get_or_create(&self, user: &str) -> Result<DataKey, CryptoError> {
+        let fresh = DataKey::generate();
+        let bytes: Vec<u8> = sqlx::query_scalar(
+            "INSERT INTO keys.user_keys (user_id, key) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id
+             RETURNING key",
+        )
+        .bind(user)
+        .bind(fresh.as_bytes().as_slice())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_err)?;
+        DataKey::from_bytes(&bytes)
+            .ok_or_else(|| CryptoError::Store("stored key is not 32 bytes".into()))
+    }
+
+    async fn get(&self, user: &str) -> Result<Option<DataKey>, CryptoError> {
+        let bytes: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT key FROM keys.user_keys WHERE user_id = $1")
+                .bind(user)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_err)?;
+        Ok(bytes.as_deref().and_then(DataKey::from_bytes))
+    }
+
+    async fn destroy(&self, users: &[String]) -> Result<u64, CryptoError> {
+        Ok(
+            sqlx::query("DELETE FROM keys.user_keys WHERE user_id = ANY($1)")
+                .bind(users)
+                .execute(&self.pool)
+                .await
+                .map_err(store_err)?
+                .rows_affected(),
+        )
+    }
+}
+
+/// The contract every `KeyStore` adapter passes (run against a fresh store).
+pub async fn key_store_contract(store: &dyn KeyStore) -> Result<(), String> {
+    let a = store
+        .get_or_create("alice")
+        .await
+        .map_err(|e| e.to_string())?;
+    let again = store
+        .get_or_create("alice")
+        .await
+        .map_err(|e| e.to_string())?;
+    if a != again {
+        return Err("get_or_create returned a second key for the same user".into());
+    }
+    let b = store
+        .get_or_create("bob")
+        .await
+        .map_err(|e| e.to_string())?;
+    if a == b {
+        return Err("two users share a key".into());
+    }
+    if store.get("alice").await.map_err(|e| e.to_string())? != Some(a.clone()) {
+        return Err("get does not return the created key".into());
+    }
+    if store
+        .get("carol")
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Err("get invented a key".into());
+    }
+    let sealed = seal(&a, "alice", "alice@example.com").map_err(|e| e.to_string())?;
+    let n = store
+        .destroy(&["alice".to_owned(), "carol".to_owned()])
+        .await
+        .map_err(|e| e.to_string())?;
+    if n != 1 {
+        return Err(format!("destroy reported {n} keys, expected 1"));
+    }
+    let gone = store.get("alice").await.map_err(|e| e.to_string())?;
+    if open(gone.as_ref(), "alice", &sealed) != Opened::Erased {
+        return Err("a destroyed key still opens the field".into());
+    }
+    if store.get("bob").await.map_err(|e| e.to_string())? != Some(b) {
+        return Err("destroying alice touched bob".into());
+    }
+    let fresh = store
+        .get_or_create("alice")
+        .await
+        .map_err(|e| e.to_string())?;
+    if open(Some(&fresh), "alice", &sealed) != Opened::Invalid {
+        return Err("a new key opens what the destroyed one sealed".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_fields_open_only_with_their_key_and_user() {
+        let key = DataKey::generate();
+        let sealed = seal(&key, "u1", "+33 6 12 34 56 78").unwrap();
+        assert!(sealed.starts_with(SEALED_PREFIX));
+        assert!(!sealed.contains("12 34"));
+        assert_eq!(
+            open(Some(&key), "u1", &sealed),
+            Opened::Clear("+33 6 12 34 56 78".into())
+        );
+        assert_eq!(
+            open(Some(&key), "u2", &sealed),
+            Opened::Invalid,
+            "bound to the user"
+        );
+        assert_eq!(
+            open(Some(&DataKey::generate()), "u1", &sealed),
+            Opened::Invalid
+        );
+        assert_eq!(open(None, "u1", &sealed), Opened::Erased);
+        assert_eq!(open(None, "u1", "plain"), Opened::Plain("plain".into()));
+        assert_eq!(open(Some(&key), "u1", "fl1:!!!"), Opened::Invalid);
+        assert_eq!(open(Some(&key), "u1", "fl1:AAAA"), Opened::Invalid);
+        // Same plaintext, different ciphertexts (random nonces).
+        assert_ne!(
+            seal(&key, "u1", "x").unwrap(),
+            seal(&key, "u1", "x").unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_memory_key_store_passes_the_contract() {
+        key_store_contract(&MemoryKeyStore::default())
+            .await
+            .unwrap();
+    }
+}
