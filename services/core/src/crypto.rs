@@ -124,8 +124,8 @@ pub fn open(key: Option<&DataKey>, user: &str, field: &str) -> Opened {
 /// Per-user data keys.
 #[async_trait]
 pub trait KeyStore: Send + Sync + std::fmt::Debug {
-    /// The user's key, created on first use.
-    async fn get_or_create(&self, user: &str) -> Result<DataKey, CryptoError>;
+    /// The user's key, created on first use; `None` once destroyed (never created again).
+    async fn get_or_create(&self, user: &str) -> Result<Option<DataKey>, CryptoError>;
     /// The user's key, `None` if it never existed or was destroyed.
     async fn get(&self, user: &str) -> Result<Option<DataKey>, CryptoError>;
     /// Destroys the keys of `users` (crypto-shredding); returns how many existed.
@@ -135,19 +135,20 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
 /// In-memory keys, for tests.
 #[derive(Debug, Default)]
 pub struct MemoryKeyStore {
-    keys: Mutex<HashMap<String, DataKey>>,
+    /// `None`: destroyed.
+    keys: Mutex<HashMap<String, Option<DataKey>>>,
 }
 
 #[async_trait]
 impl KeyStore for MemoryKeyStore {
-    async fn get_or_create(&self, user: &str) -> Result<DataKey, CryptoError> {
+    async fn get_or_create(&self, user: &str) -> Result<Option<DataKey>, CryptoError> {
         let mut keys = self
             .keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(keys
             .entry(user.to_owned())
-            .or_insert_with(DataKey::generate)
+            .or_insert_with(|| Some(DataKey::generate()))
             .clone())
     }
 
@@ -156,7 +157,7 @@ impl KeyStore for MemoryKeyStore {
             .keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Ok(keys.get(user).cloned())
+        Ok(keys.get(user).cloned().flatten())
     }
 
     async fn destroy(&self, users: &[String]) -> Result<u64, CryptoError> {
@@ -164,7 +165,13 @@ impl KeyStore for MemoryKeyStore {
             .keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Ok(users.iter().filter(|u| keys.remove(*u).is_some()).count() as u64)
+        let mut n = 0;
+        for u in users {
+            if keys.insert(u.clone(), None).flatten().is_some() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -186,9 +193,9 @@ fn store_err(e: sqlx::Error) -> CryptoError {
 
 #[async_trait]
 impl KeyStore for PostgresKeyStore {
-    async fn get_or_create(&self, user: &str) -> Result<DataKey, CryptoError> {
+    async fn get_or_create(&self, user: &str) -> Result<Option<DataKey>, CryptoError> {
         let fresh = DataKey::generate();
-        let bytes: Vec<u8> = sqlx::query_scalar(
+        let bytes: Option<Vec<u8>> = sqlx::query_scalar(
             "INSERT INTO keys.user_keys (user_id, key) VALUES ($1, $2)
              ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id
              RETURNING key",
@@ -198,49 +205,54 @@ impl KeyStore for PostgresKeyStore {
         .fetch_one(&self.pool)
         .await
         .map_err(store_err)?;
-        DataKey::from_bytes(&bytes)
-            .ok_or_else(|| CryptoError::Store("stored key is not 32 bytes".into()))
+        Ok(bytes.as_deref().and_then(DataKey::from_bytes))
     }
 
     async fn get(&self, user: &str) -> Result<Option<DataKey>, CryptoError> {
-        let bytes: Option<Vec<u8>> =
+        let bytes: Option<Option<Vec<u8>>> =
             sqlx::query_scalar("SELECT key FROM keys.user_keys WHERE user_id = $1")
                 .bind(user)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(store_err)?;
-        Ok(bytes.as_deref().and_then(DataKey::from_bytes))
+        Ok(bytes.flatten().as_deref().and_then(DataKey::from_bytes))
     }
 
     async fn destroy(&self, users: &[String]) -> Result<u64, CryptoError> {
-        Ok(
-            sqlx::query("DELETE FROM keys.user_keys WHERE user_id = ANY($1)")
-                .bind(users)
-                .execute(&self.pool)
-                .await
-                .map_err(store_err)?
-                .rows_affected(),
+        let destroyed = sqlx::query(
+            "UPDATE keys.user_keys SET key = NULL, destroyed_at = now()
+             WHERE user_id = ANY($1) AND key IS NOT NULL",
         )
+        .bind(users)
+        .execute(&self.pool)
+        .await
+        .map_err(store_err)?
+        .rows_affected();
+        // Users who never had a key get a destroyed one, so that none is made for them later.
+        sqlx::query(
+            "INSERT INTO keys.user_keys (user_id, key, destroyed_at)
+             SELECT unnest($1::text[]), NULL, now() ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(users)
+        .execute(&self.pool)
+        .await
+        .map_err(store_err)?;
+        Ok(destroyed)
     }
 }
 
 /// The contract every `KeyStore` adapter passes (run against a fresh store).
 pub async fn key_store_contract(store: &dyn KeyStore) -> Result<(), String> {
-    let a = store
-        .get_or_create("alice")
-        .await
-        .map_err(|e| e.to_string())?;
-    let again = store
-        .get_or_create("alice")
-        .await
-        .map_err(|e| e.to_string())?;
-    if a != again {
+    let created = |k: Result<Option<DataKey>, CryptoError>| match k {
+        Ok(Some(k)) => Ok(k),
+        Ok(None) => Err("no key for a new user".to_owned()),
+        Err(e) => Err(e.to_string()),
+    };
+    let a = created(store.get_or_create("alice").await)?;
+    if created(store.get_or_create("alice").await)? != a {
         return Err("get_or_create returned a second key for the same user".into());
     }
-    let b = store
-        .get_or_create("bob")
-        .await
-        .map_err(|e| e.to_string())?;
+    let b = created(store.get_or_create("bob").await)?;
     if a == b {
         return Err("two users share a key".into());
     }
@@ -270,12 +282,15 @@ pub async fn key_store_contract(store: &dyn KeyStore) -> Result<(), String> {
     if store.get("bob").await.map_err(|e| e.to_string())? != Some(b) {
         return Err("destroying alice touched bob".into());
     }
-    let fresh = store
-        .get_or_create("alice")
-        .await
-        .map_err(|e| e.to_string())?;
-    if open(Some(&fresh), "alice", &sealed) != Opened::Invalid {
-        return Err("a new key opens what the destroyed one sealed".into());
+    for user in ["alice", "carol"] {
+        if store
+            .get_or_create(user)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            return Err(format!("a key was created again for erased user {user}"));
+        }
     }
     Ok(())
 }
