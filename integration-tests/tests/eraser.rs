@@ -142,6 +142,13 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
         .await
         .expect("state");
 
+    // Their data keys, and a field sealed with one.
+    use feedloop_core::crypto::{KeyStore as _, Opened, PostgresKeyStore, open, seal};
+    let keys = PostgresKeyStore::new(control.clone());
+    let key_a = keys.get_or_create(&a).await.expect("key").expect("new key");
+    keys.get_or_create(&b).await.expect("key").expect("new key");
+    let sealed_email = seal(&key_a, &a, "a@example.com").expect("seal");
+
     // The eraser, on the labeler's control database and dataset root.
     let tombstone_topic = format!("{}.users.compacted", cdc.config.topics.prefix);
     feedloop_core::kafka::create_missing(&kafka(), &[(tombstone_topic.as_str(), 1, true)])
@@ -255,11 +262,22 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
             )
         })
         .collect();
-    for t in ["suppression", "join_state", "datasets", "tombstones"] {
+    for t in [
+        "suppression",
+        "crypto_keys",
+        "join_state",
+        "datasets",
+        "tombstones",
+    ] {
         assert_eq!(targets[t]["status"], "completed", "{t}: {}", targets[t]);
     }
     assert!(targets["join_state"]["affected"].as_i64() >= Some(1));
     assert_eq!(targets["tombstones"]["affected"].as_i64(), Some(2));
+
+    // Their keys are destroyed: the sealed field is erased for good.
+    assert_eq!(targets["crypto_keys"]["affected"].as_i64(), Some(2));
+    let gone = keys.get(&a).await.expect("get");
+    assert_eq!(open(gone.as_ref(), &a, &sealed_email), Opened::Erased);
 
     // No dataset row for them; every other row unchanged.
     let after = labeler::read_dataset(&root, &dataset);

@@ -95,6 +95,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         cfg: cfg.clone(),
         control: control.clone(),
         state: feedloop_labeler::state_store(&cfg.state, &control).await?,
+        keys: Arc::new(feedloop_core::crypto::PostgresKeyStore::new(
+            control.clone(),
+        )),
         root: feedloop_labeler::dataset::Root::open(&cfg.datasets.root, &cfg.datasets.options)?,
         producer: producer.clone(),
         partitions_schema,

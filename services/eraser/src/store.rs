@@ -5,7 +5,13 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 /// The targets every request goes through, in order.
-pub const TARGETS: &[&str] = &["suppression", "join_state", "datasets", "tombstones"];
+pub const TARGETS: &[&str] = &[
+    "suppression",
+    "crypto_keys",
+    "join_state",
+    "datasets",
+    "tombstones",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -33,6 +33,7 @@ pub struct Worker {
     pub cfg: Arc<Config>,
     pub control: PgPool,
     pub state: Arc<dyn StateStore>,
+    pub keys: Arc<dyn feedloop_core::crypto::KeyStore>,
     pub root: Root,
     pub producer: FutureProducer,
     pub partitions_schema: Arc<CompiledSchema>,
@@ -163,6 +164,10 @@ impl Worker {
     async fn execute(&self, target: &str, users: &[String]) -> Result<Done, String> {
         match target {
             "suppression" => self.suppress(users).await.map_err(|e| e.to_string()),
+            "crypto_keys" => {
+                let n = self.keys.destroy(users).await.map_err(|e| e.to_string())?;
+                Ok((n as i64, json!({ "keys_destroyed": n })))
+            }
             "join_state" => {
                 let n = self
                     .state
