@@ -367,6 +367,7 @@ pub mod events {
 }
 
 pub mod labeler;
+pub mod service;
 
 /// Reading back what landed on a topic.
 pub mod log {

@@ -2,13 +2,11 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use feedloop::dev::PgCluster;
-use feedloop_integration_tests::{TestRegistry, cdc, infra, log::read_all};
+use feedloop_integration_tests::{TestRegistry, cdc, infra, log::read_all, service::Service};
 use sqlx::{Executor, PgPool};
 
 /// Row ids of app.reports that landed, with the (commit_lsn, ordinal) of every copy.
@@ -76,30 +74,6 @@ async fn write_reports(db: PgPool, n: usize, pause: Duration) -> Vec<i64> {
     ids
 }
 
-fn cdc_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("cdc");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo test --workspace` (or `cargo build -p feedloop-cdc`)",
-        bin.display()
-    );
-    bin
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn cdc_killed_mid_stream_and_restarted_loses_nothing() {
     let registry = TestRegistry::start().await;
@@ -125,17 +99,7 @@ async fn cdc_killed_mid_stream_and_restarted_loses_nothing() {
         ),
     )
     .expect("config");
-    let spawn = || {
-        Process(
-            Command::new(cdc_binary())
-                .arg("--config")
-                .arg(&file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("cdc starts"),
-        )
-    };
+    let spawn = || Service::spawn("cdc", &file, dir.path());
     let topic = format!("{}.app.reports", config.topics.prefix);
     let mut first = spawn();
     let writer = tokio::spawn(write_reports(db.clone(), 600, Duration::from_millis(5)));
@@ -145,8 +109,7 @@ async fn cdc_killed_mid_stream_and_restarted_loses_nothing() {
         assert!(Instant::now() < deadline, "cdc never streamed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    first.0.kill().expect("SIGKILL");
-    let _ = first.0.wait();
+    first.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _second = spawn();
     let ids = writer.await.expect("writer");

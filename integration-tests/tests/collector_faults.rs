@@ -3,8 +3,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -15,7 +13,7 @@ use feedloop_core::{
     kafka::{KafkaConfig, ensure_topics},
 };
 use feedloop_integration_tests::{
-    TestRegistry, WRITE_KEY, collector_config, events, log::read_all,
+    TestRegistry, WRITE_KEY, collector_config, events, log::read_all, service::Service,
 };
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
@@ -208,28 +206,6 @@ async fn broker_frozen_for_20s_under_load_loses_nothing() {
     let _ = running.task.await;
 }
 
-/// The collector binary next to this test binary (`cargo test --workspace` builds it).
-fn collector_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("collector");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo test --workspace` (or `cargo build -p feedloop-collector`)",
-        bin.display()
-    );
-    bin
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn collector_killed_mid_load_and_restarted_keeps_every_acknowledged_event_once() {
     let broker = own_broker().await;
@@ -272,17 +248,7 @@ json = true
         ),
     )
     .expect("config file");
-    let spawn = || {
-        Process(
-            Command::new(collector_binary())
-                .arg("--config")
-                .arg(&file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("collector starts"),
-        )
-    };
+    let spawn = || Service::spawn("collector", &file, spool.path());
     let mut first = spawn();
     wait_drained(&url, Duration::from_secs(60)).await;
 
@@ -302,8 +268,7 @@ json = true
     // Freeze the broker so that the spool fills, then kill the collector mid-load.
     broker.signal(Signal::SIGSTOP).expect("SIGSTOP");
     tokio::time::sleep(Duration::from_secs(4)).await;
-    first.0.kill().expect("SIGKILL");
-    let _ = first.0.wait();
+    first.kill();
     broker.signal(Signal::SIGCONT).expect("SIGCONT");
     let _second = spawn();
     tokio::time::sleep(Duration::from_secs(6)).await;

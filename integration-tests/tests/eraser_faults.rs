@@ -1,39 +1,11 @@
 //! The eraser killed with SIGKILL in the middle of a request, and restarted, completes it.
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use feedloop_integration_tests::{TestRegistry, fresh_database, infra, kafka};
+use feedloop_integration_tests::{TestRegistry, fresh_database, infra, kafka, service::Service};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "admin-token-for-tests-0123456789";
-
-fn eraser_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("eraser");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo test --workspace` (or `cargo build -p feedloop-eraser`)",
-        bin.display()
-    );
-    bin
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -81,17 +53,7 @@ async fn eraser_killed_mid_request_completes_it_after_a_restart() {
         ),
     )
     .expect("config");
-    let spawn = || {
-        Process(
-            Command::new(eraser_binary())
-                .arg("--config")
-                .arg(&file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("eraser starts"),
-        )
-    };
+    let spawn = || Service::spawn("eraser", &file, dir.path());
     let base = format!("http://127.0.0.1:{port}/v1/erasure-requests");
     let http = reqwest::Client::new();
     let mut first = spawn();
@@ -127,8 +89,7 @@ async fn eraser_killed_mid_request_completes_it_after_a_restart() {
         assert!(Instant::now() < deadline, "never mid-request: {s}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    first.0.kill().expect("SIGKILL");
-    let _ = first.0.wait();
+    first.kill();
     feedloop_core::kafka::create_missing(&kafka(), &[(topic.as_str(), 1, true)])
         .await
         .expect("topic");

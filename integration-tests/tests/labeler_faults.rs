@@ -3,8 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -13,34 +12,11 @@ use feedloop_integration_tests::{
     infra,
     labeler::{self, Scenario},
     log::read_all,
+    service::Service,
 };
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-
-fn labeler_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("labeler");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo test --workspace` (or `cargo build -p feedloop-labeler`)",
-        bin.display()
-    );
-    bin
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The dataset's rows by impression, without the example id (it depends on the dataset name).
 fn rows_by_impression(data: &Value) -> BTreeMap<String, Value> {
@@ -151,17 +127,7 @@ async fn labeler_killed_mid_run_writes_the_same_dataset_as_an_uninterrupted_run(
         ),
     )
     .expect("config");
-    let spawn = || {
-        Process(
-            Command::new(labeler_binary())
-                .arg("--config")
-                .arg(&file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("labeler starts"),
-        )
-    };
+    let spawn = || Service::spawn("labeler", &file, dir.path());
     let mut first = spawn();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -176,8 +142,7 @@ async fn labeler_killed_mid_run_writes_the_same_dataset_as_an_uninterrupted_run(
         assert!(Instant::now() < deadline, "the labeler never committed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    first.0.kill().expect("SIGKILL");
-    let _ = first.0.wait();
+    first.kill();
     let _second = spawn();
     labeler::wait_rows(&control, &killed, total, Duration::from_secs(120)).await;
     let got = rows_by_impression(&labeler::read_dataset(&killed_root, &killed));
