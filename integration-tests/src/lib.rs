@@ -206,6 +206,26 @@ pub async fn collector_config(
     cfg
 }
 
+/// A sealed personal field as a consumer with access to the key store (in the control database
+/// at `control_url`) reads it. Panics if `text` is not sealed.
+pub async fn open_sealed(
+    control_url: &str,
+    user: &str,
+    text: &str,
+) -> feedloop_core::crypto::Opened {
+    use feedloop_core::crypto::{KeyStore, PostgresKeyStore, SEALED_PREFIX, open};
+    assert!(text.starts_with(SEALED_PREFIX), "not sealed: {text}");
+    let pool = sqlx::PgPool::connect(control_url)
+        .await
+        .expect("control database");
+    let key = PostgresKeyStore::new(pool.clone())
+        .get(user)
+        .await
+        .expect("key store");
+    pool.close().await;
+    open(key.as_ref(), user, text)
+}
+
 /// The write key of `test-app` in [`collector_config`].
 pub const WRITE_KEY: &str = "wk-test-app-0123456789";
 
@@ -553,6 +573,19 @@ pub mod cdc {
     }
 
     impl TestCdc {
+        /// A personal column as a consumer with access to the key store reads it: sealed in
+        /// the log, opened with `user`'s data key.
+        pub async fn open(
+            &self,
+            user: &str,
+            field: &serde_json::Value,
+        ) -> feedloop_core::crypto::Opened {
+            let text = field
+                .as_str()
+                .unwrap_or_else(|| panic!("not a string: {field}"));
+            crate::open_sealed(self.config.control.url.expose(), user, text).await
+        }
+
         /// A fresh product database; `prepare` runs on it before cdc starts.
         pub async fn start_with<F, Fut>(
             prepare: F,

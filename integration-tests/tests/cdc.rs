@@ -7,6 +7,7 @@ use std::{
 
 use feedloop_core::{
     catalogue::ERASURE_REQUESTS_TOPIC,
+    crypto::Opened,
     model::{ErasureOrigin, ErasureRequest},
     registry_client::RegistryClient,
 };
@@ -143,7 +144,12 @@ async fn changes_arrive_in_commit_order_per_key_with_envelopes_and_tombstones() 
         ["c", "u", "u"]
     );
     let first = u1[0].value.as_ref().expect("value");
-    assert_eq!(first["after"]["email"], "a@example.com");
+    // Personal columns are sealed with the user's data key; the key store opens them.
+    assert_eq!(
+        cdc.open("u1", &first["after"]["email"]).await,
+        Opened::Clear("a@example.com".into())
+    );
+    assert_eq!(first["after"]["country"], serde_json::Value::Null);
     assert!(first["before"].is_null());
     assert_eq!(first["source"]["table"], "users");
     assert_eq!(first["source"]["schema"], "app");
@@ -151,16 +157,25 @@ async fn changes_arrive_in_commit_order_per_key_with_envelopes_and_tombstones() 
     assert!(first["source"]["lsn"].as_i64().is_some_and(|l| l > 0));
     // REPLICA IDENTITY FULL: updates carry the old row.
     let second = u1[1].value.as_ref().expect("value");
-    assert_eq!(second["before"]["display_name"], "A");
-    assert_eq!(second["after"]["display_name"], "A2");
+    assert_eq!(
+        cdc.open("u1", &second["before"]["display_name"]).await,
+        Opened::Clear("A".into())
+    );
+    assert_eq!(
+        cdc.open("u1", &second["after"]["display_name"]).await,
+        Opened::Clear("A2".into())
+    );
     // The unchanged TOASTed bio is marked, never null.
     assert_eq!(
-        second["after"]["bio"].as_str().map(str::len),
-        Some(5000),
+        cdc.open("u1", &second["after"]["bio"]).await,
+        Opened::Clear("x".repeat(5000)),
         "FULL identity carries the old value"
     );
     let third = u1[2].value.as_ref().expect("value");
-    assert_eq!(third["before"]["display_name"], "A2");
+    assert_eq!(
+        cdc.open("u1", &third["before"]["display_name"]).await,
+        Opened::Clear("A2".into())
+    );
     // Commit order per key: positions strictly increase.
     assert!(
         u1.windows(2)

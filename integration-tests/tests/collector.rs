@@ -172,7 +172,16 @@ async fn segment_batch_lands_as_catalogue_records_with_corrected_time() {
         .expect("decodes");
     assert_eq!(imp.envelope.user_id, user);
     assert_eq!(imp.envelope.app_version, "7.1");
-    assert_eq!(imp.envelope.device_id.as_deref(), Some("dev-9"));
+    // The device id is personal: sealed with the user's data key, which opens it.
+    assert_eq!(
+        feedloop_integration_tests::open_sealed(
+            c.config.postgres.url.expose(),
+            &user,
+            imp.envelope.device_id.as_deref().unwrap_or_default(),
+        )
+        .await,
+        feedloop_core::crypto::Opened::Clear("dev-9".into())
+    );
     // Corrected: about 2 s before it was received, although the client said 10 minutes earlier.
     let age = imp.envelope.received_at - imp.envelope.timestamp;
     assert!((1_900..=2_100).contains(&age), "corrected age {age} ms");

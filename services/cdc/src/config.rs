@@ -8,7 +8,10 @@ use feedloop_core::{
 };
 use serde::Deserialize;
 
-pub use feedloop_core::config::{ControlConfig, LogConfig, RegistryConfig};
+pub use feedloop_core::{
+    config::{ControlConfig, LogConfig, RegistryConfig},
+    crypto::KeysConfig,
+};
 
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
@@ -21,6 +24,8 @@ pub struct Config {
     pub users: UsersConfig,
     pub schema_changes: SchemaChangesConfig,
     pub toast: ToastConfig,
+    pub pii: PiiConfig,
+    pub keys: KeysConfig,
     pub kafka: KafkaConfig,
     pub producer: BTreeMap<String, String>,
     pub registry: RegistryConfig,
@@ -93,6 +98,23 @@ pub struct ToastConfig {
     pub placeholder: String,
 }
 
+/// `[pii]`: personal columns, sealed with their owner's data key (crypto-shredding).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PiiConfig {
+    /// By `schema.table`.
+    pub tables: BTreeMap<String, PiiTable>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PiiTable {
+    /// The column holding the id of the user the row's personal data belongs to.
+    pub user_column: String,
+    /// Text columns to seal.
+    pub columns: Vec<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
@@ -132,6 +154,25 @@ impl Config {
         }
         if self.source.tables.is_empty() {
             return Err(ConfigError::invalid("source.tables", "at least one table"));
+        }
+        self.keys.validate()?;
+        for (table, pii) in &self.pii.tables {
+            let key = format!("pii.tables.{table}");
+            if split_table(table).is_none() {
+                return Err(ConfigError::invalid(&key, "not schema.table"));
+            }
+            if pii.user_column.is_empty() || pii.columns.is_empty() {
+                return Err(ConfigError::invalid(
+                    &key,
+                    "needs user_column and at least one column",
+                ));
+            }
+            if pii.columns.contains(&pii.user_column) {
+                return Err(ConfigError::invalid(
+                    &key,
+                    "the owner column cannot be sealed (rows would lose their owner)",
+                ));
+            }
         }
         for t in &self.source.tables {
             match split_table(t) {

@@ -14,6 +14,7 @@ use std::{
 use feedloop_core::{
     avro::CompiledSchema,
     catalogue::{Catalogue, DEADLETTER_TOPIC, ERASURE_REQUESTS_TOPIC, TOPICS},
+    crypto::KeyCache,
     kafka::{KafkaConfig, create_missing},
     model::{
         DeadLetter, DeadLetterReason, ErasureOrigin, ErasureRequest, erasure::DEFAULT_DEADLINE_MS,
@@ -33,6 +34,7 @@ use crate::{
     config::{Config, IncompatiblePolicy, SnapshotMode},
     observability,
     pgoutput::{self, Message, OldTuple, Relation, Tuple, Value},
+    pii::{self, Pii},
     sink::{self, Batch, Position},
     source::{self, SnapshotReader},
     tables::{EnvelopeOut, RowOut, Shape, Source, Table},
@@ -63,6 +65,8 @@ pub enum EngineError {
     Url(String),
     #[error("CREATE_REPLICATION_SLOT returned no usable row")]
     SlotCreation,
+    #[error("data keys: {0}")]
+    Keys(#[from] feedloop_core::crypto::CryptoError),
 }
 
 /// A captured table: encodable, or blocked by an incompatible schema change.
@@ -155,6 +159,8 @@ pub struct Engine {
     db: String,
     /// A replication session is streaming (snapshot done).
     streaming: Arc<AtomicBool>,
+    /// Seals personal columns.
+    keys: Arc<KeyCache>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -172,6 +178,7 @@ impl Engine {
         control: PgPool,
         registry: Arc<RegistryClient>,
         producer: FutureProducer,
+        keys: Arc<KeyCache>,
     ) -> Result<Self, EngineError> {
         let catalogue = Catalogue::embedded().map_err(|e| EngineError::Catalogue(e.to_string()))?;
         let composed = |r: &str| {
@@ -221,6 +228,7 @@ impl Engine {
             outbox_schema,
             db,
             streaming: Arc::new(AtomicBool::new(false)),
+            keys,
         })
     }
 
@@ -493,6 +501,18 @@ impl Engine {
             );
             return Ok(());
         }
+        let pii = match self.cfg.pii.tables.get(&table_name) {
+            None => None,
+            Some(cfg) => match Pii::resolve(cfg, &shape) {
+                Ok(p) => Some(p),
+                Err(reason) => {
+                    tracing::error!(table = %table_name, %reason, "Personal columns cannot be sealed; this table's changes go to the dead-letter topic (sealed) until its shape or [pii] is fixed");
+                    self.tables
+                        .insert(shape.relation.oid, Entry::Blocked { shape, reason });
+                    return Ok(());
+                }
+            },
+        };
         let topic = format!(
             "{}.{}.{}",
             self.cfg.topics.prefix, shape.relation.namespace, shape.relation.name
@@ -561,6 +581,7 @@ impl Engine {
                 topic,
                 value: registered,
                 key,
+                pii,
             }),
         );
         Ok(())
@@ -579,7 +600,7 @@ impl Engine {
         futures: &mut Vec<DeliveryFuture>,
     ) -> Result<(), EngineError> {
         let placeholder = &self.cfg.toast.placeholder;
-        let (before, after) = match (
+        let (mut before, mut after) = match (
             table.shape.maybe_row(before, placeholder),
             table.shape.maybe_row(after, placeholder),
         ) {
@@ -590,6 +611,14 @@ impl Engine {
                     .await;
             }
         };
+        if let Some(pii) = &table.pii {
+            for (values, unchanged) in [&mut before, &mut after].into_iter().flatten() {
+                let n = pii
+                    .seal_row(&self.keys, &table.shape, values, unchanged)
+                    .await?;
+                observability::sealed(n);
+            }
+        }
         let mut value = Vec::with_capacity(256);
         table.value.encode(
             &EnvelopeOut {
@@ -952,10 +981,21 @@ impl Engine {
         let table = match self.tables.get(&oid) {
             Some(Entry::Ready(t)) => t.clone(),
             Some(Entry::Blocked { reason, .. }) => {
+                let reason = reason.clone();
+                let mut images = [
+                    before.as_ref().map(|o| tuple_json(o.tuple())),
+                    after.as_ref().map(tuple_json),
+                ];
+                if let Some(cfg) = self.cfg.pii.tables.get(&table_name) {
+                    for row in images.iter_mut().flatten() {
+                        pii::seal_json(&self.keys, cfg, &shape, row).await?;
+                    }
+                }
+                let [before, after] = images;
                 let change = serde_json::json!({
                     "table": table_name, "op": op,
-                    "before": before.as_ref().map(|o| tuple_json(o.tuple())),
-                    "after": after.as_ref().map(tuple_json),
+                    "before": before,
+                    "after": after,
                 });
                 let detail = format!("table schema not registered: {reason}");
                 let original = change.to_string().into_bytes();

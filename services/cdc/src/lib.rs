@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod observability;
 pub mod pgoutput;
+pub mod pii;
 pub mod sink;
 pub mod source;
 pub mod tables;
@@ -19,7 +20,11 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, routing::get};
 use feedloop_core::{
-    catalogue::TOPICS, kafka::ensure_topics, postgres, registry_client::RegistryClientError,
+    catalogue::TOPICS,
+    crypto::{CryptoError, KeyCache, key_store},
+    kafka::ensure_topics,
+    postgres,
+    registry_client::RegistryClientError,
 };
 use rdkafka::producer::FutureProducer;
 use tokio::task::JoinHandle;
@@ -41,6 +46,8 @@ pub enum StartError {
     Engine(#[from] engine::EngineError),
     #[error(transparent)]
     Bind(#[from] feedloop_core::http::BindError),
+    #[error("data key store: {0}")]
+    Keys(#[from] CryptoError),
 }
 
 /// A started cdc.
@@ -73,7 +80,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     }
     let producer = producer(&config)?;
     let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
-    let engine = engine::Engine::new(config, source, control, registry, producer).await?;
+    let keys = Arc::new(KeyCache::new(
+        key_store(&config.keys, &control).await?,
+        config.keys.cache_ttl(),
+    ));
+    let engine = engine::Engine::new(config, source, control, registry, producer, keys).await?;
     let streaming = engine.streaming();
     let app = Router::new()
         .route(

@@ -12,6 +12,7 @@ pub const SNAPSHOT_TABLES_DONE: &str = "feedloop_cdc_snapshot_tables_completed_t
 pub const OUTBOX: &str = "feedloop_cdc_outbox_events_total";
 pub const ERASURE_REQUESTS: &str = "feedloop_cdc_erasure_requests_total";
 pub const DEAD_LETTERS: &str = "feedloop_cdc_dead_letters_total";
+pub const SEALED_VALUES: &str = "feedloop_cdc_sealed_values_total";
 pub const SCHEMA_CHANGES: &str = "feedloop_cdc_schema_changes_total";
 pub const RECONNECTS: &str = "feedloop_cdc_reconnects_total";
 pub const SLOT_LAG_BYTES: &str = "feedloop_cdc_slot_lag_bytes";
@@ -45,6 +46,10 @@ pub fn describe() {
     describe_counter!(
         DEAD_LETTERS,
         "Changes sent to the dead-letter topic, by reason."
+    );
+    describe_counter!(
+        SEALED_VALUES,
+        "Personal column values sealed with their owner's data key."
     );
     describe_counter!(SCHEMA_CHANGES, "New table schemas registered, by outcome.");
     describe_counter!(RECONNECTS, "Replication sessions restarted after an error.");
@@ -86,6 +91,12 @@ pub fn outbox() {
 
 pub fn erasure_request() {
     counter!(ERASURE_REQUESTS).increment(1);
+}
+
+pub fn sealed(n: u64) {
+    if n > 0 {
+        counter!(SEALED_VALUES).increment(n);
+    }
 }
 
 pub fn dead_letter(reason: &'static str) {

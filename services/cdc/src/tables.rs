@@ -253,6 +253,8 @@ pub struct Table {
     pub topic: String,
     pub value: Arc<CompiledSchema>,
     pub key: Option<Arc<CompiledSchema>>,
+    /// Personal columns to seal, if the table has any.
+    pub pii: Option<crate::pii::Pii>,
 }
 
 impl Table {
@@ -386,6 +388,7 @@ mod tests {
             topic: "t".into(),
             value: Arc::new(value),
             key: Some(Arc::new(key)),
+            pii: None,
         };
         let mut k = Vec::new();
         assert!(table.encode_key(&row, &mut k).expect("key"));

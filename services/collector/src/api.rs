@@ -31,7 +31,7 @@ use crate::{
     durable::{DurableError, now_ms},
     ingest::{Context, Parsed, Reject, native, segment},
     observability,
-    pipeline::Pipeline,
+    pipeline::{IngestError, Pipeline},
 };
 
 /// The OpenAPI document of this API.
@@ -252,7 +252,7 @@ async fn finish(
                 (StatusCode::OK, Json(resp)).into_response()
             }
         }
-        Err(DurableError::SpoolFull) => retry_after(
+        Err(IngestError::Durable(DurableError::SpoolFull)) => retry_after(
             refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "spool_full",

@@ -12,7 +12,10 @@ use feedloop_core::{
 };
 use serde::Deserialize;
 
-pub use feedloop_core::config::{LogConfig, RegistryConfig};
+pub use feedloop_core::{
+    config::{LogConfig, RegistryConfig},
+    crypto::KeysConfig,
+};
 
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
@@ -31,6 +34,7 @@ pub struct Config {
     pub dedup: DedupConfig,
     pub spool: SpoolConfig,
     pub suppression: SuppressionConfig,
+    pub keys: KeysConfig,
     pub log: LogConfig,
 }
 
@@ -126,6 +130,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.keys.validate()?;
         if self.auth.apps.is_empty() {
             return Err(ConfigError::invalid(
                 "auth.apps",

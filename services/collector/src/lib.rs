@@ -26,6 +26,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use feedloop_core::{
     catalogue::TOPICS,
+    crypto::{CryptoError, KeyCache, key_store},
     kafka::{KafkaAdminError, ensure_topics},
     postgres,
     registry_client::RegistryClientError,
@@ -53,6 +54,8 @@ pub enum StartError {
     Topics(#[from] KafkaAdminError),
     #[error(transparent)]
     Bind(#[from] feedloop_core::http::BindError),
+    #[error("data key store: {0}")]
+    Keys(#[from] CryptoError),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -109,6 +112,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         config.ack_timeout(),
     ));
     let suppression = Arc::new(suppression::Suppression::default());
+    let keys = Arc::new(KeyCache::new(
+        key_store(&config.keys, &pool).await?,
+        config.keys.cache_ttl(),
+    ));
 
     let background = CancellationToken::new();
     let drain = tokio::spawn(durable.clone().drain(
@@ -127,6 +134,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             durable: durable.clone(),
             suppression,
             codecs,
+            keys,
         }),
         keys: auth::Keys::new(&config.auth),
         limiter: auth::RateLimiter::new(&config.limits),

@@ -5,6 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 use feedloop_core::{
     avro::{CodecError, CompiledSchema},
     catalogue::{Catalogue, DEADLETTER_TOPIC, EVENTS_TOPIC, TOPICS},
+    crypto::{CryptoError, DataKey, KeyCache},
     model::{DeadLetter, DeadLetterReason, Event, EventType},
     registry_client::{RegistryClient, RegistryClientError},
 };
@@ -154,6 +155,16 @@ pub struct BatchResponse {
     pub results: Vec<EventResult>,
 }
 
+/// Why a batch could not be taken; nothing of it was acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+    /// Personal fields cannot be sealed: the batch is refused rather than logged in the clear.
+    #[error("data keys unavailable: {0}")]
+    Keys(#[from] CryptoError),
+}
+
 /// Everything the request path needs.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -161,6 +172,8 @@ pub struct Pipeline {
     pub durable: Arc<Durable>,
     pub suppression: Arc<Suppression>,
     pub codecs: Codecs,
+    /// Data keys that seal personal fields (device ids, report comments) before they are logged.
+    pub keys: Arc<KeyCache>,
 }
 
 impl Pipeline {
@@ -205,12 +218,25 @@ impl Pipeline {
         app_id: &str,
         parsed: Vec<Parsed>,
         received_at: i64,
-    ) -> Result<BatchResponse, DurableError> {
+    ) -> Result<BatchResponse, IngestError> {
         // Decide suppression once per event: the list may change while the batch is handled.
         let dropped: Vec<bool> = parsed
             .iter()
             .map(|p| matches!(p, Parsed::Event(e) if self.suppression.contains(&e.envelope().user_id)))
             .collect();
+        // The data keys of users whose events carry personal fields, before anything is claimed.
+        let mut keys: HashMap<String, Option<DataKey>> = HashMap::new();
+        for (p, dropped) in parsed.iter().zip(&dropped) {
+            if let Parsed::Event(e) = p
+                && !dropped
+                && e.has_personal()
+                && !keys.contains_key(&e.envelope().user_id)
+            {
+                let user = e.envelope().user_id.clone();
+                let key = self.keys.sealing_key(&user).await?;
+                keys.insert(user, key);
+            }
+        }
         let ids: Vec<u128> = parsed
             .iter()
             .zip(&dropped)
@@ -227,7 +253,7 @@ impl Pipeline {
         let (mut dups, mut suppressed) = (0, 0);
         for (index, p) in parsed.into_iter().enumerate() {
             match p {
-                Parsed::Event(e) => {
+                Parsed::Event(mut e) => {
                     let env = e.envelope();
                     let event_id = Some(env.event_id.to_string());
                     if dropped[index] {
@@ -280,7 +306,17 @@ impl Pipeline {
                         None => env.user_id.as_bytes().to_vec(),
                     };
                     let mut value = Vec::with_capacity(256);
-                    match self.codecs.encode_event(&e, &mut value) {
+                    let sealed = if e.has_personal() {
+                        let key = keys.get(&e.envelope().user_id).cloned().flatten();
+                        e.seal_personal(key.as_ref()).map_err(|x| x.to_string())
+                    } else {
+                        Ok(())
+                    };
+                    match sealed.and_then(|()| {
+                        self.codecs
+                            .encode_event(&e, &mut value)
+                            .map_err(|x| x.to_string())
+                    }) {
                         Ok(()) => {
                             claimed.push(id);
                             let event_type = e.event_type().name();
@@ -305,13 +341,13 @@ impl Pipeline {
                         }
                         Err(err) => {
                             // A parsed event that does not fit its schema is a bug; keep it.
-                            tracing::error!(error = %err, "Accepted event does not fit its schema");
+                            tracing::error!(error = %err, "Accepted event could not be sealed or encoded");
                             self.dedup.release(&[id]);
                             let original =
                                 serde_json::to_vec(&format!("{e:?}")).unwrap_or_default();
                             let reject = Reject::new(
                                 DeadLetterReason::ProcessingFailure,
-                                err.to_string(),
+                                err.clone(),
                                 &original,
                             );
                             if let Ok(r) = self.dead_letter(app_id, &reject, received_at) {
@@ -323,7 +359,7 @@ impl Pipeline {
                                 status: Status::Rejected,
                                 reason: Some("processing_failure"),
                                 path: None,
-                                detail: Some(err.to_string()),
+                                detail: Some(err),
                                 retryable: false,
                             });
                         }
@@ -361,7 +397,8 @@ impl Pipeline {
             r
         })
         .await
-        .unwrap_or_else(|e| Err(DurableError::Crashed(e.to_string())))?;
+        .unwrap_or_else(|e| Err(DurableError::Crashed(e.to_string())))
+        .map_err(IngestError::Durable)?;
         for t in &accepted_types {
             observability::accepted(t, 1);
         }

@@ -6,12 +6,20 @@
 //!   192-bit nonce and the user id as associated data, so that a ciphertext cannot be moved to
 //!   another user. A sealed field is text: `fl1:` + base64url(nonce ‖ ciphertext), and fits the
 //!   Avro string fields it replaces.
-//! - [`KeyStore`]: the port for per-user keys, with Postgres and in-memory adapters here.
+//! - [`KeyStore`]: the port for per-user keys, with Postgres, ScyllaDB and in-memory adapters;
+//!   [`key_store`] opens the one `[keys]` configures. [`KeyCache`] keeps writers off the store
+//!   on the hot path.
 //!
 //! Once a key is deleted, [`open`] answers [`Opened::Erased`]: a clean value to show, never an
 //! error to retry.
 
-use std::{collections::HashMap, sync::Mutex};
+mod scylla;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -24,6 +32,8 @@ use chacha20poly1305::{
 pub const SEALED_PREFIX: &str = "fl1:";
 /// What consumers show in place of a field whose key was destroyed.
 pub const ERASED: &str = "[erased]";
+
+pub use scylla::ScyllaKeyStore;
 
 /// A 256-bit data key.
 #[derive(Clone, PartialEq, Eq)]
@@ -75,6 +85,15 @@ pub fn seal(key: &DataKey, user: &str, plaintext: &str) -> Result<String, Crypto
     raw.extend_from_slice(&nonce);
     raw.extend_from_slice(&ct);
     Ok(format!("{SEALED_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw)))
+}
+
+/// Seals `plaintext` for a writer: under the user's key, or, when the key was destroyed
+/// already (the user is erased), as a bare [`SEALED_PREFIX`] that reads back as erased.
+pub fn seal_for(key: Option<&DataKey>, user: &str, plaintext: &str) -> Result<String, CryptoError> {
+    match key {
+        Some(k) => seal(k, user, plaintext),
+        None => Ok(SEALED_PREFIX.to_owned()),
+    }
 }
 
 /// A field read back.
@@ -241,6 +260,124 @@ impl KeyStore for PostgresKeyStore {
     }
 }
 
+/// Writers' view of a key store: keys by user, cached for a while so that sealing does not
+/// cost a round trip per record. A key destroyed while cached keeps sealing for at most the
+/// TTL, which is harmless: nothing can open what it seals once the store forgot it.
+#[derive(Debug)]
+pub struct KeyCache {
+    store: Arc<dyn KeyStore>,
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (Option<DataKey>, Instant)>>,
+}
+
+/// Entries kept before the cache starts over.
+const MAX_CACHED_KEYS: usize = 100_000;
+
+impl KeyCache {
+    pub fn new(store: Arc<dyn KeyStore>, ttl: Duration) -> Self {
+        Self {
+            store,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// The key to seal `user`'s fields with (created on first use); `None` once destroyed.
+    pub async fn sealing_key(&self, user: &str) -> Result<Option<DataKey>, CryptoError> {
+        {
+            let entries = self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((key, at)) = entries.get(user)
+                && at.elapsed() < self.ttl
+            {
+                return Ok(key.clone());
+            }
+        }
+        let key = self.store.get_or_create(user).await?;
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= MAX_CACHED_KEYS {
+            entries.clear();
+        }
+        entries.insert(user.to_owned(), (key.clone(), Instant::now()));
+        Ok(key)
+    }
+
+    /// Seals `plaintext` of `user` (see [`seal_for`]).
+    pub async fn seal(&self, user: &str, plaintext: &str) -> Result<String, CryptoError> {
+        let key = self.sealing_key(user).await?;
+        seal_for(key.as_ref(), user, plaintext)
+    }
+}
+
+/// `[keys]`: where per-user data keys live.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// `postgres` (the service's control database) or `scylla`.
+    pub store: KeyStoreKind,
+    pub scylla_nodes: Vec<String>,
+    pub scylla_keyspace: String,
+    pub scylla_replication_factor: u32,
+    /// How long writers reuse a key they looked up.
+    pub cache_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStoreKind {
+    Postgres,
+    Scylla,
+}
+
+impl KeysConfig {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        if self.store == KeyStoreKind::Scylla && self.scylla_nodes.is_empty() {
+            return Err(crate::config::ConfigError::invalid(
+                "keys.scylla_nodes",
+                "needs at least one node when keys.store = \"scylla\"",
+            ));
+        }
+        if self.cache_ttl_ms == 0 {
+            return Err(crate::config::ConfigError::invalid(
+                "keys.cache_ttl_ms",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.cache_ttl_ms)
+    }
+}
+
+/// Opens the configured key store (`control` holds `keys.user_keys` for the Postgres one).
+pub async fn key_store(
+    cfg: &KeysConfig,
+    control: &sqlx::PgPool,
+) -> Result<Arc<dyn KeyStore>, CryptoError> {
+    Ok(match cfg.store {
+        KeyStoreKind::Postgres => Arc::new(PostgresKeyStore::new(control.clone())),
+        KeyStoreKind::Scylla => Arc::new(
+            ScyllaKeyStore::connect(
+                &cfg.scylla_nodes,
+                &cfg.scylla_keyspace,
+                cfg.scylla_replication_factor,
+            )
+            .await?,
+        ),
+    })
+}
+
 /// The contract every `KeyStore` adapter passes (run against a fresh store).
 pub async fn key_store_contract(store: &dyn KeyStore) -> Result<(), String> {
     let created = |k: Result<Option<DataKey>, CryptoError>| match k {
@@ -322,11 +459,33 @@ mod tests {
         assert_eq!(open(None, "u1", "plain"), Opened::Plain("plain".into()));
         assert_eq!(open(Some(&key), "u1", "fl1:!!!"), Opened::Invalid);
         assert_eq!(open(Some(&key), "u1", "fl1:AAAA"), Opened::Invalid);
+        // Sealing for a user whose key is gone writes nothing readable.
+        assert_eq!(
+            open(None, "u1", &seal_for(None, "u1", "secret").unwrap()),
+            Opened::Erased
+        );
         // Same plaintext, different ciphertexts (random nonces).
         assert_ne!(
             seal(&key, "u1", "x").unwrap(),
             seal(&key, "u1", "x").unwrap()
         );
+    }
+
+    #[tokio::test]
+    async fn the_cache_seals_with_the_stored_key_and_stops_after_destruction() {
+        let store = Arc::new(MemoryKeyStore::default());
+        let cache = KeyCache::new(store.clone(), Duration::from_millis(1));
+        let sealed = cache.seal("u1", "hello").await.unwrap();
+        let key = store.get("u1").await.unwrap();
+        assert_eq!(
+            open(key.as_ref(), "u1", &sealed),
+            Opened::Clear("hello".into())
+        );
+        store.destroy(&["u1".into()]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let after = cache.seal("u1", "hello").await.unwrap();
+        assert_eq!(open(None, "u1", &after), Opened::Erased);
+        assert_eq!(open(None, "u1", &sealed), Opened::Erased);
     }
 
     #[tokio::test]

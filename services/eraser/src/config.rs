@@ -2,10 +2,13 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-pub use feedloop_core::config::{ControlConfig, LogConfig, RegistryConfig};
 use feedloop_core::{
     config::{self, ConfigError, Secret},
     kafka::KafkaConfig,
+};
+pub use feedloop_core::{
+    config::{ControlConfig, LogConfig, RegistryConfig},
+    crypto::KeysConfig,
 };
 pub use feedloop_labeler::config::StateConfig;
 use serde::Deserialize;
@@ -20,6 +23,7 @@ pub struct Config {
     pub erasure: ErasureConfig,
     pub datasets: DatasetsConfig,
     pub state: StateConfig,
+    pub keys: KeysConfig,
     pub kafka: KafkaConfig,
     pub producer: BTreeMap<String, String>,
     pub registry: RegistryConfig,
@@ -71,6 +75,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.keys.validate()?;
         if self.auth.admin_token.expose().len() < 16 {
             return Err(ConfigError::invalid(
                 "auth.admin_token",

@@ -44,6 +44,8 @@ pub enum StartError {
     State(#[from] feedloop_labeler::StartError),
     #[error(transparent)]
     Bind(#[from] feedloop_core::http::BindError),
+    #[error("data key store: {0}")]
+    Keys(#[from] feedloop_core::crypto::CryptoError),
 }
 
 /// A started eraser.
@@ -95,9 +97,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         cfg: cfg.clone(),
         control: control.clone(),
         state: feedloop_labeler::state_store(&cfg.state, &control).await?,
-        keys: Arc::new(feedloop_core::crypto::PostgresKeyStore::new(
-            control.clone(),
-        )),
+        keys: feedloop_core::crypto::key_store(&cfg.keys, &control).await?,
         root: feedloop_labeler::dataset::Root::open(&cfg.datasets.root, &cfg.datasets.options)?,
         producer: producer.clone(),
         partitions_schema,

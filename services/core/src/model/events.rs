@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::avro::{CodecError, CompiledSchema};
+use crate::{
+    avro::{CodecError, CompiledSchema},
+    crypto::{self, CryptoError, DataKey, Opened},
+};
 
 /// `io.feedloop.events.Platform`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -294,6 +297,50 @@ impl Event {
             EventType::ScreenViewed => Self::ScreenViewed(schema.decode_body(body)?),
             EventType::UserIdentified => Self::UserIdentified(schema.decode_body(body)?),
         })
+    }
+
+    /// The personal fields (crypto-shredded): the device id, and a report's comment.
+    fn personal_fields(&mut self) -> impl Iterator<Item = &mut Option<String>> {
+        let (envelope, comment) = match self {
+            Self::MatchImpression(e) => (&mut e.envelope, None),
+            Self::MatchDecision(e) => (&mut e.envelope, None),
+            Self::ChatEnded(e) => (&mut e.envelope, None),
+            Self::ReportSubmitted(e) => (&mut e.envelope, Some(&mut e.comment)),
+            Self::UserBlocked(e) => (&mut e.envelope, None),
+            Self::ScreenViewed(e) => (&mut e.envelope, None),
+            Self::UserIdentified(e) => (&mut e.envelope, None),
+        };
+        std::iter::once(&mut envelope.device_id).chain(comment)
+    }
+
+    /// Whether the event carries a personal value to seal.
+    pub fn has_personal(&self) -> bool {
+        self.envelope().device_id.is_some()
+            || matches!(self, Self::ReportSubmitted(r) if r.comment.is_some())
+    }
+
+    /// Seals the personal fields under the acting user's key (`None`: the user is erased).
+    pub fn seal_personal(&mut self, key: Option<&DataKey>) -> Result<(), CryptoError> {
+        let user = self.envelope().user_id.clone();
+        for v in self.personal_fields().flatten() {
+            *v = crypto::seal_for(key, &user, v)?;
+        }
+        Ok(())
+    }
+
+    /// Opens sealed personal fields for a consumer that needs the plaintext: a field whose key
+    /// was destroyed reads as [`crypto::ERASED`], one that does not open as `None`.
+    pub fn open_personal(&mut self, key: Option<&DataKey>) {
+        let user = self.envelope().user_id.clone();
+        for field in self.personal_fields() {
+            if let Some(v) = field {
+                *field = match crypto::open(key, &user, v) {
+                    Opened::Plain(p) | Opened::Clear(p) => Some(p),
+                    Opened::Erased => Some(crypto::ERASED.to_owned()),
+                    Opened::Invalid => None,
+                };
+            }
+        }
     }
 
     pub fn envelope(&self) -> &Envelope {

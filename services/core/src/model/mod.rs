@@ -143,6 +143,39 @@ mod tests {
     }
 
     #[test]
+    fn personal_fields_are_sealed_for_the_acting_user_and_open_back() {
+        use crate::crypto::{DataKey, ERASED};
+        let plain = Event::ReportSubmitted(ReportSubmitted {
+            envelope: envelope(EventType::ReportSubmitted),
+            match_id: None,
+            reported_user_id: "u-2".into(),
+            reason: ReportReason::Harassment,
+            comment: Some("rude".into()),
+        });
+        assert!(plain.has_personal());
+        let key = DataKey::generate();
+        let mut sealed = plain.clone();
+        sealed.seal_personal(Some(&key)).unwrap();
+        let Event::ReportSubmitted(r) = &sealed else {
+            unreachable!()
+        };
+        assert!(r.comment.as_deref().is_some_and(|c| c.starts_with("fl1:")));
+        assert!(
+            r.envelope
+                .device_id
+                .as_deref()
+                .is_some_and(|d| d.starts_with("fl1:"))
+        );
+        assert_eq!(r.reported_user_id, "u-2", "only personal fields change");
+        let mut opened = sealed.clone();
+        opened.open_personal(Some(&key));
+        assert_eq!(opened, plain);
+        let mut erased = sealed;
+        erased.open_personal(None);
+        assert_eq!(erased.envelope().device_id.as_deref(), Some(ERASED));
+    }
+
+    #[test]
     fn dead_letter_round_trips_with_original_bytes() {
         round_trip(
             "io.feedloop.deadletter.DeadLetter",
