@@ -69,6 +69,9 @@ pub enum EngineError {
     Keys(#[from] feedloop_core::crypto::CryptoError),
 }
 
+/// Row changes held back to look their data keys up together.
+const KEY_LOOKAHEAD: usize = 512;
+
 /// A captured table: encodable, or blocked by an incompatible schema change.
 enum Entry {
     Ready(Table),
@@ -371,11 +374,20 @@ impl Engine {
                     break;
                 }
                 let n = rows.len();
-                for row in rows {
-                    let tuple: Tuple = row
-                        .into_iter()
-                        .map(|v| v.map_or(Value::Null, |s| Value::Text(s.into_bytes())))
-                        .collect();
+                let tuples: Vec<Tuple> = rows
+                    .into_iter()
+                    .map(|row| {
+                        row.into_iter()
+                            .map(|v| v.map_or(Value::Null, |s| Value::Text(s.into_bytes())))
+                            .collect()
+                    })
+                    .collect();
+                if let Some(pii) = &table.pii {
+                    self.keys
+                        .prefetch(tuples.iter().filter_map(|t| pii.owner_of(t)))
+                        .await?;
+                }
+                for tuple in tuples {
                     if let Some((t, tuple, ord)) = held.replace((table.clone(), tuple, ordinal)) {
                         self.snapshot_row(&t, &tuple, ord, lsn, false, &mut futures)
                             .await?;
@@ -885,6 +897,39 @@ impl Engine {
         Ok(())
     }
 
+    /// Applies the row changes held back, after looking up the data keys they need at once.
+    async fn apply_pending(
+        &mut self,
+        pending: &mut Vec<Message>,
+        txn: &mut Txn,
+    ) -> Result<(), EngineError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut owners = Vec::new();
+        for msg in pending.iter() {
+            let (relation, tuple) = match msg {
+                Message::Insert { relation, new } | Message::Update { relation, new, .. } => {
+                    (relation, new)
+                }
+                Message::Delete { relation, old } => (relation, old.tuple()),
+                _ => continue,
+            };
+            if let Some(Entry::Ready(Table { pii: Some(pii), .. })) = self.tables.get(relation)
+                && let Some(owner) = pii.owner_of(tuple)
+            {
+                owners.push(owner);
+            }
+        }
+        if !owners.is_empty() {
+            self.keys.prefetch(owners).await?;
+        }
+        for msg in pending.drain(..) {
+            self.apply(msg, txn).await?;
+        }
+        Ok(())
+    }
+
     /// Handles one decoded message inside a transaction.
     async fn apply(&mut self, msg: Message, txn: &mut Txn) -> Result<(), EngineError> {
         let mut pos = Position {
@@ -1094,6 +1139,7 @@ impl Engine {
             )
         };
         let mut txn: Option<Txn> = None;
+        let mut pending: Vec<Message> = Vec::with_capacity(KEY_LOOKAHEAD);
         let mut submitted = 0u64;
         let result = loop {
             tokio::select! {
@@ -1124,17 +1170,38 @@ impl Engine {
                             let decoded = pgoutput::decode(&data);
                             let t = txn.get_or_insert_with(|| Txn { xid: 0, commit_lsn: submitted, committed: SystemTime::now(), ordinal: 0, futures: Vec::new() });
                             let applied = match decoded {
-                                Ok(msg) => self.apply(msg, t).await,
-                                Err(e) => {
-                                    let pos = Position { commit_lsn: t.commit_lsn, ordinal: t.ordinal, xid: t.xid, commit_ms: unix_ms(t.committed) };
-                                    self.dead_letter(DeadLetterReason::DecodeFailure, &e.to_string(), &data, &pos, &mut t.futures).await
+                                // Row changes wait a little, so that the data keys of a batch of
+                                // them are looked up in one round trip.
+                                Ok(msg @ (Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. })) => {
+                                    pending.push(msg);
+                                    if pending.len() >= KEY_LOOKAHEAD {
+                                        self.apply_pending(&mut pending, t).await
+                                    } else {
+                                        Ok(())
+                                    }
                                 }
+                                Ok(msg) => match self.apply_pending(&mut pending, t).await {
+                                    Ok(()) => self.apply(msg, t).await,
+                                    Err(e) => Err(e),
+                                },
+                                Err(e) => match self.apply_pending(&mut pending, t).await {
+                                    Ok(()) => {
+                                        let pos = Position { commit_lsn: t.commit_lsn, ordinal: t.ordinal, xid: t.xid, commit_ms: unix_ms(t.committed) };
+                                        self.dead_letter(DeadLetterReason::DecodeFailure, &e.to_string(), &data, &pos, &mut t.futures).await
+                                    }
+                                    Err(e) => Err(e),
+                                },
                             };
                             if let Err(e) = applied {
                                 break Err(e);
                             }
                         }
                         ReplicationEvent::Commit { end_lsn, .. } => {
+                            if let Some(t) = txn.as_mut()
+                                && let Err(e) = self.apply_pending(&mut pending, t).await
+                            {
+                                break Err(e);
+                            }
                             let t = txn.take();
                             let (futures, committed) = t.map(|t| (t.futures, Some(t.committed))).unwrap_or_default();
                             submitted = end_lsn.as_u64();

@@ -45,6 +45,16 @@ impl Pii {
         Ok(Self { user, columns })
     }
 
+    /// The owner of a raw tuple (before it is converted), to look its key up ahead.
+    pub fn owner_of(&self, tuple: &crate::pgoutput::Tuple) -> Option<String> {
+        match tuple.get(self.user)? {
+            crate::pgoutput::Value::Text(b) | crate::pgoutput::Value::Binary(b) => {
+                Some(String::from_utf8_lossy(b).into_owned())
+            }
+            _ => None,
+        }
+    }
+
     fn owner(values: &[Datum], i: usize) -> Option<String> {
         match values.get(i)? {
             Datum::String(s) => Some(s.clone()),

@@ -1,6 +1,9 @@
 //! What happens to a parsed batch: suppression, deduplication, encoding, and durability.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use feedloop_core::{
     avro::{CodecError, CompiledSchema},
@@ -224,15 +227,22 @@ impl Pipeline {
             .iter()
             .map(|p| matches!(p, Parsed::Event(e) if self.suppression.contains(&e.envelope().user_id)))
             .collect();
-        // The data keys of users whose events carry personal fields, before anything is claimed.
-        let mut keys: HashMap<String, Option<DataKey>> = HashMap::new();
-        for (p, dropped) in parsed.iter().zip(&dropped) {
-            if let Parsed::Event(e) = p
-                && !dropped
-                && e.has_personal()
-                && !keys.contains_key(&e.envelope().user_id)
-            {
-                let user = e.envelope().user_id.clone();
+        // The data keys of users whose events carry personal fields (one store round trip for
+        // those not cached), before anything is claimed.
+        let owners: HashSet<String> = parsed
+            .iter()
+            .zip(&dropped)
+            .filter_map(|(p, dropped)| match p {
+                Parsed::Event(e) if !dropped && e.has_personal() => {
+                    Some(e.envelope().user_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        let mut keys: HashMap<String, Option<DataKey>> = HashMap::with_capacity(owners.len());
+        if !owners.is_empty() {
+            self.keys.prefetch(owners.iter().cloned()).await?;
+            for user in owners {
                 let key = self.keys.sealing_key(&user).await?;
                 keys.insert(user, key);
             }

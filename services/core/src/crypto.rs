@@ -145,6 +145,20 @@ pub fn open(key: Option<&DataKey>, user: &str, field: &str) -> Opened {
 pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// The user's key, created on first use; `None` once destroyed (never created again).
     async fn get_or_create(&self, user: &str) -> Result<Option<DataKey>, CryptoError>;
+    /// [`KeyStore::get_or_create`] for many users at once (adapters answer in one round trip
+    /// where they can).
+    async fn get_or_create_many(
+        &self,
+        users: &[String],
+    ) -> Result<HashMap<String, Option<DataKey>>, CryptoError> {
+        let mut out = HashMap::with_capacity(users.len());
+        for u in users {
+            if !out.contains_key(u) {
+                out.insert(u.clone(), self.get_or_create(u).await?);
+            }
+        }
+        Ok(out)
+    }
     /// The user's key, `None` if it never existed or was destroyed.
     async fn get(&self, user: &str) -> Result<Option<DataKey>, CryptoError>;
     /// Destroys the keys of `users` (crypto-shredding); returns how many existed.
@@ -225,6 +239,36 @@ impl KeyStore for PostgresKeyStore {
         .await
         .map_err(store_err)?;
         Ok(bytes.as_deref().and_then(DataKey::from_bytes))
+    }
+
+    async fn get_or_create_many(
+        &self,
+        users: &[String],
+    ) -> Result<HashMap<String, Option<DataKey>>, CryptoError> {
+        // Sorted and distinct: one row per user in the statement, and concurrent writers lock
+        // rows in the same order.
+        let mut users: Vec<String> = users.to_vec();
+        users.sort();
+        users.dedup();
+        let fresh: Vec<Vec<u8>> = users
+            .iter()
+            .map(|_| DataKey::generate().as_bytes().to_vec())
+            .collect();
+        let rows: Vec<(String, Option<Vec<u8>>)> = sqlx::query_as(
+            "INSERT INTO keys.user_keys (user_id, key)
+             SELECT u, k FROM UNNEST($1::text[], $2::bytea[]) AS t(u, k) ORDER BY u
+             ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id
+             RETURNING user_id, key",
+        )
+        .bind(&users)
+        .bind(&fresh)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(u, k)| (u, k.as_deref().and_then(DataKey::from_bytes)))
+            .collect())
     }
 
     async fn get(&self, user: &str) -> Result<Option<DataKey>, CryptoError> {
@@ -311,6 +355,44 @@ impl KeyCache {
         Ok(key)
     }
 
+    /// Looks up (creating where missing) the keys of `users` not cached, in one call to the
+    /// store, so that sealing a batch of records costs one round trip.
+    pub async fn prefetch(
+        &self,
+        users: impl IntoIterator<Item = String>,
+    ) -> Result<(), CryptoError> {
+        let missing: Vec<String> = {
+            let entries = self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            users
+                .into_iter()
+                .filter(|u| {
+                    entries
+                        .get(u)
+                        .is_none_or(|(_, at)| at.elapsed() >= self.ttl)
+                })
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let found = self.store.get_or_create_many(&missing).await?;
+        let now = Instant::now();
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() + found.len() > MAX_CACHED_KEYS {
+            entries.clear();
+        }
+        for (u, k) in found {
+            entries.insert(u, (k, now));
+        }
+        Ok(())
+    }
+
     /// Seals `plaintext` of `user` (see [`seal_for`]).
     pub async fn seal(&self, user: &str, plaintext: &str) -> Result<String, CryptoError> {
         let key = self.sealing_key(user).await?;
@@ -393,6 +475,19 @@ pub async fn key_store_contract(store: &dyn KeyStore) -> Result<(), String> {
     if a == b {
         return Err("two users share a key".into());
     }
+    let many = store
+        .get_or_create_many(&["bob".into(), "dave".into(), "dave".into()])
+        .await
+        .map_err(|e| e.to_string())?;
+    if many.len() != 2 || many.get("bob") != Some(&Some(b.clone())) {
+        return Err(format!(
+            "get_or_create_many disagrees with get_or_create: {many:?}"
+        ));
+    }
+    let dave = many.get("dave").cloned().flatten();
+    if dave.is_none() || store.get("dave").await.map_err(|e| e.to_string())? != dave {
+        return Err("get_or_create_many did not create and keep a new key".into());
+    }
     if store.get("alice").await.map_err(|e| e.to_string())? != Some(a.clone()) {
         return Err("get does not return the created key".into());
     }
@@ -428,6 +523,15 @@ pub async fn key_store_contract(store: &dyn KeyStore) -> Result<(), String> {
         {
             return Err(format!("a key was created again for erased user {user}"));
         }
+    }
+    let again = store
+        .get_or_create_many(&["alice".into(), "carol".into(), "bob".into()])
+        .await
+        .map_err(|e| e.to_string())?;
+    if again.get("alice") != Some(&None) || again.get("carol") != Some(&None) {
+        return Err(format!(
+            "get_or_create_many made keys for erased users: {again:?}"
+        ));
     }
     Ok(())
 }
