@@ -10,3 +10,4 @@ mod eraser_faults;
 mod labeler;
 mod labeler_faults;
 mod registry;
+mod trigger;

@@ -5,7 +5,8 @@
 //! - [`model`]: Rust types of the catalogue records.
 //! - [`registry_client`]: a caching client of a Confluent-compatible schema registry.
 //! - [`config`], [`telemetry`], [`retry`], [`http`], [`error`]: service plumbing.
-//! - [`kafka`], [`postgres`]: adapters.
+//! - [`kafka`], [`postgres`]: adapters; [`intake`]: consuming a catalogue topic into state;
+//!   [`crypto`]: crypto-shredding.
 
 pub mod avro;
 pub mod catalogue;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod http;
+pub mod intake;
 pub mod kafka;
 pub mod model;
 pub mod postgres;

@@ -112,7 +112,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             &catalogue.composed("io.feedloop.deadletter.DeadLetter")?,
         )
         .await?;
-    let intake = intake::Intake::new(&cfg, control.clone(), registry, producer, Some(deadletter))?;
+    let intake = feedloop_core::intake::Intake::new(
+        &cfg.kafka,
+        "feedloop-eraser",
+        feedloop_core::catalogue::ERASURE_REQUESTS_TOPIC,
+        "eraser",
+        registry,
+        producer,
+        deadletter,
+    )?;
     let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen).await?;
     let app = api::routes(api::Api {
         cfg: cfg.clone(),
@@ -127,7 +135,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let http = tokio::spawn(feedloop_core::http::serve(listener, app, http_stop.clone()));
     tracing::info!(%addr, "eraser listening");
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
-    let intake_task = tokio::spawn(intake.run(shutdown.clone()));
+    let intake_task = {
+        let control = control.clone();
+        let deadline_ms = i64::from(cfg.erasure.deadline_days) * 86_400_000;
+        tokio::spawn(intake.run(
+            shutdown.clone(),
+            move |request: feedloop_core::model::ErasureRequest| {
+                let control = control.clone();
+                async move { intake::take(&control, request, deadline_ms).await }
+            },
+        ))
+    };
     let task = tokio::spawn(async move {
         let _ = worker_task.await;
         let _ = intake_task.await;

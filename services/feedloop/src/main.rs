@@ -210,6 +210,10 @@ enum BenchScenario {
         lag_seconds: u64,
         #[arg(long, default_value = "bench-results/cdc.json")]
         out: PathBuf,
+        /// Publish `app.reports.comment` in the clear instead of sealing it (to measure what
+        /// crypto-shredding costs).
+        #[arg(long)]
+        without_pii: bool,
     },
 }
 
@@ -273,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rates,
                 lag_seconds,
                 out,
+                without_pii,
             } => {
                 telemetry::prometheus();
                 feedloop::bench::cdc::run(feedloop::bench::cdc::Options {
@@ -281,6 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     rates,
                     lag_seconds,
                     out,
+                    seal: !without_pii,
                 })
                 .await?;
                 Ok(ExitCode::SUCCESS)

@@ -244,6 +244,19 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
     }
     assert!(running, "the labeler's pipelines run");
 
+    // The trigger's pull API answers with the advertised token.
+    let trigger = endpoints["trigger_url"].as_str().expect("trigger_url");
+    let token = endpoints["admin_token"].as_str().expect("admin_token");
+    let datasets = http
+        .get(format!("{trigger}/v1/datasets"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("trigger answers");
+    assert_eq!(datasets.status(), 200);
+    let body: serde_json::Value = datasets.json().await.expect("json");
+    assert!(body["datasets"].is_array(), "{body}");
+
     // `feedloop erase` reaches the eraser with the advertised token and waits for completion.
     let eraser = endpoints["eraser_url"].as_str().expect("eraser_url");
     let token = endpoints["admin_token"].as_str().expect("admin_token");

@@ -35,6 +35,8 @@ pub struct Options {
     pub rates: Vec<u64>,
     pub lag_seconds: u64,
     pub out: PathBuf,
+    /// Seal the personal column (`app.reports.comment`) as the default config does.
+    pub seal: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,6 +63,7 @@ struct Setup {
     registry: String,
     password: String,
     control: String,
+    seal: bool,
 }
 
 fn cdc_config(s: &Setup, slot: &str, prefix: &str) -> anyhow::Result<feedloop_cdc::Config> {
@@ -81,6 +84,9 @@ fn cdc_config(s: &Setup, slot: &str, prefix: &str) -> anyhow::Result<feedloop_cd
     };
     c.control.url = Secret::new(s.control.clone());
     c.http.listen = "127.0.0.1:0".into();
+    if !s.seal {
+        c.pii.tables.clear();
+    }
     c.validate()?;
     Ok(c)
 }
@@ -288,6 +294,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         registry,
         password,
         control: pg.url(),
+        seal: opts.seal,
     };
 
     println!(
@@ -328,7 +335,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let _ = task.await;
 
     let mut rows = vec![Row {
-        measurement: "cdc, committed WAL → acked Kafka".into(),
+        measurement: if opts.seal {
+            "cdc, committed WAL → acked Kafka (comment sealed)".into()
+        } else {
+            "cdc, committed WAL → acked Kafka (no sealing)".into()
+        },
         unit: "changes/s".into(),
         ratio: Some(ours.median / peer.median),
         feedloop: ours.clone(),

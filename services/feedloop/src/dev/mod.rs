@@ -34,6 +34,8 @@ pub enum DevError {
     Labeler(#[from] feedloop_labeler::StartError),
     #[error("eraser: {0}")]
     Eraser(#[from] feedloop_eraser::StartError),
+    #[error("trigger: {0}")]
+    Trigger(#[from] feedloop_trigger::StartError),
     #[error("configuration: {0}")]
     Config(String),
     #[error("schema registration: {0}")]

@@ -67,6 +67,8 @@ pub struct Endpoints {
     pub labeler_url: String,
     /// The eraser's admin API (bearer `admin_token`).
     pub eraser_url: String,
+    /// The trigger's pull API (bearer `admin_token`).
+    pub trigger_url: String,
     /// Pid of the process running the stack.
     pub pid: u32,
 }
@@ -139,6 +141,7 @@ pub struct Stack {
     pub datasets_root: String,
     pub labeler_url: String,
     pub eraser_url: String,
+    pub trigger_url: String,
     admin_token: String,
     write_key: String,
     /// Working files of the services (the collector's spool).
@@ -295,6 +298,27 @@ impl Stack {
             let _ = running.task.await;
         });
 
+        let mut trigger = feedloop_trigger::Config::from_defaults()
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        trigger.http.listen = "127.0.0.1:0".into();
+        trigger.auth.token = Secret::new(admin_token.clone());
+        trigger.kafka = kafka.clone();
+        trigger.registry = feedloop_core::config::RegistryConfig {
+            url: registry_url.clone(),
+            user: REGISTRY_USER.to_owned(),
+            password: Secret::new(admin_token.clone()),
+        };
+        trigger.control.url = Secret::new(postgres.url());
+        trigger.log.json = false;
+        trigger
+            .validate()
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        let running = feedloop_trigger::start(trigger, shutdown.child_token()).await?;
+        let trigger_url = format!("http://{}", running.addr);
+        let trigger_task = tokio::spawn(async move {
+            let _ = running.task.await;
+        });
+
         let stack = Self {
             postgres,
             broker,
@@ -305,11 +329,13 @@ impl Stack {
             datasets_root: datasets_root.display().to_string(),
             labeler_url,
             eraser_url,
+            trigger_url,
             admin_token,
             write_key,
             work,
             shutdown,
             tasks: vec![
+                trigger_task,
                 eraser_task,
                 labeler_task,
                 cdc_task,
@@ -381,6 +407,7 @@ impl Stack {
             datasets_root: self.datasets_root.clone(),
             labeler_url: self.labeler_url.clone(),
             eraser_url: self.eraser_url.clone(),
+            trigger_url: self.trigger_url.clone(),
             pid: std::process::id(),
         }
     }
