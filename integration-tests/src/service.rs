@@ -43,6 +43,12 @@ impl Service {
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = Command::new(binary(name))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| {
+                    "info,feedloop_labeler::engine=debug,feedloop_trigger=debug".into()
+                }),
+            )
             .arg("--config")
             .arg(config)
             .stdout(Stdio::from(out))
@@ -74,7 +80,7 @@ impl Drop for Service {
             eprintln!(
                 "--- last lines of {} ---\n{}",
                 self.log.display(),
-                self.log_tail(60)
+                self.log_tail(200)
             );
         }
     }

@@ -95,7 +95,8 @@ impl StandIn {
             .insert(path.to_owned(), answers.iter().copied().collect());
     }
 
-    async fn answer(&self, uri: Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+    async fn answer(&self, uri: Uri, headers: HeaderMap, body: Bytes) -> axum::response::Response {
+        use axum::response::IntoResponse;
         let path = uri.path().to_owned();
         let seen = Seen {
             path: path.clone(),
@@ -115,16 +116,23 @@ impl StandIn {
             .and_then(VecDeque::pop_front);
         match next {
             Some(Answer::Status(code)) => {
-                return StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+                return StatusCode::from_u16(code)
+                    .unwrap_or(StatusCode::OK)
+                    .into_response();
             }
             Some(Answer::Slow(d)) => tokio::time::sleep(d).await,
             None => {}
+        }
+        // Airflow 3 hands out a JWT.
+        if path.ends_with("/auth/token") {
+            return axum::Json(serde_json::json!({"access_token": "jwt-from-airflow"}))
+                .into_response();
         }
         let mut accepted = self.accepted.lock().expect("lock");
         if !accepted.contains(&key) {
             accepted.push(key);
         }
-        StatusCode::OK
+        StatusCode::OK.into_response()
     }
 
     fn requests(&self, path: &str) -> Vec<Seen> {
@@ -289,13 +297,15 @@ async fn wait_triggers(
     }
 }
 
-fn all_delivered(t: &Value) -> bool {
+/// Every delivery of every trigger is over: delivered, or failed for good.
+fn all_settled(t: &Value) -> bool {
     t["triggers"].as_array().is_some_and(|list| {
         !list.is_empty()
             && list.iter().all(|x| {
-                x["deliveries"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().all(|d| d["status"] == "delivered"))
+                x["deliveries"].as_array().is_some_and(|d| {
+                    d.iter()
+                        .all(|d| d["status"] == "delivered" || d["status"] == "failed")
+                })
             })
     })
 }
@@ -323,12 +333,28 @@ async fn triggers_fire_once_the_policy_is_met_and_reach_every_sink_through_failu
     webhook.hmac_secret = Some(Secret::new(HMAC_SECRET));
     let mut structured = sink("hook2", SinkKind::Webhook, format!("http://{addr}/hook2"));
     structured.datasets = vec![dataset.clone()];
+    let mut airflow3 = sink("airflow3", SinkKind::Airflow, format!("http://{addr}/af3"));
+    airflow3.airflow_version = 3;
+    airflow3.asset_id = Some(42);
+    airflow3.user = Some("admin".into());
+    airflow3.password = Some(Secret::new("pw3"));
+    // A sink that refuses the request (wrong URL): failed at once, with the error visible.
+    let broken = sink("broken", SinkKind::Webhook, format!("http://{addr}/gone"));
+    let mut elsewhere = sink(
+        "elsewhere",
+        SinkKind::Webhook,
+        format!("http://{addr}/other"),
+    );
+    elsewhere.datasets = vec!["another_dataset".into()];
     let cfg = config(
         &registry,
         &dataset,
-        vec![airflow, dagster, webhook, structured],
+        vec![
+            airflow, dagster, webhook, structured, airflow3, broken, elsewhere,
+        ],
     )
     .await;
+    stand_in.script("/gone", &[Answer::Status(404)]);
     // Airflow fails twice with 500, Dagster's first answer comes after the sink's timeout.
     stand_in.script(
         "/airflow/api/v1/datasets/events",
@@ -372,7 +398,7 @@ async fn triggers_fire_once_the_policy_is_met_and_reach_every_sink_through_failu
         .commit(&dataset, "dt=2026-11-28/hour=10", 2, 130)
         .await;
     let other = parts.commit(&dataset, "dt=2026-11-28/hour=11", 1, 10).await;
-    let triggers = wait_triggers(&base, &dataset, Duration::from_secs(90), all_delivered).await;
+    let triggers = wait_triggers(&base, &dataset, Duration::from_secs(90), all_settled).await;
     let list = triggers["triggers"].as_array().expect("list");
     assert_eq!(list.len(), 1, "one decision: {triggers}");
     let t = &list[0];
@@ -392,8 +418,23 @@ async fn triggers_fire_once_the_policy_is_met_and_reach_every_sink_through_failu
         .collect();
     assert_eq!(
         deliveries.keys().cloned().collect::<Vec<_>>(),
-        ["airflow", "dagster", "hook", "hook2", "kafka"]
+        [
+            "airflow", "airflow3", "broken", "dagster", "hook", "hook2", "kafka"
+        ],
+        "every sink that wants the dataset, and only those"
     );
+    for (sink, d) in &deliveries {
+        if sink == "broken" {
+            assert_eq!(d["status"], "failed", "{d}");
+            assert_eq!(d["attempts"], 1, "a 404 is not retried: {d}");
+            assert!(
+                d["last_error"].as_str().is_some_and(|e| e.contains("404")),
+                "{d}"
+            );
+        } else {
+            assert_eq!(d["status"], "delivered", "{sink}: {d}");
+        }
+    }
     assert_eq!(
         deliveries["airflow"]["attempts"], 3,
         "two 500s, then delivered"
@@ -424,6 +465,19 @@ async fn triggers_fire_once_the_policy_is_met_and_reach_every_sink_through_failu
     );
     assert!(af[2].header("authorization").starts_with("Basic "));
     assert!(af.iter().all(|r| r.header("idempotency-key") == id));
+
+    // Airflow 3: a JWT from /auth/token, then POST /api/v2/assets/events {asset_id, extra}.
+    let token = stand_in.requests("/af3/auth/token");
+    assert_eq!(
+        token[0].json(),
+        serde_json::json!({"username": "admin", "password": "pw3"})
+    );
+    let af3 = stand_in.requests("/af3/api/v2/assets/events");
+    assert_eq!(af3.len(), 1);
+    assert_eq!(af3[0].json()["asset_id"], 42);
+    assert_eq!(af3[0].json()["extra"]["feedloop_decision_id"], id.as_str());
+    assert_eq!(af3[0].header("authorization"), "Bearer jwt-from-airflow");
+    assert!(stand_in.requests("/other").is_empty());
 
     // Dagster: one report per partition, with the asset key, partition and metadata.
     let dg = stand_in.requests("/dagster/report_asset_materialization/");

@@ -237,6 +237,7 @@ pub(crate) async fn session(
                 }
             }
             Some((i, Err(KafkaError::PartitionEOF(partition)))) => {
+                tracing::debug!(dataset = %name, topic = %consumers[i].0, partition, "Reached the end of a partition");
                 p.watermarks.reached_end(&consumers[i].0, partition);
                 since_advance = usize::MAX;
             }
@@ -764,9 +765,11 @@ impl Pipeline {
             manifests.push(manifest);
         }
 
+        tracing::debug!(dataset = %self.name, files = manifests.len(), "Commit: files and manifests written");
         // 2. The labels topic, acknowledged.
         if shared.mode.publishes() {
             self.publish_examples(&by_partition).await?;
+            tracing::debug!(dataset = %self.name, "Commit: examples acknowledged");
         }
 
         // 3. One transaction: manifests, the per-user index, the position.
@@ -828,6 +831,7 @@ impl Pipeline {
         // 4. Announce, then forget state committed examples no longer need.
         if shared.mode.publishes() {
             publish_pending(&shared, Some(&self.name)).await?;
+            tracing::debug!(dataset = %self.name, "Commit: partitions announced");
         }
         let emitted_ms = self.emitted.close_ms;
         if emitted_ms > i64::MIN {
