@@ -196,6 +196,17 @@ enum BenchScenario {
         #[arg(long, default_value = "bench-results/eraser.json")]
         out: PathBuf,
     },
+    /// The collector's hot path (parse, validate, Avro-encode) on one core, against
+    /// serde_json parsing the same bytes; and with the device id sealed.
+    Codec {
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+        /// Seconds per repetition of each measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value = "bench-results/codec.json")]
+        out: PathBuf,
+    },
     /// cdc from committed WAL to acked Kafka, against pg_recvlogical; lag at fixed rates.
     Cdc {
         /// Changes per throughput repetition.
@@ -289,6 +300,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     seal: !without_pii,
                 })
                 .await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchScenario::Codec {
+                repetitions,
+                seconds,
+                out,
+            } => {
+                feedloop::bench::codec::run(feedloop::bench::codec::Options {
+                    repetitions,
+                    seconds,
+                    out,
+                })?;
                 Ok(ExitCode::SUCCESS)
             }
             BenchScenario::Eraser {

@@ -124,3 +124,16 @@ fn bench_collector_reports_events_per_second_against_a_bare_producer() {
     assert!(!rows.is_empty(), "{report}");
     assert_measured(&rows[0], true);
 }
+
+#[test]
+fn bench_codec_reports_events_per_second_against_serde_json() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = dir.path().join("codec.json");
+    let report = bench(&["codec", "--repetitions", "1", "--seconds", "0.2"], &out);
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "{report}");
+    for row in rows {
+        assert_measured(row, true);
+    }
+    assert_eq!(report["batch_events"], 50);
+}

@@ -2,6 +2,7 @@
 //! the same broker and database. Prints a table and writes JSON.
 
 pub mod cdc;
+pub mod codec;
 pub mod collector;
 pub mod eraser;
 pub mod labeler;
