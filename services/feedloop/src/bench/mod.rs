@@ -198,11 +198,23 @@ pub fn summary_ms(metric: &str, quantile: &str) -> Option<f64> {
 /// `packages` (pip arguments) from PyPI when it does not.
 pub fn ensure_venv(venv: &std::path::Path, check: &str, packages: &[&str]) -> anyhow::Result<()> {
     let python = venv.join("bin/python");
-    let ready = Command::new(&python)
-        .args(["-c", check])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ready {
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", check])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready() {
+        return Ok(());
+    }
+    // Benchmarks (and their smoke tests) may run side by side: one installs at a time, the
+    // others wait for it and then find what they need.
+    if let Some(parent) = venv.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let lock = std::fs::File::create(venv.with_extension("lock"))?;
+    lock.lock()?;
+    if ready() {
         return Ok(());
     }
     println!("Installing {packages:?} into {}…", venv.display());
