@@ -5,6 +5,7 @@ mod cdc_faults;
 mod collector;
 mod collector_faults;
 mod confluent_clients;
+mod demo;
 mod eraser;
 mod eraser_faults;
 mod labeler;

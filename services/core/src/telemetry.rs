@@ -5,6 +5,24 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
+/// Installs the global tracing subscriber writing JSON lines to `file` (a program that owns the
+/// terminal, like the demo, keeps its services' logs there); the filter comes from `RUST_LOG`
+/// (default `default_filter`).
+pub fn init_tracing_to_file(file: std::fs::File, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            fmt::layer()
+                .json()
+                .with_current_span(false)
+                .with_writer(std::sync::Mutex::new(file)),
+        )
+        .try_init();
+    drop(result);
+}
+
 /// Installs the global tracing subscriber: JSON lines when `json`, human-readable otherwise;
 /// the filter comes from `RUST_LOG` (default `info`). Calling it twice is harmless.
 pub fn init_tracing(json: bool) {

@@ -106,6 +106,29 @@ pub async fn fresh_control_database(url: &str, dataset: &str) -> anyhow::Result<
     Ok(parsed.to_string())
 }
 
+/// Gives the replay's bookkeeping database the erased users of the labeler's, so that the
+/// rebuilt dataset leaves them out as the live one does.
+async fn copy_suppression_list(from: &str, to: &str) -> anyhow::Result<()> {
+    let source = feedloop_core::postgres::connect(from, 1).await?;
+    let erased: Vec<String> = sqlx::query_scalar("SELECT user_id FROM collector.suppressed_users")
+        .fetch_all(&source)
+        .await
+        .context("reading the suppression list")?;
+    source.close().await;
+    let target = feedloop_core::postgres::connect(to, 1).await?;
+    feedloop_core::postgres::migrate(&target).await?;
+    sqlx::query(
+        "INSERT INTO collector.suppressed_users (user_id) SELECT unnest($1::text[])
+         ON CONFLICT (user_id) DO NOTHING",
+    )
+    .bind(&erased)
+    .execute(&target)
+    .await
+    .context("copying the suppression list")?;
+    target.close().await;
+    Ok(())
+}
+
 /// Options of `feedloop replay`.
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
@@ -126,6 +149,7 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<feedloop_labeler::
         Some(c) => c,
         None => fresh_control_database(config.control.url.expose(), &options.dataset).await?,
     };
+    copy_suppression_list(config.control.url.expose(), &control).await?;
     config.control.url = feedloop_core::config::Secret::new(control);
     config.datasets.root = options.root;
     let records = Arc::new(AtomicU64::new(0));

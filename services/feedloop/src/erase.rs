@@ -58,6 +58,22 @@ impl Eraser {
             .context("the eraser answered without a request id")
     }
 
+    /// The most recent requests (at most 1000).
+    pub async fn list(&self) -> anyhow::Result<Vec<Value>> {
+        let http = reqwest::Client::new();
+        let body = self
+            .call(http.get(format!("{}/v1/erasure-requests?limit=1000", self.url)))
+            .await?;
+        Ok(body["requests"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The certificate of a completed request.
+    pub async fn certificate(&self, id: &str) -> anyhow::Result<Value> {
+        let http = reqwest::Client::new();
+        self.call(http.get(format!("{}/v1/erasure-requests/{id}/certificate", self.url)))
+            .await
+    }
+
     pub async fn status(&self, id: &str) -> anyhow::Result<Value> {
         let http = reqwest::Client::new();
         self.call(http.get(format!("{}/v1/erasure-requests/{id}", self.url)))

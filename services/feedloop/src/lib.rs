@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod datasets;
+pub mod demo;
 pub mod dev;
 pub mod erase;
 pub mod schemas;

@@ -31,6 +31,34 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole loop on this machine: Postgres, an embedded broker, every service, and
+    /// simulated phones and backend; then print a summary whose counters must reconcile.
+    Demo {
+        /// Simulated users.
+        #[arg(long, default_value_t = 2_000)]
+        users: usize,
+        /// Approximate number of events the phones send.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// The same seed gives the same events, rows and labels.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Datasets, summary.json and the services' log (demo.log) go here.
+        #[arg(long, default_value = "feedloop-demo")]
+        out: PathBuf,
+        /// A Kafka cluster's bootstrap servers instead of the embedded broker.
+        #[arg(long)]
+        kafka: Option<String>,
+        /// A Postgres server (wal_level=logical) instead of a throwaway cluster.
+        #[arg(long)]
+        postgres: Option<String>,
+        /// Longest wait for one stage to catch up, in seconds.
+        #[arg(long, default_value_t = 180)]
+        stage_timeout: u64,
+        /// No live progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Run a local stack (Postgres, broker, services) for development.
     Dev {
         #[command(subcommand)]
@@ -255,7 +283,24 @@ enum SchemasCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_tracing(false);
+    if let Command::Demo { out, .. } = &cli.command {
+        // The terminal shows progress and the summary; the services log to a file.
+        let log =
+            std::fs::create_dir_all(out).and_then(|()| std::fs::File::create(out.join("demo.log")));
+        match log {
+            // tansu's storage logs every metadata lookup at info.
+            Ok(file) => telemetry::init_tracing_to_file(file, "info,tansu_storage=warn"),
+            Err(e) => {
+                eprintln!(
+                    "feedloop: cannot write {}: {e}",
+                    out.join("demo.log").display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        telemetry::init_tracing(false);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -277,6 +322,42 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Demo {
+            users,
+            events,
+            seed,
+            out,
+            kafka,
+            postgres,
+            stage_timeout,
+            quiet,
+        } => {
+            telemetry::prometheus();
+            let opts = feedloop::demo::DemoOptions {
+                users,
+                events,
+                seed,
+                out: out.clone(),
+                kafka,
+                postgres,
+                stage_timeout: Duration::from_secs(stage_timeout),
+                progress: !quiet,
+            };
+            let summary = feedloop::demo::run(&opts).await?;
+            std::fs::write(
+                out.join("summary.json"),
+                serde_json::to_vec_pretty(&summary)?,
+            )?;
+            print!(
+                "{}",
+                feedloop::demo::report::render(&summary, &out.display().to_string())
+            );
+            Ok(if summary.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Dev { command } => match command {
             DevCommand::Up { dir, postgres } => dev_up(dir, postgres).await,
             DevCommand::Down { dir } => dev_down(dir).await,

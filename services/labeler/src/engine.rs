@@ -52,6 +52,7 @@ use crate::{
         self, DataFile, DatasetError, Example, Manifest, Root, SourceRange, data_file_rel,
         manifest_rel,
     },
+    erasure,
     input::{self, Decoded, Input},
     observability,
     spec::{Label, LatePolicy, TYPED_OUTCOMES},
@@ -88,6 +89,18 @@ pub enum EngineError {
     Locked(String),
     #[error("input topic {0} does not exist (is cdc running with the same prefix?)")]
     MissingTopic(String),
+    #[error("dataset {0}: users were erased while a commit was in flight; redoing it without them")]
+    ErasureRaced(String),
+}
+
+/// Every viewer and candidate of `rows`, once each.
+fn row_users(rows: &[Example]) -> Vec<String> {
+    rows.iter()
+        .flat_map(|r| [&r.impression.viewer_id, &r.impression.candidate_id])
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .cloned()
+        .collect()
 }
 
 fn now_ms() -> i64 {
@@ -710,9 +723,23 @@ impl Pipeline {
         let root = &shared.root;
         let spec = &self.dataset.spec;
 
+        // 0. Erased users never reach a dataset again: their rows are dropped here, whether
+        // their events were still in the log or the state when the erasure happened, or are
+        // replayed later.
+        let mut rows: Vec<Example> = self.rows.drain(..).collect();
+        let erased = erasure::erased_among(&shared.control, &row_users(&rows)).await?;
+        if !erased.is_empty() {
+            let before = rows.len();
+            rows.retain(|r| {
+                !erased.contains(&r.impression.viewer_id)
+                    && !erased.contains(&r.impression.candidate_id)
+            });
+            observability::erased_examples(&self.name, (before - rows.len()) as u64);
+        }
+
         // 1. Files, grouped by Hive partition.
         let mut by_partition: BTreeMap<String, Vec<Example>> = BTreeMap::new();
-        for row in self.rows.drain(..) {
+        for row in rows {
             by_partition.entry(row.partition()).or_default().push(row);
         }
         let schema = dataset::arrow_schema(&spec.spec);
@@ -724,6 +751,7 @@ impl Pipeline {
                 .unwrap_or(0);
         let committed_at = now_ms();
         let mut manifests = Vec::new();
+        let mut written: Vec<String> = Vec::new();
         let mut users: Vec<(String, String)> = Vec::new();
         for (partition, rows) in &by_partition {
             let batch = dataset::record_batch(&spec.spec, &schema, rows)?;
@@ -736,6 +764,7 @@ impl Pipeline {
                 sha256: dataset::sha256_hex(&bytes),
             };
             root.put(&rel, bytes).await?;
+            written.push(rel);
             let previous = latest_manifest(&shared.control, &self.name, partition).await?;
             let manifest = next_manifest(NextManifest {
                 previous: previous.as_ref(),
@@ -749,11 +778,13 @@ impl Pipeline {
                 epoch,
                 committed_at,
             });
+            let manifest_at = manifest_rel(&self.name, partition, manifest.version);
             root.put(
-                &manifest_rel(&self.name, partition, manifest.version),
+                &manifest_at,
                 serde_json::to_vec_pretty(&manifest).map_err(DatasetError::from)?,
             )
             .await?;
+            written.push(manifest_at);
             let mut seen = HashSet::new();
             for r in rows {
                 for u in [&r.impression.viewer_id, &r.impression.candidate_id] {
@@ -772,8 +803,23 @@ impl Pipeline {
             tracing::debug!(dataset = %self.name, "Commit: examples acknowledged");
         }
 
-        // 3. One transaction: manifests, the per-user index, the position.
+        // 3. One transaction: manifests, the per-user index, the position; under the shared
+        // suppression lock, after checking that no user of the rows was erased meanwhile.
         let mut tx = shared.control.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(erasure::SUPPRESSION_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let user_ids: Vec<String> = users.iter().map(|(u, _)| u.clone()).collect();
+        if !erasure::erased_among(&mut *tx, &user_ids).await?.is_empty() {
+            drop(tx);
+            // Nothing of this commit is recorded: its files go too, so that the dataset's
+            // directory holds only what committed manifests list.
+            for rel in &written {
+                let _ = root.delete(rel).await;
+            }
+            return Err(EngineError::ErasureRaced(self.name.clone()));
+        }
         for m in &manifests {
             sqlx::query(
                 "INSERT INTO labeler.partitions

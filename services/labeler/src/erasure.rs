@@ -33,6 +33,27 @@ pub enum ErasureError {
     Column(String, &'static str),
 }
 
+/// Advisory lock that orders the eraser's suppression (its first step) against labeler
+/// commits: the eraser holds it exclusively while it adds users to the suppression list, a
+/// commit holds it shared while it checks its rows against the list and records them. A commit
+/// therefore either sees the new entries, or is recorded (with its per-user index) before them,
+/// where the eraser's dataset rewrite finds it.
+pub const SUPPRESSION_LOCK: i64 = 0x6665_6564_6c6f_6f70;
+
+/// Which of `users` are erased (on the suppression list the eraser keeps).
+pub async fn erased_among<'c, E>(conn: E, users: &[String]) -> Result<HashSet<String>, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM collector.suppressed_users WHERE user_id = ANY($1)",
+    )
+    .bind(users)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// What a rewrite did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rewrite {

@@ -5,6 +5,7 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 
 pub const RECORDS: &str = "feedloop_labeler_records_total";
 pub const EXAMPLES: &str = "feedloop_labeler_examples_total";
+pub const ERASED_EXAMPLES: &str = "feedloop_labeler_erased_examples_total";
 pub const LATE_OUTCOMES: &str = "feedloop_labeler_late_outcomes_total";
 pub const LATE_IMPRESSIONS: &str = "feedloop_labeler_late_impressions_total";
 pub const DEAD_LETTERS: &str = "feedloop_labeler_dead_letters_total";
@@ -24,6 +25,10 @@ pub fn describe() {
     describe_counter!(
         RECORDS,
         "Input records read, by dataset and kind (impression, outcome, other, dead_letter)."
+    );
+    describe_counter!(
+        ERASED_EXAMPLES,
+        "Examples not written because a user in them is erased."
     );
     describe_counter!(
         EXAMPLES,
@@ -71,6 +76,10 @@ pub fn describe() {
 
 pub fn record(dataset: &str, kind: &'static str) {
     counter!(RECORDS, "dataset" => dataset.to_owned(), "kind" => kind).increment(1);
+}
+
+pub fn erased_examples(dataset: &str, n: u64) {
+    counter!(ERASED_EXAMPLES, "dataset" => dataset.to_owned()).increment(n);
 }
 
 pub fn examples(dataset: &str, kind: &'static str, n: u64) {

@@ -36,6 +36,8 @@ pub enum Broker {
     External { bootstrap: String },
     /// A tansu broker this stack started.
     Tansu(TansuBroker),
+    /// tansu's broker inside this process (the demo's: nothing to install).
+    Embedded(EmbeddedBroker),
 }
 
 #[derive(Debug)]
@@ -80,10 +82,21 @@ impl Broker {
         }
     }
 
+    /// `bootstrap` if given, else an embedded tansu broker with memory storage.
+    pub async fn external_or_embedded(bootstrap: Option<String>) -> Result<Self, DevError> {
+        let broker = match bootstrap {
+            Some(bootstrap) => Self::External { bootstrap },
+            None => Self::Embedded(EmbeddedBroker::start()?),
+        };
+        broker.wait_ready().await?;
+        Ok(broker)
+    }
+
     pub fn bootstrap(&self) -> String {
         match self {
             Self::External { bootstrap } => bootstrap.clone(),
             Self::Tansu(t) => t.bootstrap(),
+            Self::Embedded(e) => e.bootstrap(),
         }
     }
 
@@ -100,7 +113,7 @@ impl Broker {
     pub fn tansu(&mut self) -> Option<&mut TansuBroker> {
         match self {
             Self::Tansu(t) => Some(t),
-            Self::External { .. } => None,
+            Self::External { .. } | Self::Embedded(_) => None,
         }
     }
 }
@@ -204,5 +217,89 @@ impl TansuBroker {
 impl Drop for TansuBroker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// tansu's broker (the tansu-broker crate) with memory storage, served by its own runtime on
+/// its own thread so that the load the demo drives cannot starve it.
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EmbeddedBroker {
+    pub fn start() -> Result<Self, DevError> {
+        let port = free_port().map_err(|e| DevError::io("finding a free port", e))?;
+        let url = url::Url::parse(&format!("tcp://127.0.0.1:{port}"))
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        let storage =
+            url::Url::parse("memory://tansu/").map_err(|e| DevError::Config(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tansu")
+            .enable_all()
+            .build()
+            .map_err(|e| DevError::io("starting the embedded broker's runtime", e))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tansu".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let built = tansu_broker::broker::Broker::<
+                        tansu_broker::coordinator::group::administrator::Controller<
+                            tansu_storage::StorageContainer,
+                        >,
+                        tansu_storage::StorageContainer,
+                    >::builder()
+                    .node_id(tansu_broker::NODE_ID)
+                    .cluster_id("feedloop")
+                    .incarnation_id(uuid::Uuid::new_v4())
+                    .advertised_listener(url.clone())
+                    .storage(storage)
+                    .listener(url)
+                    .silent(true)
+                    .build()
+                    .await;
+                    let mut broker = match built {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(error = %e, "the embedded broker did not start");
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        served = broker.serve(tokio::time::Instant::now()) => {
+                            if let Err(e) = served {
+                                tracing::error!(error = %e, "the embedded broker stopped");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            })
+            .map_err(|e| DevError::io("starting the embedded broker's thread", e))?;
+        Ok(Self {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

@@ -6,9 +6,9 @@ pub mod postgres;
 pub mod process;
 pub mod stack;
 
-pub use broker::{Broker, Storage, TansuBroker};
+pub use broker::{Broker, EmbeddedBroker, Storage, TansuBroker};
 pub use postgres::PgCluster;
-pub use stack::{Endpoints, Stack, StackOptions};
+pub use stack::{BrokerChoice, Endpoints, Stack, StackOptions};
 
 /// Why the dev stack could not start.
 #[derive(Debug, thiserror::Error)]

@@ -29,18 +29,32 @@ pub const REGISTRY_USER: &str = "feedloop";
 pub struct StackOptions {
     /// Use this Postgres instead of a throwaway cluster.
     pub postgres_url: Option<String>,
-    /// Broker storage when the stack runs its own tansu.
-    pub broker_storage: Storage,
+    /// The broker to use or start.
+    pub broker: BrokerChoice,
     /// Where the labeler writes datasets (default: the stack's temporary working directory).
     pub datasets_root: Option<PathBuf>,
+    /// The trigger's policy for every dataset (default: its configuration's defaults).
+    pub trigger_policy: Option<feedloop_trigger::policy::Policy>,
+}
+
+/// Which broker the stack talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// `$KAFKA_BOOTSTRAP` if set, else a tansu process with this storage (tests, benchmarks).
+    Tansu(Storage),
+    /// tansu's broker in this process, memory storage: nothing to install (the demo).
+    Embedded,
+    /// A Kafka cluster at this bootstrap address.
+    External(String),
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
             postgres_url: None,
-            broker_storage: Storage::Memory,
+            broker: BrokerChoice::Tansu(Storage::Memory),
             datasets_root: None,
+            trigger_policy: None,
         }
     }
 }
@@ -158,7 +172,13 @@ impl Stack {
             Some(url) => Postgres::External(url),
             None => Postgres::Owned(PgCluster::start().await?),
         };
-        let broker = Broker::start(options.broker_storage).await?;
+        let broker = match options.broker {
+            BrokerChoice::Tansu(storage) => Broker::start(storage).await?,
+            BrokerChoice::Embedded => Broker::external_or_embedded(None).await?,
+            BrokerChoice::External(bootstrap) => {
+                Broker::external_or_embedded(Some(bootstrap)).await?
+            }
+        };
         let admin_token = uuid::Uuid::new_v4().simple().to_string();
         let shutdown = CancellationToken::new();
 
@@ -310,6 +330,9 @@ impl Stack {
         };
         trigger.control.url = Secret::new(postgres.url());
         trigger.log.json = false;
+        if let Some(policy) = options.trigger_policy {
+            trigger.policies = BTreeMap::from([("*".to_owned(), policy)]);
+        }
         trigger
             .validate()
             .map_err(|e| DevError::Config(e.to_string()))?;

@@ -1,0 +1,667 @@
+//! `feedloop demo`: the whole loop on one machine. A throwaway Postgres, tansu's broker in this
+//! process (or `--kafka` / `--postgres`), every service, and simulated phones and backend
+//! driving them; then a summary whose counters must reconcile.
+
+pub mod report;
+pub mod sim;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::{
+    dev::{BrokerChoice, Stack, StackOptions},
+    erase::Eraser,
+};
+use feedloop_core::catalogue::{DEADLETTER_TOPIC, EVENTS_TOPIC};
+use report::{Erasure, Summary, Trigger};
+use sim::{Batch, ProductWrite, SimOptions, Step, World};
+
+/// The example spec's dataset, which the demo fills.
+pub const DATASET: &str = "match_outcomes";
+/// Requests in flight at once (phones sending at the same time).
+const CONCURRENCY: usize = 16;
+
+/// What `feedloop demo` runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub users: usize,
+    pub events: usize,
+    pub seed: u64,
+    /// Datasets, the summary and the services' log go here.
+    pub out: PathBuf,
+    /// A Kafka cluster instead of the embedded broker.
+    pub kafka: Option<String>,
+    /// A Postgres server (wal_level=logical) instead of a throwaway cluster.
+    pub postgres: Option<String>,
+    /// Longest wait for a stage to catch up before the demo reports it as stuck.
+    pub stage_timeout: Duration,
+    /// Live bars on the terminal.
+    pub progress: bool,
+}
+
+/// What the phones were told, summed over every answer.
+#[derive(Debug, Default)]
+struct Answers {
+    accepted: AtomicU64,
+    duplicates: AtomicU64,
+    suppressed: AtomicU64,
+    rejected: AtomicU64,
+    /// Events of requests that never got a 200 (the demo reports them as lost).
+    unanswered: AtomicU64,
+    /// 429 and 503 answers the phones waited out and retried.
+    retried: AtomicU64,
+    /// Rejections by reason and detail.
+    rejections: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+struct Bars {
+    events: ProgressBar,
+    labels: ProgressBar,
+    stage: ProgressBar,
+}
+
+impl Bars {
+    fn new(enabled: bool, events: u64) -> (MultiProgress, Self) {
+        let multi = MultiProgress::with_draw_target(if enabled {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        let style = |template: &str| {
+            ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+        };
+        let events_bar = multi.add(ProgressBar::new(events));
+        events_bar.set_style(style(
+            "events  [{bar:30}] {pos:>7}/{len:7} {per_sec:>10} {msg}",
+        ));
+        let labels = multi.add(ProgressBar::new(0));
+        labels.set_style(style("labels  [{bar:30}] {pos:>7}/{len:7} {msg}"));
+        let stage = multi.add(ProgressBar::new_spinner());
+        stage.set_style(style("{spinner} {msg}"));
+        stage.enable_steady_tick(Duration::from_millis(200));
+        (
+            multi,
+            Self {
+                events: events_bar,
+                labels,
+                stage,
+            },
+        )
+    }
+}
+
+/// Runs the demo end to end and returns its summary (with any reconciliation problem in it).
+pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let datasets_root = opts.out.join("datasets");
+    if datasets_root.exists() && std::fs::read_dir(&datasets_root)?.next().is_some() {
+        bail!(
+            "{} already holds datasets: give the demo an empty --out",
+            datasets_root.display()
+        );
+    }
+    std::fs::create_dir_all(&datasets_root)?;
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let world = sim::generate(SimOptions {
+        users: opts.users,
+        events: opts.events,
+        seed: opts.seed,
+        t0,
+    });
+    let (_multi, bars) = Bars::new(opts.progress, world.events_sent() as u64);
+    bars.stage
+        .set_message("starting Postgres, the broker and the services…");
+    let stack = Stack::up(StackOptions {
+        postgres_url: opts.postgres.clone(),
+        broker: match &opts.kafka {
+            Some(b) => BrokerChoice::External(b.clone()),
+            None => BrokerChoice::Embedded,
+        },
+        datasets_root: Some(datasets_root.clone()),
+        trigger_policy: Some(feedloop_trigger::policy::Policy {
+            min_new_rows: (opts.events as i64 / 20).max(500),
+            max_staleness_s: 0,
+            psi_threshold: 0.2,
+            psi_min_rows: 500,
+            cooldown_s: 5,
+        }),
+    })
+    .await
+    .context("starting the stack")?;
+    let control = PgPool::connect(&stack.postgres.url())
+        .await
+        .context("connecting to the control database")?;
+    let product = PgPool::connect(&stack.product_url)
+        .await
+        .context("connecting to the product database")?;
+
+    let mut summary = Summary {
+        seed: opts.seed,
+        users: world.users.len(),
+        dataset_path: datasets_root.join(DATASET).display().to_string(),
+        ..Summary::default()
+    };
+
+    bars.stage.set_message("phones and backend at work…");
+    let mut rows_changed = insert_users(&product, &world).await?;
+    let answers = Arc::new(Answers::default());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let phones = Arc::new(Phones {
+        http: http.clone(),
+        url: stack.collector_url.clone(),
+        write_key: stack.write_key().to_owned(),
+        answers: answers.clone(),
+        bar: bars.events.clone(),
+    });
+    rows_changed += drive(&world, &phones, &product).await?;
+    summary.events_sent = world.events_sent() as u64;
+    summary.malformed_sent = world.malformed_sent() as u64;
+
+    // Every example of the run is in the dataset once the labeler has caught up, but those of
+    // the users who deleted their account (cdc turned that into an erasure).
+    let deleted: BTreeSet<String> = world.deleted.iter().cloned().collect();
+    let all = world.expected_examples(&deleted);
+    bars.labels.set_length(all.len() as u64);
+    bars.stage
+        .set_message("waiting for the labeler to label every impression…");
+    if let Err(e) =
+        wait_for_rows(&control, all.len() as i64, &bars.labels, opts.stage_timeout).await
+    {
+        summary
+            .problems
+            .push(format!("the labeler did not catch up: {e:#}"));
+    }
+
+    bars.stage.set_message("erasing users…");
+    let eraser = Eraser {
+        url: stack.eraser_url.clone(),
+        token: stack.admin_token().to_owned(),
+    };
+    summary.erasures = erase(&eraser, &world, opts).await?;
+    let erased: BTreeSet<String> = world.erase.iter().chain(&world.deleted).cloned().collect();
+    // The erased users' phones keep sending for a while: the collector must suppress it all.
+    for batch in &world.after_erasure {
+        phones.send(batch).await;
+    }
+    summary.events_sent += world
+        .after_erasure
+        .iter()
+        .map(|b| b.events.len() as u64)
+        .sum::<u64>();
+
+    let expected = world.expected_examples(&erased);
+    bars.labels.set_length(expected.len() as u64);
+    bars.stage
+        .set_message("waiting for the erased users' rows to leave the dataset…");
+    if let Err(e) = wait_for_rows(
+        &control,
+        expected.len() as i64,
+        &bars.labels,
+        opts.stage_timeout,
+    )
+    .await
+    {
+        summary.problems.push(format!(
+            "the dataset did not reach its size after erasure: {e:#}"
+        ));
+    }
+
+    bars.stage.set_message("waiting for cdc and the triggers…");
+    summary.rows_changed = rows_changed;
+    summary.triggers = wait_for_triggers(&http, &stack, opts.stage_timeout).await?;
+    wait_for_metric(
+        "feedloop_cdc_changes_total",
+        rows_changed as f64,
+        opts.stage_timeout,
+    )
+    .await;
+
+    bars.stage.set_message("reconciling…");
+    let metrics = feedloop_core::telemetry::render_metrics();
+    summary.answers = report::Counts {
+        accepted: answers.accepted.load(Relaxed),
+        duplicates: answers.duplicates.load(Relaxed),
+        suppressed: answers.suppressed.load(Relaxed),
+        rejected: answers.rejected.load(Relaxed),
+        unanswered: answers.unanswered.load(Relaxed),
+    };
+    summary.retried_requests = answers.retried.load(Relaxed);
+    summary.rejections = answers
+        .rejections
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    summary.collector = report::Counts {
+        accepted: report::metric_sum(&metrics, "feedloop_collector_events_accepted_total") as u64,
+        duplicates: report::metric_sum(&metrics, "feedloop_collector_events_duplicate_total")
+            as u64,
+        suppressed: report::metric_sum(&metrics, "feedloop_collector_events_suppressed_total")
+            as u64,
+        rejected: report::metric_sum(&metrics, "feedloop_collector_events_rejected_total") as u64,
+        unanswered: 0,
+    };
+    summary.cdc_changes = report::metric_sum(&metrics, "feedloop_cdc_changes_total") as u64;
+    summary.cdc_tombstones = report::metric_sum(&metrics, "feedloop_cdc_tombstones_total") as u64;
+    let kafka = stack.kafka_config();
+    summary.events_in_log = report::count_records(&kafka, EVENTS_TOPIC).await?;
+    summary.dead_letters_in_log = report::count_records(&kafka, DEADLETTER_TOPIC).await?;
+    summary.dataset = report::read_dataset(&control, &stack.datasets_root, DATASET).await?;
+    summary.expected_examples = expected.len() as u64;
+    summary.labeler = report::LabelerCounts {
+        records: report::metric_sum(&metrics, "feedloop_labeler_records_total") as u64,
+        examples: report::metric_sum(&metrics, "feedloop_labeler_examples_total") as u64,
+        late_impressions: report::metric_sum(&metrics, "feedloop_labeler_late_impressions_total")
+            as u64,
+        late_outcomes: report::metric_sum(&metrics, "feedloop_labeler_late_outcomes_total") as u64,
+        dead_letters: report::metric_sum(&metrics, "feedloop_labeler_dead_letters_total") as u64,
+    };
+    let problems = report::reconcile(&summary, &expected, &erased);
+    summary.problems.extend(problems);
+    summary.seconds = started.elapsed().as_secs_f64();
+    bars.stage.finish_and_clear();
+    bars.events.finish();
+    bars.labels.finish();
+    stack.down().await;
+    Ok(summary)
+}
+
+/// The simulated phones: POST batches to the collector, as a mobile SDK would.
+struct Phones {
+    http: reqwest::Client,
+    url: String,
+    write_key: String,
+    answers: Arc<Answers>,
+    bar: ProgressBar,
+}
+
+impl Phones {
+    /// Sends one batch until every event in it is answered: 429 and 503 are waited out, and
+    /// events the collector calls retryable (in flight in another request) are sent again.
+    async fn send(&self, batch: &Batch) {
+        let (url, sent_at_key) = match batch.api {
+            sim::Api::Native => (format!("{}/v1/events", self.url), "sent_at"),
+            sim::Api::Segment => (format!("{}/v1/batch", self.url), "sentAt"),
+        };
+        let mut events = batch.events.clone();
+        for _ in 0..600 {
+            let sent_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let body = json!({sent_at_key: sent_at + batch.skew_ms, "batch": events});
+            let resp = self
+                .http
+                .post(&url)
+                .basic_auth(&self.write_key, Some(""))
+                .json(&body)
+                .send()
+                .await;
+            let wait = match resp {
+                Ok(r) if r.status().is_success() => {
+                    let answer: Value = r.json().await.unwrap_or(Value::Null);
+                    let mut retry = Vec::new();
+                    for r in answer["results"].as_array().into_iter().flatten() {
+                        let index = r["index"].as_u64().unwrap_or(u64::MAX) as usize;
+                        if r["retryable"] == true
+                            && let Some(e) = events.get(index)
+                        {
+                            retry.push(e.clone());
+                            continue;
+                        }
+                        self.count(r);
+                    }
+                    let answered = (events.len() - retry.len()) as u64;
+                    self.bar.inc(answered);
+                    let a = &self.answers;
+                    self.bar.set_message(format!(
+                        "accepted {} · rejected {} · duplicates {}",
+                        a.accepted.load(Relaxed),
+                        a.rejected.load(Relaxed),
+                        a.duplicates.load(Relaxed)
+                    ));
+                    if retry.is_empty() {
+                        return;
+                    }
+                    events = retry;
+                    Duration::from_millis(200)
+                }
+                Ok(r) if matches!(r.status().as_u16(), 429 | 503) => {
+                    self.answers.retried.fetch_add(1, Relaxed);
+                    r.headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map_or(Duration::from_millis(100), |s| {
+                            Duration::from_secs(s).min(Duration::from_secs(2))
+                        })
+                }
+                Ok(r) => {
+                    tracing::warn!(status = %r.status(), "the collector refused a batch");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a batch did not reach the collector");
+                    Duration::from_millis(200)
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+        let n = events.len() as u64;
+        self.answers.unanswered.fetch_add(n, Relaxed);
+        self.bar.inc(n);
+    }
+
+    /// Counts one event's answer.
+    fn count(&self, result: &Value) {
+        let a = &self.answers;
+        let counter = match result["status"].as_str() {
+            Some("accepted") => &a.accepted,
+            Some("duplicate") => &a.duplicates,
+            Some("suppressed") => &a.suppressed,
+            Some("rejected") => {
+                let why = format!(
+                    "{}: {}",
+                    result["reason"].as_str().unwrap_or("?"),
+                    result["path"].as_str().unwrap_or("")
+                );
+                if let Ok(mut m) = a.rejections.lock() {
+                    *m.entry(why).or_default() += 1;
+                }
+                &a.rejected
+            }
+            _ => &a.unanswered,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// Inserts the population into `app.users`; returns the rows inserted.
+async fn insert_users(product: &PgPool, world: &World) -> anyhow::Result<u64> {
+    let mut inserted = 0;
+    for chunk in world.users.chunks(1_000) {
+        let col = |f: fn(&sim::User) -> String| chunk.iter().map(f).collect::<Vec<_>>();
+        inserted += sqlx::query(
+            "INSERT INTO app.users (id, email, phone, display_name, country, bio)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[])",
+        )
+        .bind(col(|u| u.id.clone()))
+        .bind(col(|u| u.email.clone()))
+        .bind(col(|u| u.phone.clone()))
+        .bind(col(|u| u.display_name.clone()))
+        .bind(col(|u| u.country.to_owned()))
+        .bind(col(|u| u.bio.clone()))
+        .execute(product)
+        .await
+        .context("inserting users")?
+        .rows_affected();
+    }
+    Ok(inserted)
+}
+
+/// Plays the world's steps: batches go to the collector (several at once), product writes to
+/// Postgres in order (grouped into transactions). Returns the product rows changed.
+async fn drive(world: &World, phones: &Arc<Phones>, product: &PgPool) -> anyhow::Result<u64> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ProductWrite>(4_096);
+    let pool = product.clone();
+    let writer = tokio::spawn(async move {
+        let mut changed = 0u64;
+        while let Some(first) = rx.recv().await {
+            let mut txn = pool.begin().await?;
+            changed += apply(&mut txn, &first).await?;
+            for _ in 0..200 {
+                match rx.try_recv() {
+                    Ok(w) => changed += apply(&mut txn, &w).await?,
+                    Err(_) => break,
+                }
+            }
+            txn.commit().await?;
+        }
+        anyhow::Ok(changed)
+    });
+    let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut inflight = tokio::task::JoinSet::new();
+    for step in &world.steps {
+        match step {
+            Step::Send(batch) => {
+                let permit = permits.clone().acquire_owned().await?;
+                let (phones, batch) = (phones.clone(), batch.clone());
+                inflight.spawn(async move {
+                    phones.send(&batch).await;
+                    drop(permit);
+                });
+                while inflight.try_join_next().is_some() {}
+            }
+            Step::Write(w) => {
+                if tx.send(w.clone()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    while inflight.join_next().await.is_some() {}
+    writer.await.context("the product writer")?
+}
+
+async fn apply(txn: &mut sqlx::PgConnection, w: &ProductWrite) -> anyhow::Result<u64> {
+    let ts = |ms: i64| ms as f64 / 1000.0;
+    let q = match w {
+        ProductWrite::Match { id, a, b, score, at } => sqlx::query(
+            "INSERT INTO app.matches (id, user_a, user_b, score, created_at)
+             VALUES ($1::uuid, $2, $3, $4, to_timestamp($5))",
+        )
+        .bind(id.to_string())
+        .bind(a)
+        .bind(b)
+        .bind(score)
+        .bind(ts(*at)),
+        ProductWrite::MatchStatus { id, status } => {
+            sqlx::query("UPDATE app.matches SET status = $2 WHERE id = $1::uuid")
+                .bind(id.to_string())
+                .bind(*status)
+        }
+        ProductWrite::Report {
+            reporter,
+            reported,
+            match_id,
+            reason,
+            comment,
+            at,
+        } => sqlx::query(
+            "INSERT INTO app.reports (reporter_id, reported_id, match_id, reason, comment, created_at)
+             VALUES ($1, $2, $3::uuid, $4, $5, to_timestamp($6))",
+        )
+        .bind(reporter)
+        .bind(reported)
+        .bind(match_id.to_string())
+        .bind(*reason)
+        .bind(comment)
+        .bind(ts(*at)),
+        ProductWrite::Block {
+            blocker,
+            blocked,
+            match_id,
+            at,
+        } => sqlx::query(
+            "INSERT INTO app.blocks (blocker_id, blocked_id, match_id, created_at)
+             VALUES ($1, $2, $3::uuid, to_timestamp($4))",
+        )
+        .bind(blocker)
+        .bind(blocked)
+        .bind(match_id.to_string())
+        .bind(ts(*at)),
+        ProductWrite::Bio { user, bio } => {
+            sqlx::query("UPDATE app.users SET bio = $2, updated_at = now() WHERE id = $1")
+                .bind(user)
+                .bind(bio)
+        }
+        ProductWrite::DeleteUser { user } => {
+            sqlx::query("DELETE FROM app.users WHERE id = $1").bind(user)
+        }
+    };
+    Ok(q.execute(&mut *txn).await?.rows_affected())
+}
+
+/// Rows in the current versions of the demo dataset's partitions.
+async fn dataset_rows(control: &PgPool) -> anyhow::Result<i64> {
+    let rows: Option<i64> = sqlx::query_scalar(
+        "SELECT SUM(row_count)::bigint FROM (
+            SELECT DISTINCT ON (partition) row_count FROM labeler.partitions
+            WHERE dataset = $1 ORDER BY partition, version DESC) v",
+    )
+    .bind(DATASET)
+    .fetch_one(control)
+    .await
+    .unwrap_or(None);
+    Ok(rows.unwrap_or(0))
+}
+
+/// Waits until the dataset holds `want` rows (and stays there across two looks).
+async fn wait_for_rows(
+    control: &PgPool,
+    want: i64,
+    bar: &ProgressBar,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = -1;
+    loop {
+        let rows = dataset_rows(control).await?;
+        bar.set_position(rows.max(0) as u64);
+        if rows == want && last == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the dataset has {rows} rows after {timeout:?}; expected {want}");
+        }
+        last = rows;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits (at most `timeout`) until a counter's sum reaches `want`.
+async fn wait_for_metric(name: &str, want: f64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while report::metric_sum(&feedloop_core::telemetry::render_metrics(), name) < want
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One erasure request per user through the eraser's API; then waits for every request the
+/// eraser has (those cdc made of account deletions too) to finish, and fetches certificates.
+async fn erase(eraser: &Eraser, world: &World, opts: &DemoOptions) -> anyhow::Result<Vec<Erasure>> {
+    for user in &world.erase {
+        let key = format!("demo-{}-{user}", opts.seed);
+        eraser
+            .request(
+                std::slice::from_ref(user),
+                "the user asked to be forgotten (demo)",
+                "feedloop-demo",
+                Some(&key),
+            )
+            .await?;
+    }
+    let want = world.erase.len() + world.deleted.len();
+    let deadline = Instant::now() + opts.stage_timeout;
+    let requests = loop {
+        let list = eraser.list().await?;
+        let finished = list
+            .iter()
+            .filter(|r| matches!(r["status"].as_str(), Some("completed" | "partially_failed")))
+            .count();
+        if (list.len() >= want && finished == list.len()) || Instant::now() > deadline {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let mut out = Vec::new();
+    for r in requests {
+        let id = r["id"].as_str().unwrap_or_default().to_owned();
+        let certificate = eraser.certificate(&id).await.ok();
+        out.push(Erasure {
+            request_id: id,
+            origin: r["origin"].as_str().unwrap_or_default().to_owned(),
+            status: r["status"].as_str().unwrap_or_default().to_owned(),
+            certificate_id: certificate
+                .as_ref()
+                .and_then(|c| c["certificate_id"].as_str())
+                .map(str::to_owned),
+        });
+    }
+    if out.len() < want {
+        bail!(
+            "the eraser has {} requests; {want} were expected ({} through the API, {} account deletions)",
+            out.len(),
+            world.erase.len(),
+            world.deleted.len()
+        );
+    }
+    Ok(out)
+}
+
+/// Waits until the trigger has decided at least once; returns its decisions.
+async fn wait_for_triggers(
+    http: &reqwest::Client,
+    stack: &Stack,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Trigger>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let body: Value = http
+            .get(format!("{}/v1/triggers?limit=100", stack.trigger_url))
+            .bearer_auth(stack.admin_token())
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let list: Vec<Trigger> = body["triggers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| Trigger {
+                dataset: t["dataset"].as_str().unwrap_or_default().to_owned(),
+                rule: t["rule"].as_str().unwrap_or_default().to_owned(),
+                reason: t["reason"].as_str().unwrap_or_default().to_owned(),
+                deliveries: t["deliveries"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| {
+                        format!(
+                            "{}: {}",
+                            d["sink"].as_str().unwrap_or("?"),
+                            d["status"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        let delivered = !list.is_empty()
+            && list
+                .iter()
+                .all(|t| t.deliveries.iter().all(|d| d.ends_with("delivered")));
+        if delivered || Instant::now() > deadline {
+            return Ok(list);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

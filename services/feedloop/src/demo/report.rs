@@ -1,0 +1,497 @@
+//! The demo's summary: what each stage counted, what the log and the dataset hold, and the
+//! reconciliation between them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    fmt::Write as _,
+    time::Duration,
+};
+
+use anyhow::Context;
+use arrow_array::{Array, RecordBatch, StringArray};
+use feedloop_core::kafka::{KafkaConfig, QuietEof};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rdkafka::{
+    Message,
+    consumer::{BaseConsumer, Consumer},
+    error::KafkaError,
+    topic_partition_list::{Offset, TopicPartitionList},
+};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+/// Per-event outcomes, as the phones were told or as the collector counted them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub suppressed: u64,
+    pub rejected: u64,
+    /// Events of requests that never got an answer.
+    pub unanswered: u64,
+}
+
+impl Counts {
+    pub fn total(&self) -> u64 {
+        self.accepted + self.duplicates + self.suppressed + self.rejected + self.unanswered
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Erasure {
+    pub request_id: String,
+    /// Where the request came from (`api`, or `cdc` for an account deletion).
+    pub origin: String,
+    pub status: String,
+    pub certificate_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Trigger {
+    pub dataset: String,
+    pub rule: String,
+    pub reason: String,
+    pub deliveries: Vec<String>,
+}
+
+/// What the dataset holds, read back from its Parquet files.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DatasetReport {
+    pub partitions: usize,
+    pub files: usize,
+    pub rows: u64,
+    /// Rows by label, from the Parquet rows.
+    pub labels: BTreeMap<String, u64>,
+    /// Rows by label, as the manifests state them.
+    pub manifest_labels: BTreeMap<String, i64>,
+    /// Rows whose example id appears more than once.
+    pub duplicate_examples: u64,
+    /// A digest of (impression id, label) over every row, sorted: the same seed gives the same.
+    pub fingerprint: String,
+    #[serde(skip)]
+    pub impressions: BTreeSet<Uuid>,
+    #[serde(skip)]
+    pub users: HashSet<String>,
+}
+
+/// What the labeler counted (its own metrics).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LabelerCounts {
+    /// Input records read (events and cdc changes).
+    pub records: u64,
+    /// Example rows written (corrections and erasure rewrites included).
+    pub examples: u64,
+    pub late_impressions: u64,
+    pub late_outcomes: u64,
+    pub dead_letters: u64,
+}
+
+/// Everything the demo counted.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub seed: u64,
+    pub users: usize,
+    pub seconds: f64,
+    pub events_sent: u64,
+    pub malformed_sent: u64,
+    pub retried_requests: u64,
+    /// Rejected events by reason and field.
+    pub rejections: BTreeMap<String, u64>,
+    /// What the phones were told.
+    pub answers: Counts,
+    /// What the collector counted.
+    pub collector: Counts,
+    /// Records in `feedloop.events`, and how many distinct event ids they carry.
+    pub events_in_log: (u64, u64),
+    pub dead_letters_in_log: (u64, u64),
+    pub rows_changed: u64,
+    pub cdc_changes: u64,
+    pub cdc_tombstones: u64,
+    pub labeler: LabelerCounts,
+    pub expected_examples: u64,
+    pub dataset_path: String,
+    pub dataset: DatasetReport,
+    pub triggers: Vec<Trigger>,
+    pub erasures: Vec<Erasure>,
+    /// Every way the counters fail to reconcile; empty when the run lost and duplicated
+    /// nothing.
+    pub problems: Vec<String>,
+}
+
+/// Sum of every series of a counter or gauge in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') {
+                rest.rsplit_once('}')?.1
+            } else if rest.starts_with(' ') {
+                rest
+            } else {
+                return None;
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// Records in `topic` and distinct `event_id` headers among them, read to the end of every
+/// partition (tansu under-reports high watermarks, so the end is where reading stops).
+pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<(u64, u64)> {
+    let (kafka, topic) = (kafka.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
+        let consumer: BaseConsumer<QuietEof> = kafka
+            .client_config("feedloop-demo-count")
+            .set("group.id", "feedloop-demo-count")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create_with_context(QuietEof)?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        let mut open = HashSet::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+                open.insert(p.id());
+            }
+        }
+        consumer.assign(&tpl)?;
+        let (mut records, mut ids) = (0u64, HashSet::new());
+        let mut idle = 0;
+        while !open.is_empty() {
+            match consumer.poll(Duration::from_millis(500)) {
+                None => {
+                    idle += 1;
+                    anyhow::ensure!(idle < 60, "{topic}: no end of partition after 30 s");
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(m)) => {
+                    idle = 0;
+                    records += 1;
+                    let id = m.headers().and_then(|h| {
+                        rdkafka::message::Headers::iter(h)
+                            .find(|h| h.key == "event_id")
+                            .and_then(|h| h.value.map(<[u8]>::to_vec))
+                    });
+                    if let Some(id) = id {
+                        ids.insert(id);
+                    }
+                }
+            }
+        }
+        Ok((records, ids.len() as u64))
+    })
+    .await?
+}
+
+fn strings<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a StringArray> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .with_context(|| format!("the dataset has no text column {name}"))
+}
+
+/// Reads the current version of every partition of `dataset` back from its Parquet files.
+pub async fn read_dataset(
+    control: &PgPool,
+    root: &str,
+    dataset: &str,
+) -> anyhow::Result<DatasetReport> {
+    let manifests = sqlx::query(
+        "SELECT DISTINCT ON (partition) manifest FROM labeler.partitions
+         WHERE dataset = $1 ORDER BY partition, version DESC",
+    )
+    .bind(dataset)
+    .fetch_all(control)
+    .await
+    .context("reading the dataset's manifests")?;
+    let root = feedloop_labeler::dataset::Root::open(root, &BTreeMap::new())?;
+    let mut report = DatasetReport {
+        partitions: manifests.len(),
+        ..DatasetReport::default()
+    };
+    let mut examples: BTreeMap<String, u32> = BTreeMap::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for row in manifests {
+        let manifest: feedloop_labeler::dataset::Manifest =
+            serde_json::from_str(&row.try_get::<String, _>("manifest")?)?;
+        for (label, n) in manifest.label_counts {
+            *report.manifest_labels.entry(label).or_default() += n;
+        }
+        for file in &manifest.files {
+            report.files += 1;
+            let rel = root
+                .rel_of(&file.uri)
+                .with_context(|| format!("{} is outside the dataset root", file.uri))?;
+            let bytes = root.get(rel).await?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+            for batch in reader {
+                let batch = batch?;
+                let (example, impression, viewer, candidate, label) = (
+                    strings(&batch, "example_id")?,
+                    strings(&batch, "impression_event_id")?,
+                    strings(&batch, "viewer_id")?,
+                    strings(&batch, "candidate_id")?,
+                    strings(&batch, "label")?,
+                );
+                for i in 0..batch.num_rows() {
+                    report.rows += 1;
+                    *examples.entry(example.value(i).to_owned()).or_default() += 1;
+                    *report.labels.entry(label.value(i).to_owned()).or_default() += 1;
+                    if let Ok(id) = impression.value(i).parse() {
+                        report.impressions.insert(id);
+                    }
+                    report.users.insert(viewer.value(i).to_owned());
+                    report.users.insert(candidate.value(i).to_owned());
+                    pairs.push((impression.value(i).to_owned(), label.value(i).to_owned()));
+                }
+            }
+        }
+    }
+    report.duplicate_examples = examples
+        .values()
+        .filter(|n| **n > 1)
+        .map(|n| u64::from(*n))
+        .sum();
+    pairs.sort();
+    let mut digest = String::with_capacity(pairs.len() * 48);
+    for (impression, label) in &pairs {
+        let _ = writeln!(digest, "{impression} {label}");
+    }
+    report.fingerprint = feedloop_labeler::dataset::sha256_hex(digest.as_bytes())[..16].to_owned();
+    Ok(report)
+}
+
+/// Every way the run's counters fail to add up.
+pub fn reconcile(s: &Summary, expected: &BTreeSet<Uuid>, erased: &BTreeSet<String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    check(
+        s.answers.total() == s.events_sent,
+        format!(
+            "the phones sent {} events but were answered for {}",
+            s.events_sent,
+            s.answers.total()
+        ),
+    );
+    check(
+        s.answers.unanswered == 0,
+        format!("{} events never got an answer", s.answers.unanswered),
+    );
+    check(
+        s.collector == s.answers,
+        format!(
+            "the collector counted {:?}, the phones were told {:?}",
+            s.collector, s.answers
+        ),
+    );
+    check(
+        s.answers.rejected == s.malformed_sent,
+        format!(
+            "{} events were malformed but {} were rejected",
+            s.malformed_sent, s.answers.rejected
+        ),
+    );
+    check(
+        s.events_in_log.0 == s.collector.accepted && s.events_in_log.1 == s.events_in_log.0,
+        format!(
+            "the collector accepted {} events; {} records with {} distinct ids are in the log",
+            s.collector.accepted, s.events_in_log.0, s.events_in_log.1
+        ),
+    );
+    check(
+        s.dead_letters_in_log.0 >= s.collector.rejected,
+        format!(
+            "the collector rejected {} events; {} dead letters are in the log",
+            s.collector.rejected, s.dead_letters_in_log.0
+        ),
+    );
+    check(
+        s.cdc_changes == s.rows_changed,
+        format!(
+            "the product database changed {} rows; cdc published {} changes",
+            s.rows_changed, s.cdc_changes
+        ),
+    );
+    let d = &s.dataset;
+    check(
+        d.duplicate_examples == 0,
+        format!("{} dataset rows repeat an example id", d.duplicate_examples),
+    );
+    let missing = expected.difference(&d.impressions).count();
+    let extra = d.impressions.difference(expected).count();
+    check(
+        missing == 0 && extra == 0 && d.rows == expected.len() as u64,
+        format!(
+            "the dataset has {} rows: {missing} expected impressions missing, {extra} unexpected",
+            d.rows
+        ),
+    );
+    let manifest_total: i64 = d.manifest_labels.values().sum();
+    check(
+        manifest_total == d.rows as i64,
+        format!(
+            "the manifests count {manifest_total} rows, the files hold {}",
+            d.rows
+        ),
+    );
+    let present = erased.iter().filter(|u| d.users.contains(*u)).count();
+    check(
+        present == 0,
+        format!("{present} erased users are still in the dataset"),
+    );
+    for e in &s.erasures {
+        check(
+            e.status == "completed" && e.certificate_id.is_some(),
+            format!(
+                "erasure {} ended {} without a certificate",
+                e.request_id, e.status
+            ),
+        );
+    }
+    problems
+}
+
+/// The summary as the terminal shows it.
+pub fn render(s: &Summary, out_dir: &str) -> String {
+    let mut t = String::new();
+    let a = &s.answers;
+    let _ = writeln!(
+        t,
+        "\nfeedloop demo: {} users, seed {}, {:.0} s\n",
+        s.users, s.seed, s.seconds
+    );
+    let _ = writeln!(t, "Events");
+    let _ = writeln!(t, "  {:<34} {:>9}", "sent by the phones", s.events_sent);
+    let _ = writeln!(
+        t,
+        "  {:<34} {:>9}",
+        "published to feedloop.events", a.accepted
+    );
+    let _ = writeln!(t, "  {:<34} {:>9}", "dead-lettered (malformed)", a.rejected);
+    for (why, n) in &s.rejections {
+        let _ = writeln!(t, "    {why:<32} {n:>9}");
+    }
+    let _ = writeln!(
+        t,
+        "  {:<34} {:>9}",
+        "suppressed (erased users)", a.suppressed
+    );
+    let _ = writeln!(
+        t,
+        "  {:<34} {:>9}",
+        "duplicates (retried batches)", a.duplicates
+    );
+    let _ = writeln!(
+        t,
+        "  {:<34} {:>9}",
+        "records in feedloop.events", s.events_in_log.0
+    );
+    let _ = writeln!(
+        t,
+        "  {:<34} {:>9}",
+        "requests retried (429/503)", s.retried_requests
+    );
+    let _ = writeln!(t, "\nProduct database → cdc");
+    let _ = writeln!(t, "  {:<34} {:>9}", "rows changed", s.rows_changed);
+    let _ = writeln!(
+        t,
+        "  {:<34} {:>9}",
+        "change events published", s.cdc_changes
+    );
+    let _ = writeln!(t, "  {:<34} {:>9}", "tombstones", s.cdc_tombstones);
+    let l = &s.labeler;
+    let _ = writeln!(t, "\nLabeler");
+    let _ = writeln!(t, "  {:<34} {:>9}", "records read", l.records);
+    let _ = writeln!(t, "  {:<34} {:>9}", "example rows written", l.examples);
+    let _ = writeln!(
+        t,
+        "  {:<34} {:>9}",
+        "late impressions (dropped)", l.late_impressions
+    );
+    let _ = writeln!(t, "  {:<34} {:>9}", "late outcomes", l.late_outcomes);
+    let _ = writeln!(t, "  {:<34} {:>9}", "dead-lettered", l.dead_letters);
+    let d = &s.dataset;
+    let _ = writeln!(t, "\nLabeled examples ({} expected)", s.expected_examples);
+    for (label, n) in &d.labels {
+        let _ = writeln!(t, "  {label:<34} {n:>9}");
+    }
+    let _ = writeln!(t, "  {:<34} {:>9}", "total", d.rows);
+    let _ = writeln!(
+        t,
+        "\nPartitions: {} committed, {} files, fingerprint {}\n  {}",
+        d.partitions, d.files, d.fingerprint, s.dataset_path
+    );
+    let _ = writeln!(t, "\nTriggers fired: {}", s.triggers.len());
+    for tr in &s.triggers {
+        let _ = writeln!(
+            t,
+            "  {} · {} · {} [{}]",
+            tr.dataset,
+            tr.rule,
+            tr.reason,
+            tr.deliveries.join(", ")
+        );
+    }
+    let _ = writeln!(t, "\nErasures: {}", s.erasures.len());
+    for e in &s.erasures {
+        let _ = writeln!(
+            t,
+            "  request {} ({}) {} certificate {}",
+            e.request_id,
+            e.origin,
+            e.status,
+            e.certificate_id.as_deref().unwrap_or("none")
+        );
+    }
+    let _ = writeln!(t, "\nRead the dataset:");
+    let _ = writeln!(
+        t,
+        "  duckdb -c \"SELECT label, count(*) FROM read_parquet('{}/**/*.parquet', hive_partitioning = true) GROUP BY label\"",
+        s.dataset_path
+    );
+    let _ = writeln!(
+        t,
+        "  python3 -c \"import pandas as pd; print(pd.read_parquet('{}').label.value_counts())\"",
+        s.dataset_path
+    );
+    let _ = writeln!(
+        t,
+        "Summary: {out_dir}/summary.json; services' log: {out_dir}/demo.log"
+    );
+    if s.problems.is_empty() {
+        let _ = writeln!(
+            t,
+            "\nReconciled: in = published + dead-lettered + suppressed + duplicates ({} = {} + {} + {} + {}); every expected example is in the dataset exactly once.",
+            s.events_sent, a.accepted, a.rejected, a.suppressed, a.duplicates
+        );
+    } else {
+        let _ = writeln!(t, "\nRECONCILIATION FAILED:");
+        for p in &s.problems {
+            let _ = writeln!(t, "  - {p}");
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sums_add_every_series_of_one_name() {
+        let text = "# TYPE x_total counter\nx_total{op=\"c\"} 3\nx_total{op=\"d\"} 2\nx_total_other 9\nx_totals 1\ny 4\n";
+        assert_eq!(metric_sum(text, "x_total"), 5.0);
+        assert_eq!(metric_sum(text, "y"), 4.0);
+        assert_eq!(metric_sum(text, "z"), 0.0);
+    }
+}
