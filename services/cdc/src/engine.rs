@@ -1108,6 +1108,7 @@ impl Engine {
         client: &mut ReplicationClient,
         shutdown: &CancellationToken,
     ) -> Result<(), EngineError> {
+        observability::batches_reset();
         let (batch_tx, batch_rx) = mpsc::channel::<Batch>(4096);
         let (confirmed_tx, mut confirmed_rx) = watch::channel(0u64);
         let (failed_tx, mut failed_rx) = watch::channel(None::<String>);
@@ -1131,6 +1132,7 @@ impl Engine {
                                 if let Ok(Some(lag)) = source::slot_lag_bytes(&pool, &slot).await {
                                     observability::slot_lag(lag);
                                 }
+                                observability::report_lag_seconds();
                             }
                         }
                     }
@@ -1205,6 +1207,7 @@ impl Engine {
                             let t = txn.take();
                             let (futures, committed) = t.map(|t| (t.futures, Some(t.committed))).unwrap_or_default();
                             submitted = end_lsn.as_u64();
+                            observability::batch_sent(committed);
                             if batch_tx.send(Batch { futures, end_lsn: submitted, committed }).await.is_err() {
                                 break Err(EngineError::Delivery("acknowledgement task stopped".into()));
                             }
@@ -1212,10 +1215,12 @@ impl Engine {
                         // Outside a transaction, everything before these positions was handled.
                         ReplicationEvent::KeepAlive { wal_end, .. } if txn.is_none() && wal_end.as_u64() > submitted => {
                             submitted = wal_end.as_u64();
+                            observability::batch_sent(None);
                             let _ = batch_tx.send(Batch { futures: Vec::new(), end_lsn: submitted, committed: None }).await;
                         }
                         ReplicationEvent::Message { lsn, transactional: false, .. } if txn.is_none() && lsn.as_u64() > submitted => {
                             submitted = lsn.as_u64();
+                            observability::batch_sent(None);
                             let _ = batch_tx.send(Batch { futures: Vec::new(), end_lsn: submitted, committed: None }).await;
                         }
                         ReplicationEvent::StoppedAt { .. } => break Ok(()),

@@ -115,27 +115,48 @@ pub fn slot_lag(bytes: i64) {
     gauge!(SLOT_LAG_BYTES).set(bytes as f64);
 }
 
-static PENDING_SINCE_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+/// Commit times (ms; 0 when unknown) of the batches handed to the producer and not yet
+/// acknowledged, oldest first.
+static PENDING: std::sync::Mutex<std::collections::VecDeque<i64>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
 
-/// Records when the oldest unacknowledged transaction committed (`None`: nothing pending).
-pub fn pending_since(commit: Option<std::time::SystemTime>) {
-    let ms = commit
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as i64);
-    PENDING_SINCE_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+fn epoch_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Publishes the slot lag in seconds (called periodically).
+/// A batch (a transaction, or a position outside one) went to the producer.
+pub fn batch_sent(committed: Option<std::time::SystemTime>) {
+    if let Ok(mut q) = PENDING.lock() {
+        q.push_back(committed.map_or(0, epoch_ms));
+    }
+}
+
+/// The oldest batch was acknowledged.
+pub fn batch_acked() {
+    if let Ok(mut q) = PENDING.lock() {
+        q.pop_front();
+    }
+}
+
+/// The stream restarts: nothing it sent is waited for any more.
+pub fn batches_reset() {
+    if let Ok(mut q) = PENDING.lock() {
+        q.clear();
+    }
+}
+
+/// Publishes the slot lag in seconds: how long ago the oldest transaction that Kafka has not
+/// acknowledged yet committed in Postgres (0 when everything is acknowledged). Called
+/// periodically.
 pub fn report_lag_seconds() {
-    let since = PENDING_SINCE_MS.load(std::sync::atomic::Ordering::Relaxed);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let lag = if since == 0 {
-        0.0
-    } else {
-        (now - since).max(0) as f64 / 1000.0
-    };
+    let oldest = PENDING
+        .lock()
+        .ok()
+        .and_then(|q| q.iter().copied().find(|ms| *ms > 0));
+    let lag = oldest.map_or(0.0, |since| {
+        (epoch_ms(std::time::SystemTime::now()) - since).max(0) as f64 / 1000.0
+    });
     gauge!(LAG_SECONDS).set(lag);
 }
 

@@ -123,7 +123,7 @@ pub fn acker(
             {
                 observability::commit_to_ack(d);
             }
-            observability::pending_since(None);
+            observability::batch_acked();
             confirmed.send_if_modified(|c| {
                 if batch.end_lsn > *c {
                     *c = batch.end_lsn;

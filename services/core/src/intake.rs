@@ -40,6 +40,8 @@ pub struct Intake {
     registry: Arc<RegistryClient>,
     producer: FutureProducer,
     deadletter: Arc<CompiledSchema>,
+    /// The service's counter of dead-lettered records.
+    dead_letters_metric: Option<&'static str>,
 }
 
 impl std::fmt::Debug for Intake {
@@ -83,7 +85,15 @@ impl Intake {
             registry,
             producer,
             deadletter,
+            dead_letters_metric: None,
         })
+    }
+
+    /// Counts dead-lettered records in the counter `metric` (the service's
+    /// `feedloop_<service>_dead_letters_total`).
+    pub fn counting_dead_letters(mut self, metric: &'static str) -> Self {
+        self.dead_letters_metric = Some(metric);
+        self
     }
 
     /// Hands every record to `handle` until `shutdown`. `Err` from the handler is transient:
@@ -184,6 +194,9 @@ impl Intake {
             .encode(&dl, &mut value)
             .map_err(|e| e.to_string())?;
         let key = format!("{}/{partition}", self.topic);
+        if let Some(metric) = self.dead_letters_metric {
+            metrics::counter!(metric).increment(1);
+        }
         self.producer
             .send(
                 FutureRecord::to(DEADLETTER_TOPIC).key(&key).payload(&value),

@@ -120,7 +120,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         registry,
         producer,
         deadletter,
-    )?;
+    )?
+    .counting_dead_letters(observability::DEAD_LETTERS);
     let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen).await?;
     let app = api::routes(api::Api {
         cfg: cfg.clone(),

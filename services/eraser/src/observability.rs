@@ -7,6 +7,8 @@ use sqlx::PgPool;
 pub const OPEN_REQUESTS: &str = "feedloop_eraser_open_requests";
 pub const OLDEST_OPEN: &str = "feedloop_eraser_oldest_open_request_age_seconds";
 pub const OVERDUE: &str = "feedloop_eraser_overdue_requests";
+pub const NEXT_DEADLINE: &str = "feedloop_eraser_next_deadline_seconds";
+pub const DEAD_LETTERS: &str = "feedloop_eraser_dead_letters_total";
 pub const TARGET_FAILURES: &str = "feedloop_eraser_target_failures_total";
 pub const REQUESTS: &str = "feedloop_eraser_requests_total";
 
@@ -19,6 +21,14 @@ pub fn describe() {
     describe_gauge!(OPEN_REQUESTS, "Erasure requests pending or running.");
     describe_gauge!(OLDEST_OPEN, "Age of the oldest open erasure request.");
     describe_gauge!(OVERDUE, "Open erasure requests past their deadline.");
+    describe_counter!(
+        DEAD_LETTERS,
+        "Erasure requests from the log that cannot be decoded, sent to the dead-letter topic."
+    );
+    describe_gauge!(
+        NEXT_DEADLINE,
+        "Seconds until the earliest deadline of an open erasure request (negative once passed; +Inf when none is open)."
+    );
     describe_counter!(
         TARGET_FAILURES,
         "Erasure targets that failed after every attempt, by target."
@@ -38,16 +48,18 @@ pub fn request(origin: &str) {
 
 /// Refreshes the open-request gauges from the database.
 pub async fn open_requests(pool: &PgPool) {
-    let row: Result<(i64, f64, i64), _> = sqlx::query_as(
+    let row: Result<(i64, f64, i64, Option<f64>), _> = sqlx::query_as(
         "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(requested_at)), 0)::float8,
-                count(*) FILTER (WHERE deadline_at < now())
+                count(*) FILTER (WHERE deadline_at < now()),
+                EXTRACT(EPOCH FROM min(deadline_at) - now())::float8
          FROM eraser.requests WHERE status IN ('pending', 'running')",
     )
     .fetch_one(pool)
     .await;
-    if let Ok((open, oldest, overdue)) = row {
+    if let Ok((open, oldest, overdue, next_deadline)) = row {
         gauge!(OPEN_REQUESTS).set(open as f64);
         gauge!(OLDEST_OPEN).set(oldest);
         gauge!(OVERDUE).set(overdue as f64);
+        gauge!(NEXT_DEADLINE).set(next_deadline.unwrap_or(f64::INFINITY));
     }
 }

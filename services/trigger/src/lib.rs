@@ -104,7 +104,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         registry,
         producer.clone(),
         deadletter,
-    )?;
+    )?
+    .counting_dead_letters(observability::DEAD_LETTERS);
     let deliverer = Arc::new(deliver::Deliverer {
         cfg: cfg.clone(),
         control: control.clone(),

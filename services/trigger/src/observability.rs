@@ -48,7 +48,3 @@ pub fn delivery(sink: &str, outcome: &'static str) {
 pub fn pending_rows(dataset: &str, rows: i64) {
     gauge!(PENDING_ROWS, "dataset" => dataset.to_owned()).set(rows as f64);
 }
-
-pub fn dead_letter() {
-    counter!(DEAD_LETTERS).increment(1);
-}

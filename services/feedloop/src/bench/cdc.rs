@@ -362,6 +362,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             },
         });
     }
+    rows.push(super::peak_rss_row("cdc, registry client, lag consumer"));
     print_table("feedloop bench cdc", &machine, &rows);
     if let Some(dir) = opts.out.parent() {
         std::fs::create_dir_all(dir)?;

@@ -638,6 +638,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         peer: Some(Stat::of(vec![1_000_000.0])),
         goal: "≥1M rows/s per core".into(),
     });
+    rows.push(super::peak_rss_row("labeler and the generated events"));
     print_table("feedloop bench labeler", &machine, &rows);
     println!("labels: feedloop {feedloop_counts:?}, DuckDB {duck_counts:?}");
     let report = Report {

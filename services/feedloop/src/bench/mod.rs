@@ -98,6 +98,20 @@ pub struct Row {
     pub goal: String,
 }
 
+/// A row with the peak resident memory of this process: the scenarios that run services
+/// in-process (cdc, labeler, eraser) count the services and the harness together.
+pub fn peak_rss_row(what: &str) -> Row {
+    Row {
+        measurement: format!("peak RSS of the bench process ({what}, in-process)"),
+        unit: "MiB".into(),
+        feedloop: Stat::of(vec![peak_rss_mib(std::process::id()).unwrap_or(0.0)]),
+        against: "limit".into(),
+        peer: None,
+        ratio: None,
+        goal: "diagnostic".into(),
+    }
+}
+
 /// Peak resident memory of a process, from /proc (VmHWM), in MiB.
 pub fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -243,8 +243,8 @@ pub fn generate(opts: SimOptions) -> World {
     let n = users.len();
     let start = opts.t0 - PERIOD_MS;
     let last_impression = opts.t0 - QUIET_TAIL_MS - 3 * HOUR;
-    // About 6.3 events per match (2 impressions, 2 decisions, screens, some chats).
-    let matches = (opts.events / 6).max(1);
+    // About 5.35 events per match (2 impressions, 2 decisions, screen views, some chats).
+    let matches = ((opts.events as f64 / 5.35) as usize).max(1);
     let mut timeline: Vec<(i64, usize, Value)> = Vec::with_capacity(opts.events + 1024);
     let mut writes: Vec<(i64, ProductWrite)> = Vec::new();
     let mut impressions = BTreeMap::new();
