@@ -259,8 +259,8 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     summary.cdc_changes = report::metric_sum(&metrics, "feedloop_cdc_changes_total") as u64;
     summary.cdc_tombstones = report::metric_sum(&metrics, "feedloop_cdc_tombstones_total") as u64;
     let kafka = stack.kafka_config();
-    summary.events_in_log = report::count_records(&kafka, EVENTS_TOPIC).await?;
-    summary.dead_letters_in_log = report::count_records(&kafka, DEADLETTER_TOPIC).await?;
+    summary.events_in_log = report::count_records(&kafka, EVENTS_TOPIC, t0).await?;
+    summary.dead_letters_in_log = report::count_records(&kafka, DEADLETTER_TOPIC, t0).await?;
     summary.dataset = report::read_dataset(&control, &stack.datasets_root, DATASET).await?;
     summary.expected_examples = expected.len() as u64;
     summary.labeler = report::LabelerCounts {

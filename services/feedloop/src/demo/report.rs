@@ -137,9 +137,14 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Records in `topic` and distinct `event_id` headers among them, read to the end of every
-/// partition (tansu under-reports high watermarks, so the end is where reading stops).
-pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<(u64, u64)> {
+/// Records in `topic` written since `since_ms`, and distinct `event_id` headers among them,
+/// read to the end of every partition (tansu under-reports high watermarks, so the end is where
+/// reading stops). Records of earlier runs on a shared cluster are not counted.
+pub async fn count_records(
+    kafka: &KafkaConfig,
+    topic: &str,
+    since_ms: i64,
+) -> anyhow::Result<(u64, u64)> {
     let (kafka, topic) = (kafka.clone(), topic.to_owned());
     tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
         let consumer: BaseConsumer<QuietEof> = kafka
@@ -149,13 +154,24 @@ pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<(
             .set("enable.partition.eof", "true")
             .create_with_context(QuietEof)?;
         let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let mut tpl = TopicPartitionList::new();
-        let mut open = HashSet::new();
+        let mut by_time = TopicPartitionList::new();
         for t in metadata.topics() {
             for p in t.partitions() {
-                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
-                open.insert(p.id());
+                by_time.add_partition_offset(&topic, p.id(), Offset::Offset(since_ms))?;
             }
+        }
+        let starts = consumer.offsets_for_times(by_time, Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        let mut open = HashSet::new();
+        for p in starts.elements() {
+            // No record at or after `since_ms`: nothing of this run there.
+            if let Offset::Offset(o) = p.offset() {
+                tpl.add_partition_offset(&topic, p.partition(), Offset::Offset(o))?;
+                open.insert(p.partition());
+            }
+        }
+        if open.is_empty() {
+            return Ok((0, 0));
         }
         consumer.assign(&tpl)?;
         let (mut records, mut ids) = (0u64, HashSet::new());
