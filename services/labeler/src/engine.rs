@@ -93,6 +93,16 @@ pub enum EngineError {
     ErasureRaced(String),
 }
 
+/// How old an unreferenced data file must be before a start deletes it.
+const ORPHAN_GRACE_MS: i64 = 15 * 60 * 1000;
+
+/// When a data file was created: its name is `part-<UUIDv7>.parquet`.
+fn file_time_ms(file: &str) -> Option<i64> {
+    let id = file.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let (secs, nanos) = Uuid::parse_str(id).ok()?.get_timestamp()?.to_unix();
+    Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
+}
+
 /// Every viewer and candidate of `rows`, once each.
 fn row_users(rows: &[Example]) -> Vec<String> {
     rows.iter()
@@ -382,8 +392,10 @@ impl Pipeline {
         Ok(p)
     }
 
-    /// Deletes files and manifests no committed partition version references (left by a
-    /// commit that did not finish).
+    /// Deletes data files no committed partition version references, left by a commit that
+    /// crashed, once they are older than [`ORPHAN_GRACE_MS`] (a younger one may belong to an
+    /// eraser rewrite about to commit); writes the JSON manifest of any committed version a
+    /// crash left without one.
     async fn clean_uncommitted(&self) -> Result<(), EngineError> {
         let rows = sqlx::query(
             "SELECT DISTINCT ON (partition) partition, version, manifest
@@ -394,6 +406,7 @@ impl Pipeline {
         .await?;
         let mut keep = HashSet::new();
         let mut latest = HashMap::new();
+        let mut manifests = Vec::new();
         for r in rows {
             let partition: String = r.try_get("partition")?;
             let version: i32 = r.try_get("version")?;
@@ -405,15 +418,37 @@ impl Pipeline {
                 }
             }
             latest.insert(partition, version);
+            manifests.push(manifest);
         }
+        let listed: HashSet<String> = self
+            .shared
+            .root
+            .list(&self.name)
+            .await?
+            .into_iter()
+            .collect();
+        for m in &manifests {
+            let rel = manifest_rel(&self.name, &m.partition, m.version);
+            if !listed.contains(&rel) {
+                self.shared
+                    .root
+                    .put(
+                        &rel,
+                        serde_json::to_vec_pretty(m).map_err(DatasetError::from)?,
+                    )
+                    .await?;
+            }
+        }
+        let now = now_ms();
         let mut removed = 0;
-        for rel in self.shared.root.list(&self.name).await? {
+        for rel in listed {
             let Some((dir, file)) = rel.rsplit_once('/') else {
                 continue;
             };
             let partition = dir.strip_prefix(&format!("{}/", self.name)).unwrap_or(dir);
             let orphan = if file.ends_with(".parquet") {
                 !keep.contains(&rel)
+                    && file_time_ms(file).is_some_and(|t| now - t > ORPHAN_GRACE_MS)
             } else if let Some(v) = file
                 .strip_prefix("_manifest.v")
                 .and_then(|v| v.strip_suffix(".json"))
@@ -778,13 +813,6 @@ impl Pipeline {
                 epoch,
                 committed_at,
             });
-            let manifest_at = manifest_rel(&self.name, partition, manifest.version);
-            root.put(
-                &manifest_at,
-                serde_json::to_vec_pretty(&manifest).map_err(DatasetError::from)?,
-            )
-            .await?;
-            written.push(manifest_at);
             let mut seen = HashSet::new();
             for r in rows {
                 for u in [&r.impression.viewer_id, &r.impression.candidate_id] {
@@ -796,10 +824,67 @@ impl Pipeline {
             manifests.push(manifest);
         }
 
-        tracing::debug!(dataset = %self.name, files = manifests.len(), "Commit: files and manifests written");
+        tracing::debug!(dataset = %self.name, files = manifests.len(), "Commit: files written");
+        let recorded = self.record(&by_partition, &manifests, users, &shared).await;
+        if let Err(e) = recorded {
+            // Nothing of this commit is recorded: its files go now, not at the next start (an
+            // eraser rewriting the same partitions may be writing files of its own meanwhile).
+            for rel in &written {
+                let _ = root.delete(rel).await;
+            }
+            return Err(e);
+        }
+        // The manifests' JSON copies, once their versions are committed (a start writes any
+        // that a crash left out).
+        for m in &manifests {
+            root.put(
+                &manifest_rel(&self.name, &m.partition, m.version),
+                serde_json::to_vec_pretty(m).map_err(DatasetError::from)?,
+            )
+            .await?;
+        }
+        self.seq += 1;
+        self.batch_start.clear();
+        let rows: usize = by_partition.values().map(Vec::len).sum();
+
+        // 4. Announce, then forget state committed examples no longer need.
+        if shared.mode.publishes() {
+            publish_pending(&shared, Some(&self.name)).await?;
+            tracing::debug!(dataset = %self.name, "Commit: partitions announced");
+        }
+        let emitted_ms = self.emitted.close_ms;
+        if emitted_ms > i64::MIN {
+            let keep_after_close = spec.retention_after_close_ms;
+            let expired = shared
+                .state
+                .expire(
+                    &self.name,
+                    emitted_ms.saturating_sub(keep_after_close),
+                    emitted_ms
+                        .saturating_sub(keep_after_close)
+                        .saturating_sub(spec.close_after_ms),
+                )
+                .await?;
+            observability::expired(&self.name, expired);
+        }
+        observability::committed(&self.name, started.elapsed().as_secs_f64(), 0);
+        tracing::debug!(dataset = %self.name, rows, partitions = manifests.len(), "Committed");
+        Ok(())
+    }
+
+    /// Steps 2 and 3 of a commit: the examples on the labels topic, then one transaction with
+    /// the manifests, the per-user index and the position.
+    async fn record(
+        &self,
+        by_partition: &BTreeMap<String, Vec<Example>>,
+        manifests: &[Manifest],
+        users: Vec<(String, String)>,
+        shared: &Shared,
+    ) -> Result<(), EngineError> {
+        let spec = &self.dataset.spec;
         // 2. The labels topic, acknowledged.
         if shared.mode.publishes() {
-            self.publish_examples(&by_partition).await?;
+            self.publish_examples(by_partition).await?;
             tracing::debug!(dataset = %self.name, "Commit: examples acknowledged");
         }
 
@@ -812,15 +897,9 @@ impl Pipeline {
             .await?;
         let user_ids: Vec<String> = users.iter().map(|(u, _)| u.clone()).collect();
         if !erasure::erased_among(&mut *tx, &user_ids).await?.is_empty() {
-            drop(tx);
-            // Nothing of this commit is recorded: its files go too, so that the dataset's
-            // directory holds only what committed manifests list.
-            for rel in &written {
-                let _ = root.delete(rel).await;
-            }
             return Err(EngineError::ErasureRaced(self.name.clone()));
         }
-        for m in &manifests {
+        for m in manifests {
             sqlx::query(
                 "INSERT INTO labeler.partitions
                  (dataset, partition, version, manifest_uri, manifest, row_count, byte_size, erasure_epoch)
@@ -870,32 +949,6 @@ impl Pipeline {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        self.seq += 1;
-        self.batch_start.clear();
-        let rows: usize = by_partition.values().map(Vec::len).sum();
-
-        // 4. Announce, then forget state committed examples no longer need.
-        if shared.mode.publishes() {
-            publish_pending(&shared, Some(&self.name)).await?;
-            tracing::debug!(dataset = %self.name, "Commit: partitions announced");
-        }
-        let emitted_ms = self.emitted.close_ms;
-        if emitted_ms > i64::MIN {
-            let keep_after_close = spec.retention_after_close_ms;
-            let expired = shared
-                .state
-                .expire(
-                    &self.name,
-                    emitted_ms.saturating_sub(keep_after_close),
-                    emitted_ms
-                        .saturating_sub(keep_after_close)
-                        .saturating_sub(spec.close_after_ms),
-                )
-                .await?;
-            observability::expired(&self.name, expired);
-        }
-        observability::committed(&self.name, started.elapsed().as_secs_f64(), 0);
-        tracing::debug!(dataset = %self.name, rows, partitions = manifests.len(), "Committed");
         Ok(())
     }
 

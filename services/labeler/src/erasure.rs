@@ -213,11 +213,49 @@ pub async fn rewrite_partition(
             .unwrap_or(0),
         ..before.clone()
     };
+    let recorded = record_rewrite(&mut tx, dataset, partition, users, &after).await;
+    let committed = match recorded {
+        Ok(()) => tx.commit().await.map_err(ErasureError::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = committed {
+        // A labeler commit took this version first: the new files go now; the eraser retries.
+        for f in &after.files {
+            if !before.files.iter().any(|b| b.uri == f.uri)
+                && let Some(rel) = root.rel_of(&f.uri)
+            {
+                let _ = root.delete(rel).await;
+            }
+        }
+        return Err(e);
+    }
+    // The JSON copy of the manifest, once the version is committed.
     root.put(
         &manifest_rel(dataset, partition, version),
         serde_json::to_vec_pretty(&after).map_err(DatasetError::from)?,
     )
     .await?;
+    for rel in &replaced {
+        root.delete(rel).await?;
+    }
+    Ok(Rewrite {
+        before,
+        after: Some(after),
+        rows_removed: removed,
+        files_rewritten: replaced.len(),
+    })
+}
+
+/// The new version's rows in one transaction: the manifest, and the users leave the index.
+async fn record_rewrite(
+    tx: &mut sqlx::PgConnection,
+    dataset: &str,
+    partition: &str,
+    users: &[String],
+    after: &Manifest,
+) -> Result<(), ErasureError> {
+    let version = after.version;
+    let epoch = after.erasure_epoch;
     sqlx::query(
         "INSERT INTO labeler.partitions
          (dataset, partition, version, manifest_uri, manifest, row_count, byte_size, erasure_epoch)
@@ -227,7 +265,7 @@ pub async fn rewrite_partition(
     .bind(partition)
     .bind(version)
     .bind(&after.manifest_uri)
-    .bind(serde_json::to_string(&after).map_err(DatasetError::from)?)
+    .bind(serde_json::to_string(after).map_err(DatasetError::from)?)
     .bind(after.row_count)
     .bind(after.byte_size)
     .bind(epoch)
@@ -239,14 +277,5 @@ pub async fn rewrite_partition(
         .bind(users)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
-    for rel in &replaced {
-        root.delete(rel).await?;
-    }
-    Ok(Rewrite {
-        before,
-        after: Some(after),
-        rows_removed: removed,
-        files_rewritten: replaced.len(),
-    })
+    Ok(())
 }
