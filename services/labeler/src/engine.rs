@@ -398,18 +398,15 @@ impl Pipeline {
     /// crash left without one.
     async fn clean_uncommitted(&self) -> Result<(), EngineError> {
         let rows = sqlx::query(
-            "SELECT DISTINCT ON (partition) partition, version, manifest
+            "SELECT DISTINCT ON (partition) manifest
              FROM labeler.partitions WHERE dataset = $1 ORDER BY partition, version DESC",
         )
         .bind(&self.name)
         .fetch_all(&self.shared.control)
         .await?;
         let mut keep = HashSet::new();
-        let mut latest = HashMap::new();
         let mut manifests = Vec::new();
         for r in rows {
-            let partition: String = r.try_get("partition")?;
-            let version: i32 = r.try_get("version")?;
             let manifest: Manifest = serde_json::from_str(&r.try_get::<String, _>("manifest")?)
                 .map_err(DatasetError::from)?;
             for f in &manifest.files {
@@ -417,7 +414,6 @@ impl Pipeline {
                     keep.insert(rel.to_owned());
                 }
             }
-            latest.insert(partition, version);
             manifests.push(manifest);
         }
         let listed: HashSet<String> = self
@@ -442,22 +438,14 @@ impl Pipeline {
         let now = now_ms();
         let mut removed = 0;
         for rel in listed {
-            let Some((dir, file)) = rel.rsplit_once('/') else {
+            let Some((_, file)) = rel.rsplit_once('/') else {
                 continue;
             };
-            let partition = dir.strip_prefix(&format!("{}/", self.name)).unwrap_or(dir);
-            let orphan = if file.ends_with(".parquet") {
-                !keep.contains(&rel)
-                    && file_time_ms(file).is_some_and(|t| now - t > ORPHAN_GRACE_MS)
-            } else if let Some(v) = file
-                .strip_prefix("_manifest.v")
-                .and_then(|v| v.strip_suffix(".json"))
-                .and_then(|v| v.parse::<i32>().ok())
-            {
-                latest.get(partition).is_none_or(|l| v > *l)
-            } else {
-                false
-            };
+            // Manifest JSON is written only once its version is committed, so a JSON newer
+            // than the versions read above is an eraser rewrite that committed meanwhile: kept.
+            let orphan = file.ends_with(".parquet")
+                && !keep.contains(&rel)
+                && file_time_ms(file).is_some_and(|t| now - t > ORPHAN_GRACE_MS);
             if orphan {
                 self.shared.root.delete(&rel).await?;
                 removed += 1;
