@@ -183,21 +183,7 @@ impl Worker {
     }
 
     async fn suppress(&self, users: &[String]) -> Result<Done, sqlx::Error> {
-        let mut tx = self.control.begin().await?;
-        // Exclusive against labeler commits (see erasure::SUPPRESSION_LOCK).
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(erasure::SUPPRESSION_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        let n = sqlx::query(
-            "INSERT INTO collector.suppressed_users (user_id) SELECT unnest($1::text[])
-             ON CONFLICT (user_id) DO NOTHING",
-        )
-        .bind(users)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
+        let n = erasure::suppress(&self.control, users).await?;
         Ok((users.len() as i64, json!({ "newly_suppressed": n })))
     }
 

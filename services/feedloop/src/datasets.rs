@@ -117,14 +117,9 @@ async fn copy_suppression_list(from: &str, to: &str) -> anyhow::Result<()> {
     source.close().await;
     let target = feedloop_core::postgres::connect(to, 1).await?;
     feedloop_core::postgres::migrate(&target).await?;
-    sqlx::query(
-        "INSERT INTO collector.suppressed_users (user_id) SELECT unnest($1::text[])
-         ON CONFLICT (user_id) DO NOTHING",
-    )
-    .bind(&erased)
-    .execute(&target)
-    .await
-    .context("copying the suppression list")?;
+    feedloop_labeler::erasure::suppress(&target, &erased)
+        .await
+        .context("copying the suppression list")?;
     target.close().await;
     Ok(())
 }

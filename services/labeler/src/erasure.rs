@@ -40,6 +40,26 @@ pub enum ErasureError {
 /// where the eraser's dataset rewrite finds it.
 pub const SUPPRESSION_LOCK: i64 = 0x6665_6564_6c6f_6f70;
 
+/// Puts `users` on the suppression list, under the exclusive [`SUPPRESSION_LOCK`]; returns
+/// how many were not on it yet.
+pub async fn suppress(control: &PgPool, users: &[String]) -> Result<u64, sqlx::Error> {
+    let mut tx = control.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SUPPRESSION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let n = sqlx::query(
+        "INSERT INTO collector.suppressed_users (user_id) SELECT unnest($1::text[])
+         ON CONFLICT (user_id) DO NOTHING",
+    )
+    .bind(users)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(n)
+}
+
 /// Which of `users` are erased (on the suppression list the eraser keeps).
 pub async fn erased_among<'c, E>(conn: E, users: &[String]) -> Result<HashSet<String>, sqlx::Error>
 where

@@ -377,6 +377,11 @@ pub fn reconcile(s: &Summary, expected: &BTreeSet<Uuid>, erased: &BTreeSet<Strin
     problems
 }
 
+/// One "label  value" line of the summary table.
+fn line(t: &mut String, label: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(t, "  {label:<34} {value:>9}");
+}
+
 /// The summary as the terminal shows it.
 pub fn render(s: &Summary, out_dir: &str) -> String {
     let mut t = String::new();
@@ -387,61 +392,33 @@ pub fn render(s: &Summary, out_dir: &str) -> String {
         s.users, s.seed, s.seconds
     );
     let _ = writeln!(t, "Events");
-    let _ = writeln!(t, "  {:<34} {:>9}", "sent by the phones", s.events_sent);
-    let _ = writeln!(
-        t,
-        "  {:<34} {:>9}",
-        "published to feedloop.events", a.accepted
-    );
-    let _ = writeln!(t, "  {:<34} {:>9}", "dead-lettered (malformed)", a.rejected);
+    line(&mut t, "sent by the phones", s.events_sent);
+    line(&mut t, "published to feedloop.events", a.accepted);
+    line(&mut t, "dead-lettered (malformed)", a.rejected);
     for (why, n) in &s.rejections {
         let _ = writeln!(t, "    {why:<32} {n:>9}");
     }
-    let _ = writeln!(
-        t,
-        "  {:<34} {:>9}",
-        "suppressed (erased users)", a.suppressed
-    );
-    let _ = writeln!(
-        t,
-        "  {:<34} {:>9}",
-        "duplicates (retried batches)", a.duplicates
-    );
-    let _ = writeln!(
-        t,
-        "  {:<34} {:>9}",
-        "records in feedloop.events", s.events_in_log.0
-    );
-    let _ = writeln!(
-        t,
-        "  {:<34} {:>9}",
-        "requests retried (429/503)", s.retried_requests
-    );
+    line(&mut t, "suppressed (erased users)", a.suppressed);
+    line(&mut t, "duplicates (retried batches)", a.duplicates);
+    line(&mut t, "records in feedloop.events", s.events_in_log.0);
+    line(&mut t, "requests retried (429/503)", s.retried_requests);
     let _ = writeln!(t, "\nProduct database → cdc");
-    let _ = writeln!(t, "  {:<34} {:>9}", "rows changed", s.rows_changed);
-    let _ = writeln!(
-        t,
-        "  {:<34} {:>9}",
-        "change events published", s.cdc_changes
-    );
-    let _ = writeln!(t, "  {:<34} {:>9}", "tombstones", s.cdc_tombstones);
+    line(&mut t, "rows changed", s.rows_changed);
+    line(&mut t, "change events published", s.cdc_changes);
+    line(&mut t, "tombstones", s.cdc_tombstones);
     let l = &s.labeler;
     let _ = writeln!(t, "\nLabeler");
-    let _ = writeln!(t, "  {:<34} {:>9}", "records read", l.records);
-    let _ = writeln!(t, "  {:<34} {:>9}", "example rows written", l.examples);
-    let _ = writeln!(
-        t,
-        "  {:<34} {:>9}",
-        "late impressions (dropped)", l.late_impressions
-    );
-    let _ = writeln!(t, "  {:<34} {:>9}", "late outcomes", l.late_outcomes);
-    let _ = writeln!(t, "  {:<34} {:>9}", "dead-lettered", l.dead_letters);
+    line(&mut t, "records read", l.records);
+    line(&mut t, "example rows written", l.examples);
+    line(&mut t, "late impressions (dropped)", l.late_impressions);
+    line(&mut t, "late outcomes", l.late_outcomes);
+    line(&mut t, "dead-lettered", l.dead_letters);
     let d = &s.dataset;
     let _ = writeln!(t, "\nLabeled examples ({} expected)", s.expected_examples);
     for (label, n) in &d.labels {
-        let _ = writeln!(t, "  {label:<34} {n:>9}");
+        line(&mut t, label, n);
     }
-    let _ = writeln!(t, "  {:<34} {:>9}", "total", d.rows);
+    line(&mut t, "total", d.rows);
     let _ = writeln!(
         t,
         "\nPartitions: {} committed, {} files, fingerprint {}\n  {}",
