@@ -129,6 +129,9 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Latest year of PostgreSQL's `date` (its earliest is 4713 BC).
+const MAX_YEAR: i64 = 5_874_897;
+
 fn parse_date(s: &str) -> Option<i64> {
     let (s, bc) = match s.strip_suffix(" BC") {
         Some(rest) => (rest, true),
@@ -138,7 +141,8 @@ fn parse_date(s: &str) -> Option<i64> {
     let y: i64 = parts.next()?.parse().ok()?;
     let m: i64 = parts.next()?.parse().ok()?;
     let d: i64 = parts.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    // Outside PostgreSQL's own ranges the stream is corrupt (and the arithmetic could overflow).
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1..=MAX_YEAR).contains(&y) {
         return None;
     }
     let y = if bc { 1 - y } else { y };
@@ -153,11 +157,16 @@ fn parse_time(s: &str) -> Option<i64> {
     let sec = parts.next()?;
     let (whole, frac) = sec.split_once('.').unwrap_or((sec, ""));
     let s: i64 = whole.parse().ok()?;
+    // PostgreSQL's `time` runs from 00:00:00 to 24:00:00 (60 for a leap second).
+    if !(0..=24).contains(&h) || !(0..=59).contains(&m) || !(0..=60).contains(&s) {
+        return None;
+    }
     let mut micros: i64 = 0;
     for (i, c) in frac.chars().take(6).enumerate() {
         micros += i64::from(c.to_digit(10)?) * 10i64.pow(5 - i as u32);
     }
-    Some(((h * 60 + m) * 60 + s) * 1_000_000 + micros)
+    let total = ((h * 60 + m) * 60 + s) * 1_000_000 + micros;
+    (total <= MICROS_PER_DAY).then_some(total)
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM]]` (ISO DateStyle) as microseconds since the epoch.
@@ -181,6 +190,10 @@ fn parse_timestamp(s: &str) -> Option<i64> {
             let h: i64 = parts.next()?.parse().ok()?;
             let m: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
             let sec: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
+            // PostgreSQL's UTC offsets stay within ±15:59:59.
+            if !(0..=15).contains(&h) || !(0..=59).contains(&m) || !(0..=59).contains(&sec) {
+                return None;
+            }
             (t, sign * (h * 3600 + m * 60 + sec))
         }
         _ => (rest, 0),
@@ -211,7 +224,8 @@ fn parse_bytea(s: &str) -> Option<Vec<u8>> {
 /// Converts a text value of `kind` to a datum.
 pub fn parse(kind: Kind, text: &[u8]) -> Result<Datum, String> {
     let s = std::str::from_utf8(text).map_err(|_| "value is not UTF-8".to_owned())?;
-    let bad = || format!("cannot read {s:?} as {kind:?}");
+    // The value itself stays out of the message: it is logged, and dead-lettered unsealed.
+    let bad = || format!("cannot read a {}-byte value as {kind:?}", s.len());
     Ok(match kind {
         Kind::Boolean => match s {
             "t" | "true" => Datum::Boolean(true),
@@ -280,5 +294,34 @@ mod tests {
         );
         assert!(parse(Kind::Int, b"x").is_err());
         assert!(parse(Kind::TimestampMicros, b"yesterday").is_err());
+    }
+
+    /// Found by the pgoutput fuzz target: fields outside PostgreSQL's ranges overflowed the
+    /// arithmetic (a panic in debug builds, a wrong value in release). They are errors now.
+    #[test]
+    fn out_of_range_fields_are_errors_not_overflows() {
+        for (kind, text) in [
+            (Kind::TimeMicros, "205:05:-000800000000000000516"),
+            (Kind::TimeMicros, "9223372036854775807:00:00"),
+            (Kind::TimeMicros, "24:00:01"),
+            (Kind::Date, "9223372036854775807-01-01"),
+            (Kind::Date, "5874898-01-01"),
+            (
+                Kind::TimestampMicros,
+                "2026-01-01 00:00:00+9223372036854775807",
+            ),
+            (Kind::TimestampMicros, "2026-01-01 00:00:00+16"),
+            (Kind::TimestampMicros, "294277-01-01 00:00:00"),
+        ] {
+            assert!(parse(kind, text.as_bytes()).is_err(), "{kind:?} {text}");
+        }
+        assert_eq!(
+            parse(Kind::TimeMicros, b"24:00:00"),
+            Ok(Datum::Long(MICROS_PER_DAY))
+        );
+        assert_eq!(
+            parse(Kind::TimestampMicros, b"2026-01-01 00:00:00-15:59:59"),
+            Ok(Datum::Long(1_767_283_199_000_000))
+        );
     }
 }

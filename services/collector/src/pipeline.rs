@@ -6,7 +6,7 @@ use std::{
 };
 
 use feedloop_core::{
-    avro::{CodecError, CompiledSchema},
+    avro::{CodecError, CompiledSchema, SchemaSet},
     catalogue::{Catalogue, DEADLETTER_TOPIC, EVENTS_TOPIC, TOPICS},
     crypto::{CryptoError, DataKey, KeyCache},
     model::{DeadLetter, DeadLetterReason, Event, EventType},
@@ -115,6 +115,15 @@ impl Codecs {
 
     pub fn encode_dead_letter(&self, dl: &DeadLetter, out: &mut Vec<u8>) -> Result<(), CodecError> {
         self.deadletter.encode(dl, out)
+    }
+
+    /// Every schema this writes with, by id: to read its frames back (tests, fuzzing).
+    pub fn schema_set(&self) -> SchemaSet {
+        let mut set = SchemaSet::default();
+        for schema in self.events.values().chain([&self.deadletter]) {
+            set.insert(schema.clone());
+        }
+        set
     }
 }
 

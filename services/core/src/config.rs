@@ -89,13 +89,34 @@ pub fn load<T: DeserializeOwned>(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
+    let file = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Some((path.display().to_string(), text))
+        }
+        None => None,
+    };
+    load_text(
+        defaults,
+        file.as_ref()
+            .map(|(origin, text)| (origin.as_str(), text.as_str())),
+        env,
+    )
+}
+
+/// [`load`] with the file's text already read: `(origin, text)`, where `origin` names it in
+/// errors.
+pub fn load_text<T: DeserializeOwned>(
+    defaults: &str,
+    file: Option<(&str, &str)>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
     let mut table = parse("embedded defaults", defaults)?;
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        merge(&mut table, parse(&path.display().to_string(), &text)?);
+    if let Some((origin, text)) = file {
+        merge(&mut table, parse(origin, text)?);
     }
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
