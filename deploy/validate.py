@@ -106,10 +106,11 @@ def distributions_are_summaries() -> bool:
 
 def service_routes(service: str) -> set[str]:
     """The operational routes a service serves: every one has /healthz and /metrics
-    (feedloop_core::http::ops_routes); /readyz only where its code routes it."""
+    (feedloop_core::http::ops_routes); /readyz only where its code routes it (its own, or
+    feedloop_core::http::postgres_readyz)."""
     routes = {"/healthz", "/metrics"}
     code = "".join(p.read_text() for p in (ROOT / "services" / service / "src").glob("**/*.rs"))
-    if '"/readyz"' in code:
+    if '"/readyz"' in code or "http::postgres_readyz(" in code:
         routes.add("/readyz")
     return routes
 

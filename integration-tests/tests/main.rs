@@ -1,5 +1,6 @@
 //! feedloop's integration tests: one binary, real Postgres, real Kafka-compatible broker.
 
+mod auth;
 mod cdc;
 mod cdc_faults;
 mod collector;

@@ -23,7 +23,6 @@ use feedloop_core::{
     model::DeadLetterReason,
 };
 use serde_json::value::RawValue;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     auth::{Keys, RateLimiter},
@@ -76,10 +75,7 @@ pub fn router(state: Shared, config: &Config) -> Router {
         )
         .route("/readyz", get(ready))
         .merge(ops_routes())
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            config_timeout(config),
-        ))
+        .layer(feedloop_core::http::timeout(config_timeout(config)))
         .layer(middleware::from_fn_with_state(observability::HTTP, track))
         .with_state(state)
 }
@@ -336,6 +332,10 @@ async fn segment_batch(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // A wrong key in the headers is refused before the body is decompressed and parsed.
+    if s.keys.refuses_headers(&headers) {
+        return unauthorized();
+    }
     let bytes = match body(&headers, raw, s.max_decompressed_bytes) {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -348,6 +348,10 @@ async fn segment_single(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // A wrong key in the headers is refused before the body is decompressed and parsed.
+    if s.keys.refuses_headers(&headers) {
+        return unauthorized();
+    }
     let bytes = match body(&headers, raw, s.max_decompressed_bytes) {
         Ok(b) => b,
         Err(resp) => return resp,

@@ -43,17 +43,26 @@ impl Keys {
     /// The application whose key the request carries: HTTP Basic user (Segment's convention),
     /// the `X-Write-Key` header, or `writeKey` in a Segment body.
     pub fn app(&self, headers: &HeaderMap, body_key: Option<&str>) -> Option<&str> {
-        let key = basic_credentials(headers)
-            .map(|c| c.user)
-            .or_else(|| {
-                headers
-                    .get(WRITE_KEY_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .or_else(|| body_key.map(str::to_owned))?;
+        let key = header_key(headers).or_else(|| body_key.map(str::to_owned))?;
         self.by_digest.get(&digest(&key)).map(String::as_str)
     }
+
+    /// Whether a request must be refused before its body is read: its headers carry a key,
+    /// and it is not a valid one. (A request without a key in its headers may carry one in a
+    /// Segment body.)
+    pub fn refuses_headers(&self, headers: &HeaderMap) -> bool {
+        header_key(headers).is_some() && self.app(headers, None).is_none()
+    }
+}
+
+/// The write key of the request's headers: the HTTP Basic user, or `X-Write-Key`.
+fn header_key(headers: &HeaderMap) -> Option<String> {
+    basic_credentials(headers).map(|c| c.user).or_else(|| {
+        headers
+            .get(WRITE_KEY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
 }
 
 /// A token bucket per application, in events.

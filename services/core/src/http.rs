@@ -84,6 +84,27 @@ pub fn ops_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/metrics", get(metrics))
 }
 
+/// `GET /readyz` of a service that serves from Postgres: 200 while `pool` answers `SELECT 1`
+/// within two seconds, 503 otherwise (the database is down or restarting).
+pub fn postgres_readyz<S: Clone + Send + Sync + 'static>(pool: sqlx::PgPool) -> Router<S> {
+    Router::new().route(
+        "/readyz",
+        get(move || {
+            let pool = pool.clone();
+            async move {
+                let ping = sqlx::query("SELECT 1").execute(&pool);
+                match tokio::time::timeout(Duration::from_secs(2), ping).await {
+                    Ok(Ok(_)) => (StatusCode::OK, "ready"),
+                    _ => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the control database does not answer",
+                    ),
+                }
+            }
+        }),
+    )
+}
+
 async fn metrics() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -142,6 +163,12 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 
 /// Default per-request timeout of feedloop's HTTP servers.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The one request timeout every feedloop server has (`.layer(http::timeout(d))`): a request
+/// still running after `d` is answered 503, which clients retry.
+pub fn timeout(d: Duration) -> tower_http::timeout::TimeoutLayer {
+    tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, d)
+}
 
 /// A status and message answered as `{"code": …, "message": …}`.
 pub fn json_error(

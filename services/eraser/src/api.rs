@@ -92,6 +92,10 @@ async fn create(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
+        // Over `http.max_body_bytes`: 413, not 400.
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return json_error(e.status(), "body_too_large", e.body_text());
+        }
         Err(e) => return bad_request(e.body_text()),
     };
     let max = api.cfg.erasure.max_users;

@@ -17,7 +17,6 @@ use feedloop_core::{
     http::{basic_credentials, constant_time_eq, ops_routes, track},
 };
 use serde::{Deserialize, Serialize};
-use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     error::RegistryError,
@@ -102,10 +101,7 @@ pub fn router(state: AppState, max_body_bytes: usize, timeout: std::time::Durati
         .merge(ops_routes())
         .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
+        .layer(feedloop_core::http::timeout(timeout))
         .layer(middleware::from_fn_with_state(observability::HTTP, track))
         .with_state(state)
 }

@@ -119,6 +119,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         control: control.clone(),
     })
     .merge(feedloop_core::http::ops_routes())
+    .merge(feedloop_core::http::postgres_readyz(control.clone()))
+    .layer(feedloop_core::http::timeout(
+        feedloop_core::http::REQUEST_TIMEOUT,
+    ))
     .layer(axum::middleware::from_fn_with_state(
         observability::HTTP,
         feedloop_core::http::track,
