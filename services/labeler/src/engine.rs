@@ -501,6 +501,23 @@ impl Pipeline {
         let partition = msg.partition();
         let offset = msg.offset();
         let key = tp(topic, partition);
+        if let Some(expected) = self.offsets.get(&key).copied()
+            && offset < expected
+        {
+            // Offsets never go back in a partition that kept its log: this one was lost (a
+            // broker without durable storage restarted, or the topic was deleted and created
+            // again). Records between the committed position and the old end are gone, and
+            // what follows is read as new.
+            observability::log_reset(&self.name, topic);
+            tracing::error!(
+                dataset = %self.name,
+                topic,
+                partition,
+                committed = expected,
+                got = offset,
+                "The input partition went back behind the committed position: the broker lost its log"
+            );
+        }
         self.offsets.insert(key.clone(), offset + 1);
         self.batch_start.entry(key).or_insert(offset);
         let Some(bytes) = msg.payload() else {

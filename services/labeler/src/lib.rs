@@ -281,6 +281,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             }),
         )
         .merge(feedloop_core::http::ops_routes())
+        .layer(feedloop_core::http::timeout(
+            feedloop_core::http::REQUEST_TIMEOUT,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             observability::HTTP,
             feedloop_core::http::track,

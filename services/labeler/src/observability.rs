@@ -15,6 +15,7 @@ pub const WATERMARK_LAG: &str = "feedloop_labeler_watermark_lag_seconds";
 pub const PENDING_ROWS: &str = "feedloop_labeler_pending_rows";
 pub const RESTARTS: &str = "feedloop_labeler_restarts_total";
 pub const STATE_EXPIRED: &str = "feedloop_labeler_state_expired_entries_total";
+pub const LOG_RESETS: &str = "feedloop_labeler_log_resets_total";
 
 pub const HTTP: HttpMetrics = HttpMetrics {
     requests: "feedloop_labeler_http_requests_total",
@@ -70,8 +71,17 @@ pub fn describe() {
         STATE_EXPIRED,
         "Join-state entries expired after their examples were committed."
     );
+    describe_counter!(
+        LOG_RESETS,
+        "Input partitions that went back behind the committed position (the broker lost its \
+         log, or the topic was re-created), by dataset and topic."
+    );
     describe_counter!(HTTP.requests, "HTTP requests to the operational endpoints.");
     describe_histogram!(HTTP.duration, "HTTP request duration.");
+}
+
+pub fn log_reset(dataset: &str, topic: &str) {
+    counter!(LOG_RESETS, "dataset" => dataset.to_owned(), "topic" => topic.to_owned()).increment(1);
 }
 
 pub fn record(dataset: &str, kind: &'static str) {

@@ -2,22 +2,20 @@
 //! process (or `--kafka` / `--postgres`), every service, and simulated phones and backend
 //! driving them; then a summary whose counters must reconcile.
 
+pub mod load;
 pub mod report;
 pub mod sim;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::{
@@ -25,13 +23,12 @@ use crate::{
     erase::Eraser,
 };
 use feedloop_core::catalogue::{DEADLETTER_TOPIC, EVENTS_TOPIC};
+use load::{Answers, Phones, drive, insert_users};
 use report::{Erasure, Summary, Trigger};
-use sim::{Batch, ProductWrite, SimOptions, Step, World};
+use sim::{SimOptions, World};
 
 /// The example spec's dataset, which the demo fills.
 pub const DATASET: &str = "match_outcomes";
-/// Requests in flight at once (phones sending at the same time).
-const CONCURRENCY: usize = 16;
 
 /// What `feedloop demo` runs.
 #[derive(Debug, Clone)]
@@ -49,21 +46,6 @@ pub struct DemoOptions {
     pub stage_timeout: Duration,
     /// Live bars on the terminal.
     pub progress: bool,
-}
-
-/// What the phones were told, summed over every answer.
-#[derive(Debug, Default)]
-struct Answers {
-    accepted: AtomicU64,
-    duplicates: AtomicU64,
-    suppressed: AtomicU64,
-    rejected: AtomicU64,
-    /// Events of requests that never got a 200 (the demo reports them as lost).
-    unanswered: AtomicU64,
-    /// 429 and 503 answers the phones waited out and retried.
-    retried: AtomicU64,
-    /// Rejections by reason and detail.
-    rejections: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 struct Bars {
@@ -169,7 +151,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         answers: answers.clone(),
         bar: bars.events.clone(),
     });
-    rows_changed += drive(&world, &phones, &product).await?;
+    rows_changed += drive(&world, &phones, &product, Duration::ZERO).await?;
     summary.events_sent = world.events_sent() as u64;
     summary.malformed_sent = world.malformed_sent() as u64;
 
@@ -259,8 +241,10 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     summary.cdc_changes = report::metric_sum(&metrics, "feedloop_cdc_changes_total") as u64;
     summary.cdc_tombstones = report::metric_sum(&metrics, "feedloop_cdc_tombstones_total") as u64;
     let kafka = stack.kafka_config();
-    summary.events_in_log = report::count_records(&kafka, EVENTS_TOPIC, t0).await?;
-    summary.dead_letters_in_log = report::count_records(&kafka, DEADLETTER_TOPIC, t0).await?;
+    let events = report::record_ids(&kafka, EVENTS_TOPIC, t0, &["event_id"]).await?;
+    summary.events_in_log = (events.records, events.ids.len() as u64);
+    let dead_letters = report::record_ids(&kafka, DEADLETTER_TOPIC, t0, &["event_id"]).await?;
+    summary.dead_letters_in_log = (dead_letters.records, dead_letters.ids.len() as u64);
     summary.dataset = report::read_dataset(&control, &stack.datasets_root, DATASET).await?;
     summary.expected_examples = expected.len() as u64;
     summary.labeler = report::LabelerCounts {
@@ -279,243 +263,6 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     bars.labels.finish();
     stack.down().await;
     Ok(summary)
-}
-
-/// The simulated phones: POST batches to the collector, as a mobile SDK would.
-struct Phones {
-    http: reqwest::Client,
-    url: String,
-    write_key: String,
-    answers: Arc<Answers>,
-    bar: ProgressBar,
-}
-
-impl Phones {
-    /// Sends one batch until every event in it is answered: 429 and 503 are waited out, and
-    /// events the collector calls retryable (in flight in another request) are sent again.
-    async fn send(&self, batch: &Batch) {
-        let (url, sent_at_key) = match batch.api {
-            sim::Api::Native => (format!("{}/v1/events", self.url), "sent_at"),
-            sim::Api::Segment => (format!("{}/v1/batch", self.url), "sentAt"),
-        };
-        let mut events = batch.events.clone();
-        for _ in 0..600 {
-            let sent_at = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            let body = json!({sent_at_key: sent_at + batch.skew_ms, "batch": events});
-            let resp = self
-                .http
-                .post(&url)
-                .basic_auth(&self.write_key, Some(""))
-                .json(&body)
-                .send()
-                .await;
-            let wait = match resp {
-                Ok(r) if r.status().is_success() => {
-                    let answer: Value = r.json().await.unwrap_or(Value::Null);
-                    let mut retry = Vec::new();
-                    for r in answer["results"].as_array().into_iter().flatten() {
-                        let index = r["index"].as_u64().unwrap_or(u64::MAX) as usize;
-                        if r["retryable"] == true
-                            && let Some(e) = events.get(index)
-                        {
-                            retry.push(e.clone());
-                            continue;
-                        }
-                        self.count(r);
-                    }
-                    let answered = (events.len() - retry.len()) as u64;
-                    self.bar.inc(answered);
-                    let a = &self.answers;
-                    self.bar.set_message(format!(
-                        "accepted {} · rejected {} · duplicates {}",
-                        a.accepted.load(Relaxed),
-                        a.rejected.load(Relaxed),
-                        a.duplicates.load(Relaxed)
-                    ));
-                    if retry.is_empty() {
-                        return;
-                    }
-                    events = retry;
-                    Duration::from_millis(200)
-                }
-                Ok(r) if matches!(r.status().as_u16(), 429 | 503) => {
-                    self.answers.retried.fetch_add(1, Relaxed);
-                    r.headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .map_or(Duration::from_millis(100), |s| {
-                            Duration::from_secs(s).min(Duration::from_secs(2))
-                        })
-                }
-                Ok(r) => {
-                    tracing::warn!(status = %r.status(), "the collector refused a batch");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "a batch did not reach the collector");
-                    Duration::from_millis(200)
-                }
-            };
-            tokio::time::sleep(wait).await;
-        }
-        let n = events.len() as u64;
-        self.answers.unanswered.fetch_add(n, Relaxed);
-        self.bar.inc(n);
-    }
-
-    /// Counts one event's answer.
-    fn count(&self, result: &Value) {
-        let a = &self.answers;
-        let counter = match result["status"].as_str() {
-            Some("accepted") => &a.accepted,
-            Some("duplicate") => &a.duplicates,
-            Some("suppressed") => &a.suppressed,
-            Some("rejected") => {
-                let why = format!(
-                    "{}: {}",
-                    result["reason"].as_str().unwrap_or("?"),
-                    result["path"].as_str().unwrap_or("")
-                );
-                if let Ok(mut m) = a.rejections.lock() {
-                    *m.entry(why).or_default() += 1;
-                }
-                &a.rejected
-            }
-            _ => &a.unanswered,
-        };
-        counter.fetch_add(1, Relaxed);
-    }
-}
-
-/// Inserts the population into `app.users`; returns the rows inserted.
-async fn insert_users(product: &PgPool, world: &World) -> anyhow::Result<u64> {
-    let mut inserted = 0;
-    for chunk in world.users.chunks(1_000) {
-        let col = |f: fn(&sim::User) -> String| chunk.iter().map(f).collect::<Vec<_>>();
-        inserted += sqlx::query(
-            "INSERT INTO app.users (id, email, phone, display_name, country, bio)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                  $6::text[])",
-        )
-        .bind(col(|u| u.id.clone()))
-        .bind(col(|u| u.email.clone()))
-        .bind(col(|u| u.phone.clone()))
-        .bind(col(|u| u.display_name.clone()))
-        .bind(col(|u| u.country.to_owned()))
-        .bind(col(|u| u.bio.clone()))
-        .execute(product)
-        .await
-        .context("inserting users")?
-        .rows_affected();
-    }
-    Ok(inserted)
-}
-
-/// Plays the world's steps: batches go to the collector (several at once), product writes to
-/// Postgres in order (grouped into transactions). Returns the product rows changed.
-async fn drive(world: &World, phones: &Arc<Phones>, product: &PgPool) -> anyhow::Result<u64> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<ProductWrite>(4_096);
-    let pool = product.clone();
-    let writer = tokio::spawn(async move {
-        let mut changed = 0u64;
-        while let Some(first) = rx.recv().await {
-            let mut txn = pool.begin().await?;
-            changed += apply(&mut txn, &first).await?;
-            for _ in 0..200 {
-                match rx.try_recv() {
-                    Ok(w) => changed += apply(&mut txn, &w).await?,
-                    Err(_) => break,
-                }
-            }
-            txn.commit().await?;
-        }
-        anyhow::Ok(changed)
-    });
-    let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-    let mut inflight = tokio::task::JoinSet::new();
-    for step in &world.steps {
-        match step {
-            Step::Send(batch) => {
-                let permit = permits.clone().acquire_owned().await?;
-                let (phones, batch) = (phones.clone(), batch.clone());
-                inflight.spawn(async move {
-                    phones.send(&batch).await;
-                    drop(permit);
-                });
-                while inflight.try_join_next().is_some() {}
-            }
-            Step::Write(w) => {
-                if tx.send(w.clone()).await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    drop(tx);
-    while inflight.join_next().await.is_some() {}
-    writer.await.context("the product writer")?
-}
-
-async fn apply(txn: &mut sqlx::PgConnection, w: &ProductWrite) -> anyhow::Result<u64> {
-    let ts = |ms: i64| ms as f64 / 1000.0;
-    let q = match w {
-        ProductWrite::Match { id, a, b, score, at } => sqlx::query(
-            "INSERT INTO app.matches (id, user_a, user_b, score, created_at)
-             VALUES ($1::uuid, $2, $3, $4, to_timestamp($5))",
-        )
-        .bind(id.to_string())
-        .bind(a)
-        .bind(b)
-        .bind(score)
-        .bind(ts(*at)),
-        ProductWrite::MatchStatus { id, status } => {
-            sqlx::query("UPDATE app.matches SET status = $2 WHERE id = $1::uuid")
-                .bind(id.to_string())
-                .bind(*status)
-        }
-        ProductWrite::Report {
-            reporter,
-            reported,
-            match_id,
-            reason,
-            comment,
-            at,
-        } => sqlx::query(
-            "INSERT INTO app.reports (reporter_id, reported_id, match_id, reason, comment, created_at)
-             VALUES ($1, $2, $3::uuid, $4, $5, to_timestamp($6))",
-        )
-        .bind(reporter)
-        .bind(reported)
-        .bind(match_id.to_string())
-        .bind(*reason)
-        .bind(comment)
-        .bind(ts(*at)),
-        ProductWrite::Block {
-            blocker,
-            blocked,
-            match_id,
-            at,
-        } => sqlx::query(
-            "INSERT INTO app.blocks (blocker_id, blocked_id, match_id, created_at)
-             VALUES ($1, $2, $3::uuid, to_timestamp($4))",
-        )
-        .bind(blocker)
-        .bind(blocked)
-        .bind(match_id.to_string())
-        .bind(ts(*at)),
-        ProductWrite::Bio { user, bio } => {
-            sqlx::query("UPDATE app.users SET bio = $2, updated_at = now() WHERE id = $1")
-                .bind(user)
-                .bind(bio)
-        }
-        ProductWrite::DeleteUser { user } => {
-            sqlx::query("DELETE FROM app.users WHERE id = $1").bind(user)
-        }
-    };
-    Ok(q.execute(&mut *txn).await?.rows_affected())
 }
 
 /// Rows in the current versions of the demo dataset's partitions.

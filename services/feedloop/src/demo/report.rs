@@ -2,7 +2,7 @@
 //! reconciliation between them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt::Write as _,
     time::Duration,
 };
@@ -137,16 +137,26 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Records in `topic` written since `since_ms`, and distinct `event_id` headers among them,
-/// read to the end of every partition (tansu under-reports high watermarks, so the end is where
-/// reading stops). Records of earlier runs on a shared cluster are not counted.
-pub async fn count_records(
+/// What a topic holds of one run: its records, and how often each id appears (the values of
+/// the headers [`record_ids`] was asked for, joined by `/`).
+#[derive(Debug, Clone, Default)]
+pub struct LogIds {
+    pub records: u64,
+    pub ids: HashMap<String, u32>,
+}
+
+/// Reads `topic` from the first record at or after `since_ms` to the end of every partition
+/// (tansu under-reports high watermarks, so the end is where reading stops): records of earlier
+/// runs on a shared cluster are not counted.
+pub async fn record_ids(
     kafka: &KafkaConfig,
     topic: &str,
     since_ms: i64,
-) -> anyhow::Result<(u64, u64)> {
+    id_headers: &[&str],
+) -> anyhow::Result<LogIds> {
     let (kafka, topic) = (kafka.clone(), topic.to_owned());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
+    let id_headers: Vec<String> = id_headers.iter().map(|h| (*h).to_owned()).collect();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<LogIds> {
         let consumer: BaseConsumer<QuietEof> = kafka
             .client_config("feedloop-demo-count")
             .set("group.id", "feedloop-demo-count")
@@ -171,10 +181,10 @@ pub async fn count_records(
             }
         }
         if open.is_empty() {
-            return Ok((0, 0));
+            return Ok(LogIds::default());
         }
         consumer.assign(&tpl)?;
-        let (mut records, mut ids) = (0u64, HashSet::new());
+        let mut log = LogIds::default();
         let mut idle = 0;
         while !open.is_empty() {
             match consumer.poll(Duration::from_millis(500)) {
@@ -188,19 +198,24 @@ pub async fn count_records(
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(m)) => {
                     idle = 0;
-                    records += 1;
-                    let id = m.headers().and_then(|h| {
-                        rdkafka::message::Headers::iter(h)
-                            .find(|h| h.key == "event_id")
-                            .and_then(|h| h.value.map(<[u8]>::to_vec))
-                    });
-                    if let Some(id) = id {
-                        ids.insert(id);
+                    log.records += 1;
+                    let values: Vec<String> = id_headers
+                        .iter()
+                        .filter_map(|name| {
+                            let h = m.headers()?;
+                            rdkafka::message::Headers::iter(h)
+                                .find(|h| h.key == name.as_str())
+                                .and_then(|h| h.value)
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                        })
+                        .collect();
+                    if values.len() == id_headers.len() {
+                        *log.ids.entry(values.join("/")).or_default() += 1;
                     }
                 }
             }
         }
-        Ok((records, ids.len() as u64))
+        Ok(log)
     })
     .await?
 }

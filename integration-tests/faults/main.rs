@@ -1,0 +1,547 @@
+//! The fault suite: the whole pipeline, every service a process of its own, under steady load
+//! from the demo's simulated phones and backend, while faults are injected one after another:
+//! each service SIGKILLed and restarted, the broker paused for 30 s (which fills the
+//! collector's size-capped spool), Postgres restarted, and the webhook that stands in for
+//! Airflow slowed past the trigger's timeout. After each fault the suite measures how long the
+//! pipeline takes to be whole again; at the end one reconciliation checks them all: every
+//! acknowledged event is in the log exactly once, every product change reached Kafka, every
+//! expected example is in the dataset exactly once (no erased user's), every erasure completed,
+//! and every retraining trigger was delivered. `target/faults.json` gets the recovery times.
+//!
+//! A broker restarted from empty is its own test: it loses the log, which no reconciliation
+//! survives; what is lost and how feedloop reports it is asserted there.
+
+mod stack;
+mod webhook;
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use feedloop::{
+    demo::{
+        load::{Answers, Phones, drive, insert_users},
+        report::{self, record_ids},
+        sim::{self, SimOptions, Step},
+    },
+    erase::Eraser,
+};
+use feedloop_cdc::sink::{COMMIT_LSN_HEADER, ORDINAL_HEADER};
+use feedloop_core::catalogue::EVENTS_TOPIC;
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use stack::{DATASET, ProcessStack, SERVICES};
+
+/// How long the phones keep sending: longer than every fault of the plan takes.
+const LOAD: Duration = Duration::from_secs(150);
+/// Longest a fault may take to recover from before the suite fails.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
+
+/// One fault and how the pipeline came back from it.
+#[derive(Debug, Serialize)]
+struct Recovery {
+    fault: String,
+    /// How long the fault lasted (the service down, the broker paused…).
+    lasted_s: f64,
+    /// From the fault's end until every service was ready and the collector published
+    /// straight to the broker again with an empty spool.
+    recovered_after_s: f64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The trigger's decisions so far, each with its deliveries' statuses.
+async fn triggers(http: &reqwest::Client, stack: &ProcessStack) -> Vec<Value> {
+    let body: Value = match http
+        .get(format!("{}/v1/triggers?limit=1000", stack.url("trigger")))
+        .bearer_auth(&stack.token)
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    body["triggers"].as_array().cloned().unwrap_or_default()
+}
+
+fn all_delivered(triggers: &[Value]) -> bool {
+    triggers.iter().all(|t| {
+        t["deliveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|d| d["status"] == "delivered")
+    })
+}
+
+async fn dataset_rows(control: &PgPool) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT SUM(row_count)::bigint FROM (
+            SELECT DISTINCT ON (partition) row_count FROM labeler.partitions
+            WHERE dataset = $1 ORDER BY partition, version DESC) v",
+    )
+    .bind(DATASET)
+    .fetch_one(control)
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}
+
+/// Polls `done` every half second until it holds, for at most `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_under_steady_load_loses_nothing_and_duplicates_nothing() {
+    feedloop_core::telemetry::init_tracing(false);
+    let (hook, hook_addr) = webhook::start().await;
+    let mut stack = ProcessStack::up(&format!("http://{hook_addr}/hook")).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client");
+    let t0 = now_ms();
+    let world = Arc::new(sim::generate(SimOptions {
+        users: 300,
+        events: 24_000,
+        seed: 20_261_201,
+        t0,
+    }));
+    let product = PgPool::connect(&stack.product_url)
+        .await
+        .expect("product database");
+    let control = PgPool::connect(&stack.pg.url())
+        .await
+        .expect("control database");
+
+    // The load: the demo's phones and backend, paced to last LOAD.
+    let answers = Arc::new(Answers::default());
+    let phones = Arc::new(Phones {
+        http: http.clone(),
+        url: stack.url("collector"),
+        write_key: stack.write_key.clone(),
+        answers: answers.clone(),
+        bar: indicatif::ProgressBar::hidden(),
+    });
+    let users = insert_users(&product, &world).await.expect("users");
+    let batches = world
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Send(_)))
+        .count()
+        .max(1);
+    let pace = LOAD / u32::try_from(batches).unwrap_or(u32::MAX);
+    let load = {
+        let (world, phones, product) = (world.clone(), phones.clone(), product.clone());
+        tokio::spawn(async move { drive(&world, &phones, &product, pace).await })
+    };
+
+    // The faults, one after another, under that load.
+    let mut recoveries = Vec::new();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for service in SERVICES {
+        stack.kill(service);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stack.start(service);
+        let recovered = stack.recovery(RECOVERY_LIMIT).await;
+        recoveries.push(Recovery {
+            fault: format!("{service}: SIGKILL, restarted 2 s later"),
+            lasted_s: 2.0,
+            recovered_after_s: recovered.as_secs_f64(),
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+
+    let retried_before = answers.retried.load(Relaxed);
+    stack.broker.signal(Signal::SIGSTOP).expect("SIGSTOP");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let spool_full = !stack.ready(&http, "collector").await;
+    stack.broker.signal(Signal::SIGCONT).expect("SIGCONT");
+    let recovered = stack.recovery(RECOVERY_LIMIT).await;
+    let refused_while_full = answers.retried.load(Relaxed) - retried_before;
+    recoveries.push(Recovery {
+        fault: format!(
+            "broker: SIGSTOP for 30 s (the collector's spool filled: {spool_full}; requests \
+             answered 503 and retried by the phones: {refused_while_full})"
+        ),
+        lasted_s: 30.0,
+        recovered_after_s: recovered.as_secs_f64(),
+    });
+    assert!(
+        spool_full && refused_while_full > 0,
+        "a 30 s pause should fill the {} B spool and have the collector refuse requests \
+         (spool full: {spool_full}, refused: {refused_while_full})",
+        stack::SPOOL_MAX_BYTES
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let down = Instant::now();
+    stack.pg.restart().await.expect("postgres restarts");
+    let lasted = down.elapsed();
+    let recovered = stack.recovery(RECOVERY_LIMIT).await;
+    recoveries.push(Recovery {
+        fault: "postgres: restarted (fast shutdown, then start)".into(),
+        lasted_s: lasted.as_secs_f64(),
+        recovered_after_s: recovered.as_secs_f64(),
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // A slow sink: every call to the webhook takes 5 s, past the trigger's 2 s timeout.
+    let received_before = hook.received.lock().expect("hook").len();
+    hook.set_delay(Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    hook.set_delay(Duration::ZERO);
+    let slow_calls = hook.received.lock().expect("hook").len() - received_before;
+    let fast_again = Instant::now();
+    eventually(
+        "triggers undelivered after the sink sped up",
+        RECOVERY_LIMIT,
+        || async { all_delivered(&triggers(&http, &stack).await) },
+    )
+    .await;
+    recoveries.push(Recovery {
+        fault: format!(
+            "webhook sink: 5 s per call for 15 s, past the trigger's 2 s timeout ({slow_calls} \
+             calls timed out or waited)"
+        ),
+        lasted_s: 15.0,
+        recovered_after_s: fast_again.elapsed().as_secs_f64(),
+    });
+
+    // The load ends; everything catches up.
+    let load_left = load.is_finished();
+    let changed = load.await.expect("load task").expect("the load ran") + users;
+    let deleted: BTreeSet<String> = world.deleted.iter().cloned().collect();
+    let expected = world.expected_examples(&deleted);
+    eventually(
+        "the dataset is not complete",
+        Duration::from_secs(240),
+        || async { dataset_rows(&control).await == expected.len() as i64 },
+    )
+    .await;
+    let eraser = Eraser {
+        url: stack.url("eraser"),
+        token: stack.token.clone(),
+    };
+    eventually("erasures unfinished", Duration::from_secs(120), || async {
+        let list = eraser.list().await.unwrap_or_default();
+        list.len() >= deleted.len() && list.iter().all(|r| r["status"] == "completed")
+    })
+    .await;
+    eventually("triggers undelivered", Duration::from_secs(120), || async {
+        let t = triggers(&http, &stack).await;
+        !t.is_empty() && all_delivered(&t)
+    })
+    .await;
+
+    // The reconciliation.
+    let mut problems = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    check(
+        !load_left,
+        "the load ended before the last fault: the faults did not all run under load".into(),
+    );
+    let unanswered = answers.unanswered.load(Relaxed);
+    check(
+        unanswered == 0,
+        format!("{unanswered} events never got an answer"),
+    );
+    let rejected = answers.rejected.load(Relaxed);
+    check(
+        rejected == world.malformed_sent() as u64,
+        format!(
+            "{} malformed events were sent, {rejected} rejected",
+            world.malformed_sent()
+        ),
+    );
+    let acked = answers.acknowledged.lock().expect("acked").clone();
+    let log = record_ids(&stack.kafka(), EVENTS_TOPIC, t0, &["event_id"])
+        .await
+        .expect("reading the events topic");
+    let lost = acked.iter().filter(|id| !log.ids.contains_key(*id)).count();
+    let repeated = log.ids.values().filter(|n| **n > 1).count();
+    let unacked = log.ids.keys().filter(|id| !acked.contains(*id)).count();
+    check(
+        lost == 0 && repeated == 0 && unacked == 0,
+        format!(
+            "of {} acknowledged events, {lost} are not in the log; {repeated} ids are in it more \
+             than once; {unacked} records were never acknowledged",
+            acked.len()
+        ),
+    );
+    let mut changes = BTreeSet::new();
+    let mut cdc_records = 0;
+    for table in ["users", "matches", "blocks", "reports"] {
+        let topic = format!("product.app.{table}");
+        let ids = record_ids(
+            &stack.kafka(),
+            &topic,
+            t0,
+            &[COMMIT_LSN_HEADER, ORDINAL_HEADER],
+        )
+        .await
+        .expect("reading a cdc topic");
+        cdc_records += ids.records;
+        changes.extend(ids.ids.into_keys().map(|k| format!("{table}/{k}")));
+    }
+    check(
+        changes.len() as u64 == changed,
+        format!(
+            "the product database changed {changed} rows; {} distinct changes reached Kafka",
+            changes.len()
+        ),
+    );
+    let dataset = report::read_dataset(
+        &control,
+        &stack.datasets_root.display().to_string(),
+        DATASET,
+    )
+    .await
+    .expect("reading the dataset");
+    let missing = expected.difference(&dataset.impressions).count();
+    let extra = dataset.impressions.difference(&expected).count();
+    check(
+        dataset.duplicate_examples == 0
+            && missing == 0
+            && extra == 0
+            && dataset.rows == expected.len() as u64,
+        format!(
+            "the dataset has {} rows ({} repeated): {missing} expected impressions missing, \
+             {extra} unexpected",
+            dataset.rows, dataset.duplicate_examples
+        ),
+    );
+    let erased_present = deleted
+        .iter()
+        .filter(|u| dataset.users.contains(*u))
+        .count();
+    check(
+        erased_present == 0,
+        format!("{erased_present} erased users are still in the dataset"),
+    );
+    let delivered: BTreeSet<String> = hook
+        .answered
+        .lock()
+        .expect("hook")
+        .iter()
+        .cloned()
+        .collect();
+    let decided = triggers(&http, &stack).await;
+    let undelivered = decided
+        .iter()
+        .filter(|t| !delivered.contains(t["id"].as_str().unwrap_or_default()))
+        .count();
+    check(
+        undelivered == 0,
+        format!(
+            "{undelivered} of {} triggers never reached the webhook",
+            decided.len()
+        ),
+    );
+
+    let summary = serde_json::json!({
+        "events_acknowledged": acked.len(),
+        "events_in_log": log.records,
+        "requests_retried": answers.retried.load(Relaxed),
+        "product_changes": changed,
+        "cdc_records": cdc_records,
+        "dataset_rows": dataset.rows,
+        "erasures": deleted.len(),
+        "triggers": decided.len(),
+        "webhook_calls": hook.received.lock().expect("hook").len(),
+        "recoveries": recoveries,
+        "problems": problems,
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/faults.json");
+    let _ = std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&summary).unwrap_or_default(),
+    );
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary).unwrap_or_default()
+    );
+    if !problems.is_empty() {
+        let kept = stack.keep();
+        panic!(
+            "the faults lost or duplicated data (logs and datasets kept in {}): {problems:#?}",
+            kept.display()
+        );
+    }
+}
+
+/// The phones of one load, answering into `answers`.
+fn phones(stack: &ProcessStack, http: &reqwest::Client, answers: &Arc<Answers>) -> Arc<Phones> {
+    Arc::new(Phones {
+        http: http.clone(),
+        url: stack.url("collector"),
+        write_key: stack.write_key.clone(),
+        answers: answers.clone(),
+        bar: indicatif::ProgressBar::hidden(),
+    })
+}
+
+/// Sum of every series of `name` on `service`'s `/metrics`.
+async fn metric_sum(stack: &ProcessStack, service: &str, name: &str) -> f64 {
+    let text = match reqwest::get(format!("{}/metrics", stack.url(service))).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    report::metric_sum(&text, name)
+}
+
+/// tansu with memory storage restarted: the log, every topic and every consumer group's offsets
+/// are gone. Nothing can bring the records back (Kafka was their only copy once acknowledged);
+/// what feedloop must do is say so and go on with the new log instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_from_empty_is_reported_and_the_pipeline_goes_on() {
+    feedloop_core::telemetry::init_tracing(false);
+    let (_hook, hook_addr) = webhook::start().await;
+    let mut stack = ProcessStack::up(&format!("http://{hook_addr}/hook")).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client");
+    let product = PgPool::connect(&stack.product_url)
+        .await
+        .expect("product database");
+    let control = PgPool::connect(&stack.pg.url())
+        .await
+        .expect("control database");
+    let t0 = now_ms();
+    let before = sim::generate(SimOptions {
+        users: 60,
+        events: 3_000,
+        seed: 7,
+        t0,
+    });
+    let answers = Arc::new(Answers::default());
+    insert_users(&product, &before).await.expect("users");
+    drive(
+        &before,
+        &phones(&stack, &http, &answers),
+        &product,
+        Duration::ZERO,
+    )
+    .await
+    .expect("first load");
+    eventually(
+        "the labeler committed nothing",
+        Duration::from_secs(120),
+        || async { dataset_rows(&control).await > 0 },
+    )
+    .await;
+
+    stack.broker.restart().await.expect("tansu restarts");
+    // An operator creates the topics again (feedloop's services do not create shared topics).
+    feedloop_core::kafka::ensure_topics(&stack.kafka(), feedloop_core::catalogue::TOPICS)
+        .await
+        .expect("topics");
+    let restarted = Instant::now();
+    let recovered = stack.recovery(RECOVERY_LIMIT).await;
+
+    let t1 = now_ms();
+    let after = sim::generate(SimOptions {
+        users: 60,
+        events: 3_000,
+        seed: 8,
+        t0: t1,
+    });
+    let answers = Arc::new(Answers::default());
+    let records_before = metric_sum(&stack, "labeler", "feedloop_labeler_records_total").await;
+    let changed = drive(
+        &after,
+        &phones(&stack, &http, &answers),
+        &product,
+        Duration::ZERO,
+    )
+    .await
+    .expect("second load");
+    assert_eq!(
+        answers.unanswered.load(Relaxed),
+        0,
+        "events went unanswered"
+    );
+
+    // Every event acknowledged after the restart is in the new log, once.
+    let acked = answers.acknowledged.lock().expect("acked").clone();
+    let log = record_ids(&stack.kafka(), EVENTS_TOPIC, t1, &["event_id"])
+        .await
+        .expect("reading the events topic");
+    let lost = acked.iter().filter(|id| !log.ids.contains_key(*id)).count();
+    let repeated = log.ids.values().filter(|n| **n > 1).count();
+    assert!(
+        !acked.is_empty() && lost == 0 && repeated == 0,
+        "after the restart: {} acknowledged, {lost} not in the log, {repeated} repeated",
+        acked.len()
+    );
+    // cdc streams the product database's new changes into the new log.
+    let mut changes = 0;
+    for table in ["users", "matches", "blocks", "reports"] {
+        let topic = format!("product.app.{table}");
+        changes += record_ids(
+            &stack.kafka(),
+            &topic,
+            t1,
+            &[COMMIT_LSN_HEADER, ORDINAL_HEADER],
+        )
+        .await
+        .expect("reading a cdc topic")
+        .ids
+        .len() as u64;
+    }
+    assert_eq!(
+        changes, changed,
+        "product changes after the restart in the new log"
+    );
+    // The labeler reports that its inputs went back, and reads on.
+    eventually(
+        "the labeler did not report the lost log",
+        Duration::from_secs(60),
+        || async { metric_sum(&stack, "labeler", "feedloop_labeler_log_resets_total").await > 0.0 },
+    )
+    .await;
+    let want = records_before + acked.len() as f64;
+    eventually(
+        "the labeler did not read the new log",
+        Duration::from_secs(60),
+        || async {
+            metric_sum(&stack, "labeler", "feedloop_labeler_records_total").await >= want
+                && stack.ready(&http, "labeler").await
+        },
+    )
+    .await;
+    let summary = serde_json::json!({
+        "fault": "broker restarted from empty (memory storage), topics created again",
+        "recovered_after_s": recovered.as_secs_f64(),
+        "since_restart_s": restarted.elapsed().as_secs_f64(),
+        "events_acknowledged_after": acked.len(),
+        "product_changes_after": changed,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary).unwrap_or_default()
+    );
+}
