@@ -31,9 +31,12 @@ pub const SERVICES: [&str; 6] = [
 pub const DATASET: &str = "match_outcomes";
 /// Bytes the collector may spool while the broker is away: small enough that a 30 s pause
 /// under the suite's load fills it (the phones are then told 503 and retry).
-pub const SPOOL_MAX_BYTES: u64 = 2 << 20;
+pub const SPOOL_MAX_BYTES: u64 = 512 << 10;
 
 pub struct ProcessStack {
+    /// First, so that the services stop (and print their logs' ends, in a failing test) before
+    /// the directory with those logs goes.
+    running: BTreeMap<&'static str, Service>,
     pub pg: PgCluster,
     pub broker: TansuBroker,
     pub dir: tempfile::TempDir,
@@ -43,7 +46,19 @@ pub struct ProcessStack {
     pub datasets_root: PathBuf,
     ports: BTreeMap<&'static str, u16>,
     configs: BTreeMap<&'static str, PathBuf>,
-    running: BTreeMap<&'static str, Service>,
+}
+
+impl Drop for ProcessStack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test keeps the logs, datasets and spool to look at.
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "fault suite: work directory kept in {}",
+                self.dir.path().display()
+            );
+        }
+    }
 }
 
 fn port() -> u16 {
@@ -104,7 +119,9 @@ impl ProcessStack {
             self.url("registry"),
             self.token
         );
-        let kafka = format!("[kafka]\nbootstrap = \"{bootstrap}\"\n");
+        // A stable instance id: the eraser's and the trigger's consumer groups take a restarted
+        // replica back at once (static membership).
+        let kafka = format!("[kafka]\nbootstrap = \"{bootstrap}\"\ninstance_id = \"faults\"\n");
         // One record a batch: tansu 0.6 drops the rest of a record batch that a consumer
         // fetches from its middle, which a consumer restarted at its committed offset does
         // (docs/reliability.md). Not a feedloop setting: Kafka needs none of it.
@@ -120,7 +137,7 @@ impl ProcessStack {
             "collector" => format!(
                 "[http]\nlisten = \"{listen}\"\n{kafka}{producer}{registry}[postgres]\nurl = \"{pg}\"\n\
                  [auth.apps.dev]\nkeys = [\"{key}\"]\n\
-                 [spool]\ndir = \"{spool}\"\nmax_bytes = {SPOOL_MAX_BYTES}\nsegment_bytes = 262144\n\
+                 [spool]\ndir = \"{spool}\"\nmax_bytes = {SPOOL_MAX_BYTES}\nsegment_bytes = 65536\n\
                  ack_timeout_ms = 1000\n[suppression]\nrefresh_ms = 1000\n{log}",
                 key = self.write_key,
                 spool = self.dir.path().join("spool").display(),
@@ -270,11 +287,5 @@ impl ProcessStack {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         started.elapsed()
-    }
-
-    /// Keeps the work directory (logs, datasets) after the test, for a failing run.
-    pub fn keep(self) -> PathBuf {
-        let ProcessStack { dir, .. } = self;
-        dir.keep()
     }
 }

@@ -71,7 +71,10 @@ pub fn producer(
 }
 
 pub struct Durable {
-    producer: FutureProducer,
+    /// Replaced when the broker stops taking its records (see [`Durable::drain`]).
+    producer: std::sync::RwLock<FutureProducer>,
+    /// The producer's tuning, to make a new one.
+    properties: std::collections::BTreeMap<String, String>,
     spool: Spool,
     dedup: Arc<Dedup>,
     kafka: KafkaConfig,
@@ -121,14 +124,15 @@ impl Durable {
     /// Starts in spool mode: direct publishing begins once the drain task has rebuilt the
     /// idempotency window from the log and emptied whatever a previous run left spooled.
     pub fn new(
-        producer: FutureProducer,
+        kafka: KafkaConfig,
+        properties: std::collections::BTreeMap<String, String>,
         spool: Spool,
         dedup: Arc<Dedup>,
-        kafka: KafkaConfig,
         ack_timeout: Duration,
-    ) -> Self {
-        Self {
-            producer,
+    ) -> Result<Self, KafkaError> {
+        Ok(Self {
+            producer: std::sync::RwLock::new(producer(&kafka, &properties)?),
+            properties,
             spool,
             dedup,
             kafka,
@@ -138,6 +142,33 @@ impl Durable {
             unresolved: Arc::new(AtomicUsize::new(0)),
             wake: Notify::new(),
             rebuilt: AtomicBool::new(false),
+        })
+    }
+
+    /// The current producer (a cheap handle).
+    fn producer(&self) -> FutureProducer {
+        match self.producer.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the producer with a new one (a new producer id, sequence numbers from zero).
+    fn reset_producer(&self, why: &str) {
+        match producer(&self.kafka, &self.properties) {
+            Ok(p) => {
+                match self.producer.write() {
+                    Ok(mut current) => *current = p,
+                    Err(poisoned) => *poisoned.into_inner() = p,
+                }
+                observability::producer_reset();
+                tracing::error!(
+                    reason = why,
+                    "Replaced the Kafka producer: the broker no longer takes its records (it lost \
+                     their idempotence state, as a broker restarted without durable storage does)"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "Cannot create a new Kafka producer"),
         }
     }
 
@@ -190,9 +221,10 @@ impl Durable {
 
     async fn publish(&self, records: Vec<Record>) -> Result<Durability, DurableError> {
         let started = Instant::now();
+        let producer = self.producer();
         let mut futures = Vec::with_capacity(records.len());
         for r in &records {
-            futures.push(enqueue(&self.producer, r).ok());
+            futures.push(enqueue(&producer, r).ok());
         }
         let deadline = tokio::time::Instant::now() + self.ack_timeout;
         let mut failed: Vec<usize> = Vec::new();
@@ -251,8 +283,14 @@ impl Durable {
     }
 
     /// Drains the spool into the log until `shutdown`. Rebuilds the idempotency window first.
+    ///
+    /// A producer the broker keeps failing while the broker itself answers (three drains in a
+    /// row whose records all timed out or were refused, or a fatal error) is replaced: the
+    /// broker lost its idempotence state, and the old producer would never deliver again. The
+    /// read-back of the log before each drain keeps the new producer from duplicating.
     pub async fn drain(self: Arc<Self>, window_ms: i64, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
+        let mut failed_drains = 0;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -260,10 +298,24 @@ impl Durable {
             let result = self.drain_once(window_ms).await;
             self.report();
             match result {
-                Ok(()) => backoff = Duration::from_millis(200),
+                Ok(()) => {
+                    backoff = Duration::from_millis(200);
+                    failed_drains = 0;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Spool drain paused");
                     backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if matches!(e, DrainError::Kafka(_)) {
+                        failed_drains += 1;
+                    }
+                    let fatal = self.producer().client().fatal_error();
+                    if let Some((_, reason)) = &fatal {
+                        self.reset_producer(reason);
+                        failed_drains = 0;
+                    } else if failed_drains >= 3 && self.broker_reachable().await {
+                        self.reset_producer(&e.to_string());
+                        failed_drains = 0;
+                    }
                 }
             }
             if !self.is_spooling() {
@@ -307,6 +359,7 @@ impl Durable {
                 "Idempotency window rebuilt from the log"
             );
         }
+        let producer = self.producer();
         let mut from = None;
         loop {
             let batch = self.spool.read(from, DRAIN_BATCH)?;
@@ -327,7 +380,7 @@ impl Durable {
                     skipped += 1;
                     continue;
                 }
-                futures.push(enqueue(&self.producer, r)?);
+                futures.push(enqueue(&producer, r)?);
             }
             let mut error = None;
             for fut in futures {
@@ -351,7 +404,7 @@ impl Durable {
 
     /// Flushes what the producer still holds (graceful shutdown).
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
+        let _ = self.producer().flush(timeout);
         self.spool.close();
     }
 

@@ -103,14 +103,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             "Spool holds records from a previous run"
         );
     }
-    let producer = durable::producer(&config.kafka, &config.producer)?;
     let durable = Arc::new(durable::Durable::new(
-        producer,
+        config.kafka.clone(),
+        config.producer.clone(),
         spool,
         dedup.clone(),
-        config.kafka.clone(),
         config.ack_timeout(),
-    ));
+    )?);
     let suppression = Arc::new(suppression::Suppression::default());
     let keys = Arc::new(KeyCache::new(
         key_store(&config.keys, &pool).await?,

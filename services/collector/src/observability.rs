@@ -18,6 +18,7 @@ pub const DRAINED: &str = "feedloop_collector_drained_records_total";
 pub const DRAIN_SKIPPED: &str = "feedloop_collector_drain_skipped_records_total";
 pub const PRODUCE_LATENCY: &str = "feedloop_collector_produce_latency_seconds";
 pub const DEDUP_IDS: &str = "feedloop_collector_dedup_ids";
+pub const PRODUCER_RESETS: &str = "feedloop_collector_producer_resets_total";
 pub const HTTP_REQUESTS: &str = "feedloop_collector_http_requests_total";
 pub const HTTP_DURATION: &str = "feedloop_collector_http_request_duration_seconds";
 
@@ -28,6 +29,11 @@ pub const HTTP: HttpMetrics = HttpMetrics {
 };
 
 pub fn describe() {
+    describe_counter!(
+        PRODUCER_RESETS,
+        "Kafka producers replaced because the broker stopped taking their records (it lost their \
+         idempotence state: a restart without durable storage)."
+    );
     describe_counter!(
         EVENTS_ACCEPTED,
         "Events accepted and made durable, by event type."
@@ -103,6 +109,10 @@ pub fn shed() {
 
 pub fn spooled(n: usize) {
     counter!(SPOOLED).increment(n as u64);
+}
+
+pub fn producer_reset() {
+    counter!(PRODUCER_RESETS).increment(1);
 }
 
 pub fn drained(n: u64, skipped: u64) {

@@ -71,9 +71,10 @@ impl Intake {
         producer: FutureProducer,
         deadletter: Arc<CompiledSchema>,
     ) -> Result<Self, KafkaError> {
-        let consumer: StreamConsumer = kafka
-            .client_config(group)
-            .set("group.id", group)
+        // With the replica's instance id (static membership), a replica killed and started
+        // again takes its partitions back at once; without one, after the session timeout.
+        let mut cfg = kafka.group_config(group);
+        let consumer: StreamConsumer = cfg
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .create()?;

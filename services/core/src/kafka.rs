@@ -25,6 +25,12 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (TLS, SASL, tuning), passed through verbatim.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// This replica's stable name (its pod name, say): consumer groups then know it across
+    /// restarts (static membership, `group.instance.id`), so a replica killed and started
+    /// again takes its partitions back at once instead of after a session timeout and a
+    /// rebalance. Unique per replica of a service; unset, membership is dynamic.
+    #[serde(default)]
+    pub instance_id: Option<String>,
 }
 
 const fn default_replication() -> i32 {
@@ -37,6 +43,7 @@ impl KafkaConfig {
             bootstrap: bootstrap.into(),
             replication_factor: default_replication(),
             properties: BTreeMap::new(),
+            instance_id: None,
         }
     }
 
@@ -48,6 +55,17 @@ impl KafkaConfig {
             .set("client.id", client_id);
         for (k, v) in &self.properties {
             cfg.set(k, v);
+        }
+        cfg
+    }
+
+    /// [`client_config`](Self::client_config) for a member of consumer group `group`, with
+    /// its static membership when the replica has an [`instance_id`](Self::instance_id).
+    pub fn group_config(&self, group: &str) -> ClientConfig {
+        let mut cfg = self.client_config(group);
+        cfg.set("group.id", group);
+        if let Some(instance) = self.instance_id.as_deref().filter(|i| !i.is_empty()) {
+            cfg.set("group.instance.id", format!("{group}-{instance}"));
         }
         cfg
     }

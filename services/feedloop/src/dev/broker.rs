@@ -135,7 +135,8 @@ impl TansuBroker {
         Ok(broker)
     }
 
-    fn log_path(&self) -> PathBuf {
+    /// The broker's own log (its `TANSU_LOG` level, `warn` unless set).
+    pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("tansu.log")
     }
 
