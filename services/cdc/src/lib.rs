@@ -59,7 +59,7 @@ pub struct Running {
 }
 
 /// Creates the idempotent producer (acks=all) with `properties` on top.
-fn producer(config: &Config) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+pub fn producer(config: &Config) -> Result<FutureProducer, rdkafka::error::KafkaError> {
     let mut cfg = config.kafka.client_config("feedloop-cdc");
     for (k, v) in &config.producer {
         cfg.set(k, v);

@@ -15,6 +15,7 @@ pub const DEAD_LETTERS: &str = "feedloop_cdc_dead_letters_total";
 pub const SEALED_VALUES: &str = "feedloop_cdc_sealed_values_total";
 pub const SCHEMA_CHANGES: &str = "feedloop_cdc_schema_changes_total";
 pub const RECONNECTS: &str = "feedloop_cdc_reconnects_total";
+pub const PRODUCER_RESETS: &str = "feedloop_cdc_producer_resets_total";
 pub const SLOT_LAG_BYTES: &str = "feedloop_cdc_slot_lag_bytes";
 pub const CONFIRMED_LSN: &str = "feedloop_cdc_confirmed_lsn";
 pub const LAG_SECONDS: &str = "feedloop_cdc_slot_lag_seconds";
@@ -33,6 +34,11 @@ pub fn describe() {
         "Change events published, by operation (c, u, d, r, t)."
     );
     describe_counter!(TOMBSTONES, "Tombstones published after deletes.");
+    describe_counter!(
+        PRODUCER_RESETS,
+        "Kafka producers replaced because the broker stopped taking their records (it lost \
+         their idempotence state: a restart without durable storage)."
+    );
     describe_counter!(
         SNAPSHOT_ROWS,
         "Rows read by the initial snapshot, by table."
@@ -109,6 +115,10 @@ pub fn schema_change(outcome: &'static str) {
 
 pub fn reconnect() {
     counter!(RECONNECTS).increment(1);
+}
+
+pub fn producer_reset() {
+    counter!(PRODUCER_RESETS).increment(1);
 }
 
 pub fn slot_lag(bytes: i64) {
