@@ -125,7 +125,9 @@ impl ProcessStack {
         // One record a batch: tansu 0.6 drops the rest of a record batch that a consumer
         // fetches from its middle, which a consumer restarted at its committed offset does
         // (docs/reliability.md). Not a feedloop setting: Kafka needs none of it.
-        let producer = "[producer]\n\"linger.ms\" = \"0\"\n\"batch.num.messages\" = \"1\"\n";
+        // A 10 s delivery timeout: a broker that lost its state is noticed sooner.
+        let producer = "[producer]\n\"linger.ms\" = \"0\"\n\"batch.num.messages\" = \"1\"\n\
+                        \"message.timeout.ms\" = \"10000\"\n";
         let log = "[log]\njson = true\n";
         let datasets = self.datasets_root.display();
         match service {

@@ -242,31 +242,23 @@ impl Engine {
 
     /// Runs sessions until `shutdown`, reconnecting with backoff after failures.
     ///
-    /// Two sessions in a row that end on a failed delivery while the broker answers mean the
-    /// broker lost its state (a restart without durable storage): the producer, whose
-    /// idempotence state the broker no longer knows, is replaced, and the topics are created
-    /// again where they are missing. The slot still holds every change not delivered.
+    /// Two sessions in a row that end on a failed delivery while the broker answers
+    /// ([`ProducerHealth`](feedloop_core::kafka::ProducerHealth)): the broker lost its state, so
+    /// the producer is replaced and the topics are created again where they are missing. The
+    /// slot still holds every change not delivered.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
-        let mut failed_deliveries = 0;
+        let mut health = feedloop_core::kafka::ProducerHealth::new(2);
         loop {
             match self.session(&shutdown).await {
                 Ok(()) => return,
                 Err(e) => {
                     observability::reconnect();
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Replication session ended; reconnecting");
-                    if matches!(e, EngineError::Delivery(_)) {
-                        failed_deliveries += 1;
-                    } else {
-                        failed_deliveries = 0;
-                    }
-                    if failed_deliveries >= 2
-                        && feedloop_core::kafka::wait_ready(&self.kafka, Duration::from_secs(2))
-                            .await
-                            .is_ok()
-                    {
+                    if !matches!(e, EngineError::Delivery(_)) {
+                        health.delivered();
+                    } else if health.failed(&self.kafka, "cdc").await {
                         self.reset_producer();
-                        failed_deliveries = 0;
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -284,10 +276,6 @@ impl Engine {
                 self.producer = p;
                 self.topics.clear();
                 observability::producer_reset();
-                tracing::error!(
-                    "Replaced the Kafka producer: the broker no longer takes its records (it lost \
-                     their idempotence state, as a broker restarted without durable storage does)"
-                );
             }
             Err(e) => tracing::error!(error = %e, "Cannot create a new Kafka producer"),
         }

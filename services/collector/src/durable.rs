@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use feedloop_core::{catalogue, kafka::KafkaConfig};
+use feedloop_core::{
+    catalogue,
+    kafka::{KafkaConfig, ProducerHealth},
+};
 use rdkafka::{
     ClientConfig,
     error::KafkaError,
@@ -154,7 +157,7 @@ impl Durable {
     }
 
     /// Replaces the producer with a new one (a new producer id, sequence numbers from zero).
-    fn reset_producer(&self, why: &str) {
+    fn reset_producer(&self) {
         match producer(&self.kafka, &self.properties) {
             Ok(p) => {
                 match self.producer.write() {
@@ -162,11 +165,6 @@ impl Durable {
                     Err(poisoned) => *poisoned.into_inner() = p,
                 }
                 observability::producer_reset();
-                tracing::error!(
-                    reason = why,
-                    "Replaced the Kafka producer: the broker no longer takes its records (it lost \
-                     their idempotence state, as a broker restarted without durable storage does)"
-                );
             }
             Err(e) => tracing::error!(error = %e, "Cannot create a new Kafka producer"),
         }
@@ -284,13 +282,12 @@ impl Durable {
 
     /// Drains the spool into the log until `shutdown`. Rebuilds the idempotency window first.
     ///
-    /// A producer the broker keeps failing while the broker itself answers (three drains in a
-    /// row whose records all timed out or were refused, or a fatal error) is replaced: the
-    /// broker lost its idempotence state, and the old producer would never deliver again. The
-    /// read-back of the log before each drain keeps the new producer from duplicating.
+    /// A producer the broker keeps failing while it answers otherwise (three failed drains in a
+    /// row, [`ProducerHealth`]), or one with a fatal error, is replaced; the read-back of the
+    /// log before each drain keeps the new producer from duplicating.
     pub async fn drain(self: Arc<Self>, window_ms: i64, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
-        let mut failed_drains = 0;
+        let mut health = ProducerHealth::new(3);
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -300,21 +297,21 @@ impl Durable {
             match result {
                 Ok(()) => {
                     backoff = Duration::from_millis(200);
-                    failed_drains = 0;
+                    health.delivered();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Spool drain paused");
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                    if matches!(e, DrainError::Kafka(_)) {
-                        failed_drains += 1;
-                    }
-                    let fatal = self.producer().client().fatal_error();
-                    if let Some((_, reason)) = &fatal {
-                        self.reset_producer(reason);
-                        failed_drains = 0;
-                    } else if failed_drains >= 3 && self.broker_reachable().await {
-                        self.reset_producer(&e.to_string());
-                        failed_drains = 0;
+                    if let Some((_, reason)) = self.producer().client().fatal_error() {
+                        tracing::error!(
+                            reason,
+                            "The Kafka producer hit a fatal error; replacing it"
+                        );
+                        self.reset_producer();
+                    } else if matches!(e, DrainError::Kafka(_))
+                        && health.failed(&self.kafka, "collector").await
+                    {
+                        self.reset_producer();
                     }
                 }
             }

@@ -22,7 +22,8 @@ pub struct KafkaConfig {
     /// Replication factor of topics feedloop creates (use 3 on a real cluster).
     #[serde(default = "default_replication")]
     pub replication_factor: i32,
-    /// Extra librdkafka properties (TLS, SASL, tuning), passed through verbatim.
+    /// Extra librdkafka properties (tuning), passed through verbatim. feedloop builds
+    /// librdkafka without TLS and SASL (docs/reliability.md).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// This replica's stable name (its pod name, say): consumer groups then know it across
@@ -68,6 +69,44 @@ impl KafkaConfig {
             cfg.set("group.instance.id", format!("{group}-{instance}"));
         }
         cfg
+    }
+}
+
+/// Decides when an idempotent producer must be replaced: after `after` failed deliveries in a
+/// row while the broker answers. That is a broker that lost its state (a restart without
+/// durable storage): it no longer knows the producer's id, and the old producer would time out
+/// forever. Replacing it is safe wherever the caller re-sends only what the log lacks (the
+/// collector's read-back, cdc's slot, the labeler's last commit).
+#[derive(Debug)]
+pub struct ProducerHealth {
+    failures: u32,
+    after: u32,
+}
+
+impl ProducerHealth {
+    pub fn new(after: u32) -> Self {
+        Self { failures: 0, after }
+    }
+
+    /// A delivery went through.
+    pub fn delivered(&mut self) {
+        self.failures = 0;
+    }
+
+    /// A delivery failed; true when the producer should be replaced now (and the count
+    /// starts again). A broker that does not answer at all is down, not forgetful: no.
+    pub async fn failed(&mut self, kafka: &KafkaConfig, service: &str) -> bool {
+        self.failures += 1;
+        if self.failures < self.after || wait_ready(kafka, Duration::from_secs(2)).await.is_err() {
+            return false;
+        }
+        self.failures = 0;
+        tracing::error!(
+            service,
+            "Replacing the Kafka producer: the broker answers but no longer takes its records \
+             (it lost their idempotence state, as a broker restarted without durable storage does)"
+        );
+        true
     }
 }
 

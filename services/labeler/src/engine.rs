@@ -184,13 +184,19 @@ pub fn input_topics(cfg: &Config, spec: &Compiled) -> Vec<(String, Option<String
 }
 
 /// Runs the dataset's pipeline until `shutdown`, restarting from the last commit after errors.
+///
+/// Two sessions in a row that fail delivering while the broker answers
+/// ([`ProducerHealth`](feedloop_core::kafka::ProducerHealth)) replace the producer: the broker
+/// lost its state. The next session starts from the last commit, so nothing is published twice
+/// but what the labels topic's at-least-once allows.
 pub async fn run(
-    shared: Shared,
+    mut shared: Shared,
     dataset: Dataset,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
 ) {
     let mut delay = Duration::from_millis(200);
+    let mut health = feedloop_core::kafka::ProducerHealth::new(2);
     loop {
         match session(&shared, &dataset, &shutdown, &ready).await {
             Ok(()) => return,
@@ -198,6 +204,17 @@ pub async fn run(
                 ready.store(false, Ordering::Release);
                 observability::restart(dataset.name());
                 tracing::warn!(dataset = dataset.name(), error = %e, "Labeler pipeline failed; restarting from the last commit");
+                if !matches!(e, EngineError::Kafka(KafkaError::MessageProduction(_))) {
+                    health.delivered();
+                } else if health.failed(&shared.cfg.kafka, "labeler").await {
+                    match crate::producer(&shared.cfg) {
+                        Ok(p) => {
+                            shared.producer = p;
+                            observability::producer_reset(dataset.name());
+                        }
+                        Err(e) => tracing::error!(error = %e, "Cannot create a new Kafka producer"),
+                    }
+                }
             }
         }
         tokio::select! {

@@ -78,7 +78,7 @@ pub struct Running {
     pub task: JoinHandle<()>,
 }
 
-fn producer(config: &Config) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+pub fn producer(config: &Config) -> Result<FutureProducer, rdkafka::error::KafkaError> {
     let mut cfg = config.kafka.client_config("feedloop-labeler");
     for (k, v) in &config.producer {
         cfg.set(k, v);

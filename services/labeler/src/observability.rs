@@ -16,6 +16,7 @@ pub const PENDING_ROWS: &str = "feedloop_labeler_pending_rows";
 pub const RESTARTS: &str = "feedloop_labeler_restarts_total";
 pub const STATE_EXPIRED: &str = "feedloop_labeler_state_expired_entries_total";
 pub const LOG_RESETS: &str = "feedloop_labeler_log_resets_total";
+pub const PRODUCER_RESETS: &str = "feedloop_labeler_producer_resets_total";
 
 pub const HTTP: HttpMetrics = HttpMetrics {
     requests: "feedloop_labeler_http_requests_total",
@@ -76,8 +77,17 @@ pub fn describe() {
         "Input partitions that went back behind the committed position (the broker lost its \
          log, or the topic was re-created), by dataset and topic."
     );
+    describe_counter!(
+        PRODUCER_RESETS,
+        "Kafka producers replaced because the broker stopped taking their records (it lost \
+         their idempotence state: a restart without durable storage), by dataset."
+    );
     describe_counter!(HTTP.requests, "HTTP requests to the operational endpoints.");
     describe_histogram!(HTTP.duration, "HTTP request duration.");
+}
+
+pub fn producer_reset(dataset: &str) {
+    counter!(PRODUCER_RESETS, "dataset" => dataset.to_owned()).increment(1);
 }
 
 pub fn log_reset(dataset: &str, topic: &str) {
