@@ -242,6 +242,19 @@ pub(crate) async fn session(
     if !locked {
         return Err(EngineError::Locked(name));
     }
+    // Every session makes sure the labels topic exists: a broker that lost its state lost it.
+    if let Err(e) = feedloop_core::kafka::create_missing(
+        &shared.cfg.kafka,
+        &[(
+            dataset.labels_topic.as_str(),
+            shared.cfg.datasets.labels_partitions,
+            false,
+        )],
+    )
+    .await
+    {
+        tracing::warn!(error = %e, topic = %dataset.labels_topic, "Could not create the labels topic; continuing");
+    }
     let mut p = Pipeline::open(shared.clone(), dataset.clone()).await?;
     let consumers = p.consumers(shutdown).await?;
     let mut merged = select_all(

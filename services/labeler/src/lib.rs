@@ -30,7 +30,7 @@ use std::{
 use axum::{Router, routing::get};
 use feedloop_core::{
     catalogue::{Catalogue, DEADLETTER_TOPIC, PARTITIONS_TOPIC, TOPICS, labels_topic},
-    kafka::{create_missing, ensure_topics},
+    kafka::ensure_topics,
     postgres,
     registry_client::RegistryClientError,
 };
@@ -152,14 +152,6 @@ async fn prepare(config: &Config, mode: Mode) -> Result<(Shared, Vec<Dataset>), 
     let mut datasets = Vec::new();
     for spec in specs {
         let topic = labels_topic(&spec.name);
-        if let Err(e) = create_missing(
-            &config.kafka,
-            &[(topic.as_str(), config.datasets.labels_partitions, false)],
-        )
-        .await
-        {
-            tracing::warn!(error = %e, topic, "Could not create the labels topic; continuing");
-        }
         let labels_schema = registry
             .register_compiled(&format!("{topic}-value"), &labels_json)
             .await?;
