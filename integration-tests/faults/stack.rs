@@ -281,11 +281,22 @@ impl ProcessStack {
         let http = reqwest::Client::new();
         let started = Instant::now();
         while !self.healthy(&http).await {
-            assert!(
-                started.elapsed() < within,
-                "the pipeline did not recover within {within:?}; logs in {}",
-                self.dir.path().display()
-            );
+            if started.elapsed() > within {
+                let mut not_ready = Vec::new();
+                for s in SERVICES {
+                    if !self.ready(&http, s).await {
+                        not_ready.push(s);
+                    }
+                }
+                let spool = self
+                    .metric("collector", "feedloop_collector_spool_depth_records")
+                    .await;
+                panic!(
+                    "the pipeline did not recover within {within:?}: not ready {not_ready:?}, \
+                     collector spool depth {spool:?}; logs in {}",
+                    self.dir.path().display()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         started.elapsed()
