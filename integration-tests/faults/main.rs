@@ -86,17 +86,7 @@ fn all_delivered(triggers: &[Value]) -> bool {
 }
 
 async fn dataset_rows(control: &PgPool) -> i64 {
-    sqlx::query_scalar::<_, Option<i64>>(
-        "SELECT SUM(row_count)::bigint FROM (
-            SELECT DISTINCT ON (partition) row_count FROM labeler.partitions
-            WHERE dataset = $1 ORDER BY partition, version DESC) v",
-    )
-    .bind(DATASET)
-    .fetch_one(control)
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or(0)
+    feedloop::demo::dataset_rows(control).await.unwrap_or(0)
 }
 
 /// Polls `done` every half second until it holds, for at most `within`; says whether it did.

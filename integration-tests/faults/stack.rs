@@ -28,7 +28,7 @@ pub const SERVICES: [&str; 6] = [
     "trigger",
 ];
 /// The dataset of the labeler's example spec, which the simulated world fills.
-pub const DATASET: &str = "match_outcomes";
+pub use feedloop::demo::DATASET;
 /// Bytes the collector may spool while the broker is away: small enough that a 30 s pause
 /// under the suite's load fills it (the phones are then told 503 and retry).
 pub const SPOOL_MAX_BYTES: u64 = 512 << 10;

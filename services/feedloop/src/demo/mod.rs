@@ -266,7 +266,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
 }
 
 /// Rows in the current versions of the demo dataset's partitions.
-async fn dataset_rows(control: &PgPool) -> anyhow::Result<i64> {
+pub async fn dataset_rows(control: &PgPool) -> anyhow::Result<i64> {
     let rows: Option<i64> = sqlx::query_scalar(
         "SELECT SUM(row_count)::bigint FROM (
             SELECT DISTINCT ON (partition) row_count FROM labeler.partitions
