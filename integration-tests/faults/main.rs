@@ -89,6 +89,40 @@ async fn dataset_rows(control: &PgPool) -> i64 {
     feedloop::demo::dataset_rows(control).await.unwrap_or(0)
 }
 
+/// What each test starts with: the webhook, the whole stack delivering to it, an HTTP client,
+/// and pools on the product and control databases.
+struct Fixture {
+    hook: Arc<webhook::Hook>,
+    stack: ProcessStack,
+    http: reqwest::Client,
+    product: PgPool,
+    control: PgPool,
+}
+
+impl Fixture {
+    async fn up() -> Self {
+        let (hook, hook_addr) = webhook::start().await;
+        let stack = ProcessStack::up(&format!("http://{hook_addr}/hook")).await;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("http client");
+        let product = PgPool::connect(&stack.product_url)
+            .await
+            .expect("product database");
+        let control = PgPool::connect(&stack.pg.url())
+            .await
+            .expect("control database");
+        Self {
+            hook,
+            stack,
+            http,
+            product,
+            control,
+        }
+    }
+}
+
 /// Polls `done` every half second until it holds, for at most `within`; says whether it did.
 async fn within<F, Fut>(within: Duration, mut done: F) -> bool
 where
@@ -117,12 +151,13 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_under_steady_load_loses_nothing_and_duplicates_nothing() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (hook, hook_addr) = webhook::start().await;
-    let mut stack = ProcessStack::up(&format!("http://{hook_addr}/hook")).await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("http client");
+    let Fixture {
+        hook,
+        mut stack,
+        http,
+        product,
+        control,
+    } = Fixture::up().await;
     let t0 = now_ms();
     let world = Arc::new(sim::generate(SimOptions {
         users: 300,
@@ -130,12 +165,6 @@ async fn every_fault_under_steady_load_loses_nothing_and_duplicates_nothing() {
         seed: 20_261_201,
         t0,
     }));
-    let product = PgPool::connect(&stack.product_url)
-        .await
-        .expect("product database");
-    let control = PgPool::connect(&stack.pg.url())
-        .await
-        .expect("control database");
 
     // The load: the demo's phones and backend, paced to last LOAD.
     let answers = Arc::new(Answers::default());
@@ -440,18 +469,13 @@ async fn metric_sum(stack: &ProcessStack, service: &str, name: &str) -> f64 {
             empty (docs/reliability.md); the collector, cdc and the labeler recover"]
 async fn a_broker_restarted_from_empty_is_reported_and_the_pipeline_goes_on() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (_hook, hook_addr) = webhook::start().await;
-    let mut stack = ProcessStack::up(&format!("http://{hook_addr}/hook")).await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("http client");
-    let product = PgPool::connect(&stack.product_url)
-        .await
-        .expect("product database");
-    let control = PgPool::connect(&stack.pg.url())
-        .await
-        .expect("control database");
+    let Fixture {
+        mut stack,
+        http,
+        product,
+        control,
+        ..
+    } = Fixture::up().await;
     let t0 = now_ms();
     let before = sim::generate(SimOptions {
         users: 60,

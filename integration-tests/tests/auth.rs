@@ -43,14 +43,19 @@ async fn call(
         .status()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_api_refuses_missing_and_wrong_credentials_on_every_route() {
-    let stack = Stack::up(StackOptions {
+/// Every service in-process, on the shared broker.
+async fn dev_stack() -> Stack {
+    Stack::up(StackOptions {
         broker: BrokerChoice::External(infra().kafka_bootstrap),
         ..StackOptions::default()
     })
     .await
-    .expect("dev stack");
+    .expect("dev stack")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_refuses_missing_and_wrong_credentials_on_every_route() {
+    let stack = dev_stack().await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -262,12 +267,7 @@ async fn every_api_refuses_missing_and_wrong_credentials_on_every_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_api_refuses_bodies_over_its_limit() {
-    let stack = Stack::up(StackOptions {
-        broker: BrokerChoice::External(infra().kafka_bootstrap),
-        ..StackOptions::default()
-    })
-    .await
-    .expect("dev stack");
+    let stack = dev_stack().await;
     let http = reqwest::Client::new();
     let token = stack.admin_token().to_owned();
     let key = stack.write_key().to_owned();
