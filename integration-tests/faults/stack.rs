@@ -46,6 +46,9 @@ pub struct ProcessStack {
     pub datasets_root: PathBuf,
     ports: BTreeMap<&'static str, u16>,
     configs: BTreeMap<&'static str, PathBuf>,
+    /// Services that exited without being killed, and how: [`recovery`](Self::recovery)
+    /// starts them again, as a supervisor (Kubernetes, systemd) would.
+    pub exits: Vec<(&'static str, String)>,
 }
 
 impl Drop for ProcessStack {
@@ -90,6 +93,7 @@ impl ProcessStack {
             ports,
             configs: BTreeMap::new(),
             running: BTreeMap::new(),
+            exits: Vec::new(),
             pg,
             broker,
             dir,
@@ -180,6 +184,7 @@ impl ProcessStack {
         let client = RegistryClient::new(
             &self.url("registry"),
             Some(("feedloop".into(), Secret::new(self.token.clone()))),
+            "",
             Duration::from_secs(10),
         )
         .expect("registry client");
@@ -210,6 +215,24 @@ impl ProcessStack {
     pub fn kill(&mut self, service: &'static str) {
         if let Some(mut s) = self.running.remove(service) {
             s.kill();
+        }
+    }
+
+    /// Starts again every service that exited on its own, as a supervisor would, and records
+    /// how it ended in [`exits`](Self::exits).
+    pub fn restart_exited(&mut self) {
+        let exited: Vec<(&'static str, String)> = self
+            .running
+            .iter_mut()
+            .filter_map(|(name, s)| s.exited().map(|status| (*name, status.to_string())))
+            .collect();
+        for (name, status) in exited {
+            eprintln!("fault suite: {name} exited ({status}); starting it again");
+            if let Some(s) = self.running.get(name) {
+                eprintln!("--- last lines of its log ---\n{}", s.log_tail(20));
+            }
+            self.exits.push((name, status));
+            self.start(name);
         }
     }
 
@@ -276,11 +299,16 @@ impl ProcessStack {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
-    /// Waits until the pipeline is [healthy](Self::healthy); returns how long that took.
-    pub async fn recovery(&self, within: Duration) -> Duration {
+    /// Waits until the pipeline is [healthy](Self::healthy), starting again what exited;
+    /// returns how long that took.
+    pub async fn recovery(&mut self, within: Duration) -> Duration {
         let http = reqwest::Client::new();
         let started = Instant::now();
-        while !self.healthy(&http).await {
+        loop {
+            self.restart_exited();
+            if self.healthy(&http).await {
+                break;
+            }
             if started.elapsed() > within {
                 let mut not_ready = Vec::new();
                 for s in SERVICES {

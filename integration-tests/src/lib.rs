@@ -111,6 +111,7 @@ impl TestRegistry {
                 listen: "127.0.0.1:0".into(),
                 max_body_bytes: 64 * 1024,
                 request_timeout_ms: 10_000,
+                tls: Default::default(),
             },
             postgres: feedloop_registry::config::PostgresConfig {
                 url: Secret::new(fresh_database().await),
@@ -137,6 +138,7 @@ impl TestRegistry {
         RegistryClient::new(
             &self.url,
             Some((self.user.clone(), Secret::new(self.password.clone()))),
+            "",
             Duration::from_secs(10),
         )
         .unwrap_or_else(|e| panic!("client: {e}"))
@@ -388,6 +390,7 @@ pub mod events {
 
 pub mod labeler;
 pub mod service;
+pub mod tls;
 
 /// Reading back what landed on a topic.
 pub mod log {
@@ -423,16 +426,24 @@ pub mod log {
 
     /// Every record of `topic` from the beginning to the current end.
     pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<Landed> {
-        let bootstrap = bootstrap.to_owned();
+        read_all_with(&feedloop_core::kafka::KafkaConfig::new(bootstrap), topic).await
+    }
+
+    /// [`read_all`] from the brokers of `kafka`, with its TLS and SASL settings.
+    pub async fn read_all_with(
+        kafka: &feedloop_core::kafka::KafkaConfig,
+        topic: &str,
+    ) -> Vec<Landed> {
+        let kafka = kafka.clone();
         let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || read_blocking(&bootstrap, &topic))
+        tokio::task::spawn_blocking(move || read_blocking(&kafka, &topic))
             .await
             .unwrap_or_else(|e| panic!("read: {e}"))
     }
 
-    fn read_blocking(bootstrap: &str, topic: &str) -> Vec<Landed> {
-        let consumer: BaseConsumer<feedloop_core::kafka::QuietEof> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+    fn read_blocking(kafka: &feedloop_core::kafka::KafkaConfig, topic: &str) -> Vec<Landed> {
+        let consumer: BaseConsumer<feedloop_core::kafka::QuietEof> = kafka
+            .client_config("it-read-all")
             .set("group.id", "it-read-all")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")

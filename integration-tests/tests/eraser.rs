@@ -570,11 +570,11 @@ async fn a_failing_target_reports_partially_failed_and_retry_completes_it() {
         .insert("message.timeout.ms".into(), "1500".into());
     ecfg.datasets.root = dir.path().display().to_string();
     ecfg.kafka.bootstrap = infra().kafka_bootstrap;
-    ecfg.registry = feedloop_core::config::RegistryConfig {
-        url: registry.url.clone(),
-        user: registry.user.clone(),
-        password: Secret::new(registry.password.clone()),
-    };
+    ecfg.registry = feedloop_core::config::RegistryConfig::new(
+        registry.url.clone(),
+        registry.user.clone(),
+        Secret::new(registry.password.clone()),
+    );
     ecfg.control.url = Secret::new(feedloop_integration_tests::fresh_database().await);
     ecfg.log.json = false;
     let stop = CancellationToken::new();

@@ -12,4 +12,5 @@ mod eraser_faults;
 mod labeler;
 mod labeler_faults;
 mod registry;
+mod tls;
 mod trigger;

@@ -28,6 +28,11 @@ fn main() {
     let manifest = env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
     let schemas = Path::new(&manifest).join("../../schemas");
     println!("cargo:rerun-if-changed={}", schemas.display());
+    // `sqlx::migrate!` embeds sql/migrations: a new migration must rebuild this crate.
+    println!(
+        "cargo:rerun-if-changed={}",
+        Path::new(&manifest).join("../../sql/migrations").display()
+    );
     let mut files = Vec::new();
     collect(&schemas, &schemas, &mut files);
     for (_, abs) in &files {

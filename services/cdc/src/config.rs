@@ -119,6 +119,8 @@ pub struct PiiTable {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+    /// `[http.tls]`: HTTPS, when a certificate is set.
+    pub tls: feedloop_core::tls::ServerTls,
 }
 
 /// A `schema.table` name split in two.
@@ -144,6 +146,8 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.tls.validate("http.tls")?;
+        self.kafka.validate("kafka")?;
         for (key, value) in [
             ("source.slot", &self.source.slot),
             ("source.publication", &self.source.publication),

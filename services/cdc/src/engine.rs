@@ -120,12 +120,15 @@ fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Replication connection settings from a `postgres://` URL.
+/// Replication connection settings from a `postgres://` URL, TLS included: `sslmode`
+/// (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`; libpq's default `prefer`),
+/// `sslrootcert`, and `sslcert` with `sslkey` for client certificates, as libpq reads them.
 fn replication_config(cfg: &Config) -> Result<ReplicationConfig, EngineError> {
     let url =
         url::Url::parse(cfg.source.url.expose()).map_err(|e| EngineError::Url(e.to_string()))?;
     let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
     let db = url.path().trim_start_matches('/').to_owned();
+    let tls = replication_tls(&url)?;
     Ok(ReplicationConfig::new(
         host,
         url.username().to_owned(),
@@ -139,10 +142,48 @@ fn replication_config(cfg: &Config) -> Result<ReplicationConfig, EngineError> {
         cfg.source.publication.clone(),
     )
     .with_port(url.port().unwrap_or(5432))
-    .with_tls(TlsConfig::disabled())
+    .with_tls(tls)
     .with_status_interval(cfg.status_interval())
     .with_options("-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3")
     .with_application_name(format!("feedloop-cdc-{}", cfg.source.slot)))
+}
+
+/// The replication connection's TLS, from the URL's libpq parameters.
+fn replication_tls(url: &url::Url) -> Result<TlsConfig, EngineError> {
+    let param = |name: &str| {
+        url.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let root = param("sslrootcert").map(std::path::PathBuf::from);
+    let mode = param("sslmode").unwrap_or_else(|| "prefer".to_owned());
+    let mut tls = match mode.as_str() {
+        "disable" | "allow" => TlsConfig::disabled(),
+        "prefer" => TlsConfig {
+            mode: pgwire_replication::SslMode::Prefer,
+            ..TlsConfig::disabled()
+        },
+        "require" if root.is_none() => TlsConfig::require(),
+        // libpq: `require` with a root certificate verifies it as `verify-ca` does.
+        "require" | "verify-ca" => TlsConfig::verify_ca(root),
+        "verify-full" => TlsConfig::verify_full(root),
+        other => {
+            return Err(EngineError::Url(format!(
+                "sslmode {other:?}: expected disable, allow, prefer, require, verify-ca or verify-full"
+            )));
+        }
+    };
+    match (param("sslcert"), param("sslkey")) {
+        (Some(cert), Some(key)) => tls = tls.with_client_cert(cert, key),
+        (None, None) => {}
+        _ => {
+            return Err(EngineError::Url(
+                "sslcert and sslkey go together".to_owned(),
+            ));
+        }
+    }
+    Ok(tls)
 }
 
 pub struct Engine {
@@ -271,7 +312,7 @@ impl Engine {
     }
 
     fn reset_producer(&mut self) {
-        match crate::producer(&self.cfg) {
+        match self.cfg.kafka.producer("feedloop-cdc", &self.cfg.producer) {
             Ok(p) => {
                 self.producer = p;
                 self.topics.clear();

@@ -26,7 +26,6 @@ use feedloop_core::{
     postgres,
     registry_client::RegistryClientError,
 };
-use rdkafka::producer::FutureProducer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -58,16 +57,6 @@ pub struct Running {
     pub task: JoinHandle<()>,
 }
 
-/// Creates the idempotent producer (acks=all) with `properties` on top.
-pub fn producer(config: &Config) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-    let mut cfg = config.kafka.client_config("feedloop-cdc");
-    for (k, v) in &config.producer {
-        cfg.set(k, v);
-    }
-    cfg.set("enable.idempotence", "true").set("acks", "all");
-    cfg.create()
-}
-
 /// Starts capturing; runs until `shutdown`.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
@@ -78,8 +67,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     if let Err(e) = ensure_topics(&config.kafka, TOPICS).await {
         tracing::warn!(error = %e, "Could not ensure topics; continuing");
     }
-    let producer = producer(&config)?;
-    let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
+    let producer = config.kafka.producer("feedloop-cdc", &config.producer)?;
+    let (listener, addr) = feedloop_core::http::bind(&config.http.listen, &config.http.tls).await?;
     let keys = Arc::new(KeyCache::new(
         key_store(&config.keys, &control).await?,
         config.keys.cache_ttl(),

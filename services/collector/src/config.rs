@@ -48,6 +48,8 @@ pub struct HttpConfig {
     pub max_batch_len: usize,
     pub request_timeout_ms: u64,
     pub max_in_flight: usize,
+    /// `[http.tls]`: HTTPS, when a certificate is set.
+    pub tls: feedloop_core::tls::ServerTls,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +132,8 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.tls.validate("http.tls")?;
+        self.kafka.validate("kafka")?;
         self.keys.validate()?;
         if self.auth.apps.is_empty() {
             return Err(ConfigError::invalid(

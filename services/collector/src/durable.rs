@@ -20,7 +20,6 @@ use feedloop_core::{
     kafka::{KafkaConfig, ProducerHealth},
 };
 use rdkafka::{
-    ClientConfig,
     error::KafkaError,
     message::{Header, OwnedHeaders},
     producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
@@ -60,18 +59,8 @@ pub enum DurableError {
     Crashed(String),
 }
 
-/// Creates the idempotent producer: `properties` tune it, idempotence and acks=all are fixed.
-pub fn producer(
-    config: &KafkaConfig,
-    properties: &std::collections::BTreeMap<String, String>,
-) -> Result<FutureProducer, KafkaError> {
-    let mut cfg: ClientConfig = config.client_config("feedloop-collector");
-    for (k, v) in properties {
-        cfg.set(k, v);
-    }
-    cfg.set("enable.idempotence", "true").set("acks", "all");
-    cfg.create()
-}
+/// The collector's Kafka client id.
+pub const CLIENT_ID: &str = "feedloop-collector";
 
 pub struct Durable {
     /// Replaced when the broker stops taking its records (see [`Durable::drain`]).
@@ -134,7 +123,7 @@ impl Durable {
         ack_timeout: Duration,
     ) -> Result<Self, KafkaError> {
         Ok(Self {
-            producer: std::sync::RwLock::new(producer(&kafka, &properties)?),
+            producer: std::sync::RwLock::new(kafka.producer(CLIENT_ID, &properties)?),
             properties,
             spool,
             dedup,
@@ -158,7 +147,7 @@ impl Durable {
 
     /// Replaces the producer with a new one (a new producer id, sequence numbers from zero).
     fn reset_producer(&self) {
-        match producer(&self.kafka, &self.properties) {
+        match self.kafka.producer(CLIENT_ID, &self.properties) {
             Ok(p) => {
                 match self.producer.write() {
                     Ok(mut current) => *current = p,

@@ -143,7 +143,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         max_batch_len: config.http.max_batch_len,
     });
     let app = api::router(state, &config);
-    let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
+    let (listener, addr) = feedloop_core::http::bind(&config.http.listen, &config.http.tls).await?;
     tracing::info!(%addr, "Collector listening");
     let task = tokio::spawn(async move {
         let served = feedloop_core::http::serve(listener, app, shutdown).await;

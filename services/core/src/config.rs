@@ -15,9 +15,23 @@ pub struct RegistryConfig {
     pub url: String,
     pub user: String,
     pub password: Secret,
+    /// PEM file of the CA that signed an `https://` registry's certificate, when it is not
+    /// one the system trusts; empty: the system's roots.
+    #[serde(default)]
+    pub ca: String,
 }
 
 impl RegistryConfig {
+    /// A registry at `url` with these credentials, trusting the system's roots.
+    pub fn new(url: impl Into<String>, user: impl Into<String>, password: Secret) -> Self {
+        Self {
+            url: url.into(),
+            user: user.into(),
+            password,
+            ca: String::new(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.user.is_empty() && self.password.is_empty() {
             return Err(ConfigError::invalid(
@@ -37,6 +51,7 @@ impl RegistryConfig {
         crate::registry_client::RegistryClient::new(
             &self.url,
             auth,
+            &self.ca,
             std::time::Duration::from_secs(10),
         )
     }

@@ -20,36 +20,75 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::telemetry;
+use crate::{
+    telemetry,
+    tls::{ServerTls, TlsError, TlsListener},
+};
+
+/// Where a server listens: plain HTTP, or HTTPS with `[http.tls]`.
+#[derive(Debug)]
+pub enum Listener {
+    Plain(TcpListener),
+    Tls(TlsListener),
+}
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then drains in-flight requests.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     app: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .into_future()
-        .await
+    let stop = async move { shutdown.cancelled().await };
+    match listener {
+        Listener::Plain(l) => {
+            axum::serve(l, app)
+                .with_graceful_shutdown(stop)
+                .into_future()
+                .await
+        }
+        Listener::Tls(l) => {
+            axum::serve(l, app)
+                .with_graceful_shutdown(stop)
+                .into_future()
+                .await
+        }
+    }
 }
 
 /// A listener could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source}")]
-pub struct BindError {
-    pub addr: String,
-    pub source: std::io::Error,
+pub enum BindError {
+    #[error("cannot listen on {addr}: {source}")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot serve HTTPS on {addr}: {source}")]
+    Tls { addr: String, source: TlsError },
 }
 
-/// Binds `addr` (`host:port`, port 0 for any) and says where it ended up.
-pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), BindError> {
-    let err = |source| BindError {
+/// Binds `addr` (`host:port`, port 0 for any), with TLS when `tls` has a certificate, and
+/// says where it ended up.
+pub async fn bind(addr: &str, tls: &ServerTls) -> Result<(Listener, SocketAddr), BindError> {
+    let io = |source| BindError::Io {
         addr: addr.to_owned(),
         source,
     };
-    let listener = TcpListener::bind(addr).await.map_err(err)?;
-    let local = listener.local_addr().map_err(err)?;
+    // Certificates first: a bad file is a configuration error, whatever the port.
+    let acceptor = if tls.enabled() {
+        Some(tls.acceptor().map_err(|source| BindError::Tls {
+            addr: addr.to_owned(),
+            source,
+        })?)
+    } else {
+        None
+    };
+    let listener = TcpListener::bind(addr).await.map_err(io)?;
+    let local = listener.local_addr().map_err(io)?;
+    let listener = match acceptor {
+        Some(acceptor) => Listener::Tls(TlsListener::new(listener, acceptor).map_err(io)?),
+        None => Listener::Plain(listener),
+    };
     Ok((listener, local))
 }
 

@@ -11,7 +11,7 @@ use rdkafka::{
     Message,
     consumer::{CommitMode, Consumer, StreamConsumer},
     error::KafkaError,
-    producer::{FutureProducer, FutureRecord},
+    producer::FutureRecord,
 };
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::{
     avro::CompiledSchema,
     catalogue::DEADLETTER_TOPIC,
-    kafka::KafkaConfig,
+    kafka::{HealingProducer, KafkaConfig},
     model::{DeadLetter, DeadLetterReason},
     registry_client::{RegistryClient, RegistryClientError},
 };
@@ -38,7 +38,7 @@ pub struct Intake {
     topic: &'static str,
     service: &'static str,
     registry: Arc<RegistryClient>,
-    producer: FutureProducer,
+    producer: Arc<HealingProducer>,
     deadletter: Arc<CompiledSchema>,
     /// The service's counter of dead-lettered records.
     dead_letters_metric: Option<&'static str>,
@@ -68,7 +68,7 @@ impl Intake {
         topic: &'static str,
         service: &'static str,
         registry: Arc<RegistryClient>,
-        producer: FutureProducer,
+        producer: Arc<HealingProducer>,
         deadletter: Arc<CompiledSchema>,
     ) -> Result<Self, KafkaError> {
         // With the replica's instance id (static membership), a replica killed and started
@@ -198,11 +198,16 @@ impl Intake {
         if let Some(metric) = self.dead_letters_metric {
             metrics::counter!(metric).increment(1);
         }
-        self.producer
+        let sent = self
+            .producer
+            .get()
             .send(
                 FutureRecord::to(DEADLETTER_TOPIC).key(&key).payload(&value),
                 Duration::from_secs(30),
             )
+            .await;
+        self.producer
+            .observe(sent)
             .await
             .map_err(|(e, _)| e.to_string())?;
         Ok(())

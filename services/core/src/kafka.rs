@@ -8,10 +8,14 @@ use rdkafka::{
     client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer, ConsumerContext},
     error::{KafkaError, RDKafkaErrorCode},
+    producer::FutureProducer,
 };
 use serde::Deserialize;
 
-use crate::catalogue::TopicSpec;
+use crate::{
+    catalogue::TopicSpec,
+    config::{ConfigError, Secret},
+};
 
 /// Where the brokers are and how to talk to them.
 #[derive(Debug, Clone, Deserialize)]
@@ -22,8 +26,13 @@ pub struct KafkaConfig {
     /// Replication factor of topics feedloop creates (use 3 on a real cluster).
     #[serde(default = "default_replication")]
     pub replication_factor: i32,
-    /// Extra librdkafka properties (tuning), passed through verbatim. feedloop builds
-    /// librdkafka without TLS and SASL (docs/reliability.md).
+    /// `[kafka.tls]`: TLS to the brokers.
+    #[serde(default)]
+    pub tls: KafkaTls,
+    /// `[kafka.sasl]`: SASL authentication to the brokers.
+    #[serde(default)]
+    pub sasl: KafkaSasl,
+    /// Extra librdkafka properties (tuning), passed through verbatim, after the settings above.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// This replica's stable name (its pod name, say): consumer groups then know it across
@@ -38,26 +47,161 @@ const fn default_replication() -> i32 {
     1
 }
 
+/// `[kafka.tls]`: TLS to the brokers (librdkafka's OpenSSL).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTls {
+    /// Speak TLS to the brokers.
+    #[serde(default)]
+    pub enabled: bool,
+    /// PEM file of the CA that signed the brokers' certificates; empty: the system's roots.
+    #[serde(default)]
+    pub ca: String,
+    /// Client certificate and key (PEM) for brokers that authenticate clients by TLS (mTLS).
+    #[serde(default)]
+    pub cert: String,
+    #[serde(default)]
+    pub key: String,
+    /// Check that a broker's certificate names the host connected to (leave on: off only
+    /// for certificates issued to IP addresses that librdkafka cannot match).
+    #[serde(default = "yes")]
+    pub verify_hostname: bool,
+}
+
+const fn yes() -> bool {
+    true
+}
+
+impl Default for KafkaTls {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ca: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            verify_hostname: true,
+        }
+    }
+}
+
+/// `[kafka.sasl]`: SASL authentication. An empty mechanism: none.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSasl {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    #[serde(default)]
+    pub mechanism: String,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub password: Secret,
+}
+
+/// SASL mechanisms librdkafka speaks without Kerberos.
+const SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
 impl KafkaConfig {
     pub fn new(bootstrap: impl Into<String>) -> Self {
         Self {
             bootstrap: bootstrap.into(),
             replication_factor: default_replication(),
+            tls: KafkaTls::default(),
+            sasl: KafkaSasl::default(),
             properties: BTreeMap::new(),
             instance_id: None,
         }
     }
 
-    /// A librdkafka configuration with the bootstrap servers, `client.id` and the extra
-    /// properties.
+    /// `[kafka.tls]` and `[kafka.sasl]` make sense together; `section` names them in errors.
+    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        let tls = &self.tls;
+        let files = [&tls.ca, &tls.cert, &tls.key];
+        if !tls.enabled && files.iter().any(|f| !f.is_empty()) {
+            return Err(ConfigError::invalid(
+                &format!("{section}.tls.enabled"),
+                "must be true when a CA, certificate or key is set",
+            ));
+        }
+        if tls.cert.is_empty() != tls.key.is_empty() {
+            return Err(ConfigError::invalid(
+                &format!("{section}.tls.cert"),
+                "a client certificate and its key go together",
+            ));
+        }
+        let sasl = &self.sasl;
+        if !sasl.mechanism.is_empty() {
+            if !SASL_MECHANISMS.contains(&sasl.mechanism.as_str()) {
+                return Err(ConfigError::invalid(
+                    &format!("{section}.sasl.mechanism"),
+                    format!("one of {}", SASL_MECHANISMS.join(", ")),
+                ));
+            }
+            if sasl.user.is_empty() || sasl.password.is_empty() {
+                return Err(ConfigError::invalid(
+                    &format!("{section}.sasl.user"),
+                    "a user and a password are required with a mechanism",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A librdkafka configuration with the bootstrap servers, `client.id`, TLS and SASL, and
+    /// the extra properties.
     pub fn client_config(&self, client_id: &str) -> ClientConfig {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.bootstrap)
             .set("client.id", client_id);
+        let sasl = !self.sasl.mechanism.is_empty();
+        let protocol = match (self.tls.enabled, sasl) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        cfg.set("security.protocol", protocol);
+        if self.tls.enabled {
+            let set = |cfg: &mut ClientConfig, key: &str, value: &str| {
+                if !value.is_empty() {
+                    cfg.set(key, value);
+                }
+            };
+            set(&mut cfg, "ssl.ca.location", &self.tls.ca);
+            set(&mut cfg, "ssl.certificate.location", &self.tls.cert);
+            set(&mut cfg, "ssl.key.location", &self.tls.key);
+            cfg.set(
+                "ssl.endpoint.identification.algorithm",
+                if self.tls.verify_hostname {
+                    "https"
+                } else {
+                    "none"
+                },
+            );
+        }
+        if sasl {
+            cfg.set("sasl.mechanism", &self.sasl.mechanism)
+                .set("sasl.username", &self.sasl.user)
+                .set("sasl.password", self.sasl.password.expose());
+        }
         for (k, v) in &self.properties {
             cfg.set(k, v);
         }
         cfg
+    }
+
+    /// The idempotent producer (`acks=all`) of client `client_id`: the service's `[producer]`
+    /// `properties` tune it; idempotence and acknowledgement by every in-sync replica are fixed.
+    pub fn producer(
+        &self,
+        client_id: &str,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<FutureProducer, KafkaError> {
+        let mut cfg = self.client_config(client_id);
+        for (k, v) in properties {
+            cfg.set(k, v);
+        }
+        cfg.set("enable.idempotence", "true").set("acks", "all");
+        cfg.create()
     }
 
     /// [`client_config`](Self::client_config) for a member of consumer group `group`, with
@@ -107,6 +251,85 @@ impl ProducerHealth {
              (it lost their idempotence state, as a broker restarted without durable storage does)"
         );
         true
+    }
+}
+
+/// The [`producer`](KafkaConfig::producer) of a service that sends records now and then and
+/// retries what fails (the eraser, the trigger, dead letters): it replaces itself by the rule
+/// of [`ProducerHealth`] and counts it in the service's `resets_metric`. Sends go through
+/// [`get`](Self::get), their outcomes through [`observe`](Self::observe).
+pub struct HealingProducer {
+    kafka: KafkaConfig,
+    client_id: &'static str,
+    properties: BTreeMap<String, String>,
+    resets_metric: &'static str,
+    current: std::sync::RwLock<FutureProducer>,
+    health: tokio::sync::Mutex<ProducerHealth>,
+}
+
+impl std::fmt::Debug for HealingProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealingProducer")
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HealingProducer {
+    /// Two failed sends in a row while the broker answers replace the producer.
+    const AFTER: u32 = 2;
+
+    pub fn new(
+        kafka: &KafkaConfig,
+        client_id: &'static str,
+        properties: &BTreeMap<String, String>,
+        resets_metric: &'static str,
+    ) -> Result<Self, KafkaError> {
+        Ok(Self {
+            current: std::sync::RwLock::new(kafka.producer(client_id, properties)?),
+            kafka: kafka.clone(),
+            client_id,
+            properties: properties.clone(),
+            resets_metric,
+            health: tokio::sync::Mutex::new(ProducerHealth::new(Self::AFTER)),
+        })
+    }
+
+    /// The producer to send with now.
+    pub fn get(&self) -> FutureProducer {
+        match self.current.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Records how a send (or a batch of them) went, replacing the producer when the broker
+    /// keeps failing it; passes the outcome on.
+    pub async fn observe<T, E>(&self, outcome: Result<T, E>) -> Result<T, E> {
+        self.record(outcome.is_ok()).await;
+        outcome
+    }
+
+    /// Records whether a send went through (`false`: Kafka failed it).
+    pub async fn record(&self, delivered: bool) {
+        let mut health = self.health.lock().await;
+        if delivered {
+            health.delivered();
+            return;
+        }
+        if !health.failed(&self.kafka, self.client_id).await {
+            return;
+        }
+        match self.kafka.producer(self.client_id, &self.properties) {
+            Ok(fresh) => {
+                match self.current.write() {
+                    Ok(mut p) => *p = fresh,
+                    Err(poisoned) => *poisoned.into_inner() = fresh,
+                }
+                metrics::counter!(self.resets_metric).increment(1);
+            }
+            Err(e) => tracing::error!(error = %e, "Cannot create a new Kafka producer"),
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod registry_client;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 /// feedloop's version, as recorded in produced records.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -36,6 +36,8 @@ pub enum RegistryClientError {
     Codec(#[from] CodecError),
     #[error("invalid registry url {0:?}")]
     BadUrl(String),
+    #[error("schema registry CA: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl Classify for RegistryClientError {
@@ -43,7 +45,9 @@ impl Classify for RegistryClientError {
         match self {
             Self::Unreachable { .. } => ErrorClass::Unavailable,
             Self::Api { status, .. } if *status >= 500 => ErrorClass::Unavailable,
-            Self::Api { .. } | Self::Codec(_) | Self::BadUrl(_) => ErrorClass::BadInput,
+            Self::Api { .. } | Self::Codec(_) | Self::BadUrl(_) | Self::Tls(_) => {
+                ErrorClass::BadInput
+            }
         }
     }
 }
@@ -106,16 +110,18 @@ impl std::fmt::Debug for RegistryClient {
 }
 
 impl RegistryClient {
-    /// A client for the registry at `url`, optionally with HTTP Basic credentials.
+    /// A client for the registry at `url`, optionally with HTTP Basic credentials, trusting
+    /// the CAs of the PEM file `ca` beside the system's roots (empty: the system's only).
     pub fn new(
         url: &str,
         auth: Option<(String, Secret)>,
+        ca: &str,
         timeout: Duration,
     ) -> Result<Self, RegistryClientError> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(RegistryClientError::BadUrl(url.to_owned()));
         }
-        let http = reqwest::Client::builder()
+        let http = crate::tls::client_builder([ca])?
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()
@@ -302,7 +308,7 @@ mod tests {
     #[test]
     fn rejects_non_http_urls() {
         assert!(matches!(
-            RegistryClient::new("localhost:8081", None, Duration::from_secs(1)),
+            RegistryClient::new("localhost:8081", None, "", Duration::from_secs(1)),
             Err(RegistryClientError::BadUrl(_))
         ));
     }

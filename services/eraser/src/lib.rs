@@ -17,7 +17,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use feedloop_core::{
     catalogue::{Catalogue, ERASURE_AUDIT_TOPIC, PARTITIONS_TOPIC, TOPICS},
-    kafka::ensure_topics,
+    kafka::{HealingProducer, ensure_topics},
     postgres,
     registry_client::RegistryClientError,
 };
@@ -84,14 +84,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             &catalogue.composed("io.feedloop.erasure.ErasureAudit")?,
         )
         .await?;
-    let mut producer_cfg = config.kafka.client_config("feedloop-eraser");
-    for (k, v) in &config.producer {
-        producer_cfg.set(k, v);
-    }
-    producer_cfg
-        .set("enable.idempotence", "true")
-        .set("acks", "all");
-    let producer: rdkafka::producer::FutureProducer = producer_cfg.create()?;
+    let producer = Arc::new(HealingProducer::new(
+        &config.kafka,
+        "feedloop-eraser",
+        &config.producer,
+        observability::PRODUCER_RESETS,
+    )?);
     let cfg = Arc::new(config);
     let worker = worker::Worker {
         cfg: cfg.clone(),
@@ -122,7 +120,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         deadletter,
     )?
     .counting_dead_letters(observability::DEAD_LETTERS);
-    let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen).await?;
+    let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen, &cfg.http.tls).await?;
     let app = api::routes(api::Api {
         cfg: cfg.clone(),
         control: control.clone(),

@@ -12,6 +12,8 @@ pub const DEAD_LETTERS: &str = "feedloop_eraser_dead_letters_total";
 pub const TARGET_FAILURES: &str = "feedloop_eraser_target_failures_total";
 pub const REQUESTS: &str = "feedloop_eraser_requests_total";
 
+pub const PRODUCER_RESETS: &str = "feedloop_eraser_producer_resets_total";
+
 pub const HTTP: HttpMetrics = HttpMetrics {
     requests: "feedloop_eraser_http_requests_total",
     duration: "feedloop_eraser_http_request_duration_seconds",
@@ -34,6 +36,10 @@ pub fn describe() {
         "Erasure targets that failed after every attempt, by target."
     );
     describe_counter!(REQUESTS, "Erasure requests accepted, by origin.");
+    describe_counter!(
+        PRODUCER_RESETS,
+        "Kafka producers replaced because the broker kept failing them while it answered (it lost their state)."
+    );
     describe_counter!(HTTP.requests, "HTTP requests.");
     describe_histogram!(HTTP.duration, "HTTP request duration.");
 }

@@ -7,6 +7,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use feedloop_core::kafka::HealingProducer;
 use feedloop_core::{
     avro::CompiledSchema,
     catalogue::ERASURE_AUDIT_TOPIC,
@@ -14,7 +15,7 @@ use feedloop_core::{
 };
 use feedloop_labeler::{dataset::Root, erasure, state::StateStore};
 use hmac::{Hmac, Mac};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -35,7 +36,7 @@ pub struct Worker {
     pub state: Arc<dyn StateStore>,
     pub keys: Arc<dyn feedloop_core::crypto::KeyStore>,
     pub root: Root,
-    pub producer: FutureProducer,
+    pub producer: Arc<HealingProducer>,
     pub partitions_schema: Arc<CompiledSchema>,
     pub audit_schema: Arc<CompiledSchema>,
 }
@@ -218,14 +219,19 @@ impl Worker {
             datasets.insert(dataset.clone());
         }
         for d in &datasets {
-            feedloop_labeler::engine::announce(
+            let announced = feedloop_labeler::engine::announce(
                 &self.control,
-                &self.producer,
+                &self.producer.get(),
                 &self.partitions_schema,
                 Some(d),
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await;
+            let kafka_failed = matches!(
+                announced,
+                Err(feedloop_labeler::engine::EngineError::Kafka(_))
+            );
+            self.producer.record(!kafka_failed).await;
+            announced.map_err(|e| e.to_string())?;
         }
         Ok((
             rows,
@@ -234,23 +240,29 @@ impl Worker {
     }
 
     async fn tombstones(&self, users: &[String]) -> Result<Done, String> {
+        let producer = self.producer.get();
         let mut futures = Vec::new();
         for topic in &self.cfg.erasure.tombstone_topics {
             for u in users {
                 let record: FutureRecord<'_, String, [u8]> = FutureRecord::to(topic).key(u);
-                let f = self
-                    .producer
+                let f = producer
                     .send_result(record)
                     .map_err(|(e, _)| e.to_string())?;
                 futures.push(f);
             }
         }
         let n = futures.len() as i64;
+        let mut delivered = Ok(());
         for f in futures {
-            f.await
-                .map_err(|_| "producer closed".to_owned())?
-                .map_err(|(e, _)| e.to_string())?;
+            let outcome = f
+                .await
+                .map_err(|_| "producer closed".to_owned())
+                .and_then(|r| r.map(|_| ()).map_err(|(e, _)| e.to_string()));
+            if delivered.is_ok() {
+                delivered = outcome;
+            }
         }
+        self.producer.observe(delivered).await?;
         Ok((
             n,
             json!({ "tombstones_written": n, "topics": self.cfg.erasure.tombstone_topics }),
@@ -310,13 +322,18 @@ impl Worker {
             .encode(&audit, &mut value)
             .map_err(|e| e.to_string())?;
         let key = audit.request_id.clone();
-        self.producer
+        let sent = self
+            .producer
+            .get()
             .send(
                 FutureRecord::to(ERASURE_AUDIT_TOPIC)
                     .key(&key)
                     .payload(&value),
                 Duration::from_secs(30),
             )
+            .await;
+        self.producer
+            .observe(sent)
             .await
             .map_err(|(e, _)| e.to_string())?;
         Ok(())

@@ -269,6 +269,9 @@ enum SchemasCommand {
         /// HTTP Basic password.
         #[arg(long, env = "FEEDLOOP_REGISTRY_PASSWORD", hide_env_values = true)]
         password: Option<String>,
+        /// PEM file of the CA of an https:// registry that the system does not trust.
+        #[arg(long, env = "FEEDLOOP_REGISTRY_CA", default_value = "")]
+        ca: String,
     },
     /// Fail if any .avsc breaks compatibility with its previous committed version.
     Check {
@@ -580,7 +583,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 registry,
                 user,
                 password,
-            } => register(&registry, user, password).await,
+                ca,
+            } => register(&registry, user, password, &ca).await,
             SchemasCommand::Check {
                 repo,
                 compatibility,
@@ -651,9 +655,10 @@ async fn register(
     url: &str,
     user: Option<String>,
     password: Option<String>,
+    ca: &str,
 ) -> anyhow::Result<ExitCode> {
     let auth = user.map(|u| (u, Secret::new(password.unwrap_or_default())));
-    let client = RegistryClient::new(url, auth, Duration::from_secs(30))?;
+    let client = RegistryClient::new(url, auth, ca, Duration::from_secs(30))?;
     let catalogue = Catalogue::embedded()?;
     for (subject, schema) in catalogue.subjects()? {
         let id = client

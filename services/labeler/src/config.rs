@@ -78,6 +78,8 @@ pub struct StateConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+    /// `[http.tls]`: HTTPS, when a certificate is set.
+    pub tls: feedloop_core::tls::ServerTls,
 }
 
 impl Config {
@@ -93,6 +95,8 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.tls.validate("http.tls")?;
+        self.kafka.validate("kafka")?;
         let specs = self.label_specs()?;
         let mut names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         names.sort_unstable();

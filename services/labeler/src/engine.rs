@@ -207,7 +207,11 @@ pub async fn run(
                 if !matches!(e, EngineError::Kafka(KafkaError::MessageProduction(_))) {
                     health.delivered();
                 } else if health.failed(&shared.cfg.kafka, "labeler").await {
-                    match crate::producer(&shared.cfg) {
+                    match shared
+                        .cfg
+                        .kafka
+                        .producer("feedloop-labeler", &shared.cfg.producer)
+                    {
                         Ok(p) => {
                             shared.producer = p;
                             observability::producer_reset(dataset.name());
@@ -282,8 +286,15 @@ pub(crate) async fn session(
         };
         match item {
             Some((i, Ok(msg))) => {
-                let (topic, table, _) = &consumers[i];
-                p.handle(topic, table.as_deref(), &msg).await?;
+                let (topic, table, consumer) = &consumers[i];
+                if p.handle(topic, table.as_deref(), &msg).await? == Read::FromStart {
+                    consumer.seek(
+                        topic,
+                        msg.partition(),
+                        Offset::Beginning,
+                        Duration::from_secs(10),
+                    )?;
+                }
                 since_advance += 1;
                 if let Mode::Replay { records } = &shared.mode {
                     records.fetch_add(1, Ordering::Relaxed);
@@ -324,11 +335,20 @@ pub(crate) async fn session(
     }
 }
 
+/// What to do after a record was handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Done,
+    /// The partition's log was replaced: read it again from its start.
+    FromStart,
+}
+
 /// The committed position of a dataset.
 #[derive(Debug)]
 struct Position {
     seq: i64,
     offsets: BTreeMap<String, i64>,
+    timestamps: BTreeMap<String, i64>,
     watermarks: BTreeMap<String, i64>,
     emitted: CloseCursor,
 }
@@ -340,6 +360,11 @@ struct Pipeline {
     watermarks: Watermarks,
     /// Next offset to read, per `topic/partition`.
     offsets: BTreeMap<String, i64>,
+    /// Timestamp of the last record read, per `topic/partition`.
+    timestamps: BTreeMap<String, i64>,
+    /// Partitions whose last committed record is read again first, to tell whether the log
+    /// is still the one committed against: `topic/partition` → (its offset, its timestamp).
+    probes: BTreeMap<String, (i64, i64)>,
     /// First offset read since the last commit, per `topic/partition`.
     batch_start: BTreeMap<String, i64>,
     /// Examples up to this (close, id) were emitted.
@@ -354,7 +379,7 @@ impl Pipeline {
     async fn open(shared: Shared, dataset: Dataset) -> Result<Self, EngineError> {
         let name = dataset.name().to_owned();
         let row = sqlx::query(
-            "SELECT spec_hash, seq, offsets, watermarks, emitted_through_ms,
+            "SELECT spec_hash, seq, offsets, timestamps, watermarks, emitted_through_ms,
                     emitted_through_id::text AS emitted_through_id
              FROM labeler.positions WHERE dataset = $1",
         )
@@ -365,6 +390,7 @@ impl Pipeline {
             None => Position {
                 seq: 0,
                 offsets: BTreeMap::new(),
+                timestamps: BTreeMap::new(),
                 watermarks: BTreeMap::new(),
                 emitted: CloseCursor::after(i64::MIN),
             },
@@ -388,6 +414,7 @@ impl Pipeline {
                 Position {
                     seq: r.try_get("seq")?,
                     offsets: parse(r.try_get("offsets")?)?,
+                    timestamps: parse(r.try_get("timestamps")?)?,
                     watermarks: parse(r.try_get("watermarks")?)?,
                     emitted: CloseCursor {
                         close_ms: r.try_get("emitted_through_ms")?,
@@ -407,7 +434,16 @@ impl Pipeline {
             dataset,
             name,
             watermarks,
+            probes: position
+                .timestamps
+                .iter()
+                .filter_map(|(key, ts)| {
+                    let next = *position.offsets.get(key)?;
+                    (next > 0).then(|| (key.clone(), (next - 1, *ts)))
+                })
+                .collect(),
             offsets: position.offsets,
+            timestamps: position.timestamps,
             batch_start: BTreeMap::new(),
             emitted: position.emitted,
             seq: position.seq,
@@ -505,10 +541,13 @@ impl Pipeline {
             .await?;
             let mut tpl = TopicPartitionList::new();
             for p in partitions {
-                let offset = self
-                    .offsets
-                    .get(&tp(&topic, p))
-                    .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                let key = tp(&topic, p);
+                // From the last record read when there is one to check, else the next.
+                let offset = match (self.probes.get(&key), self.offsets.get(&key)) {
+                    (Some((last, _)), _) => Offset::Offset(*last),
+                    (None, Some(next)) => Offset::Offset(*next),
+                    (None, None) => Offset::Beginning,
+                };
                 tpl.add_partition_offset(&topic, p, offset)?;
                 self.watermarks.assign(&topic, p);
             }
@@ -522,38 +561,65 @@ impl Pipeline {
         !self.rows.is_empty() || !self.batch_start.is_empty()
     }
 
+    /// Reports an input partition that went back behind the committed position: a log lost
+    /// and started again (a broker without durable storage restarted, or the topic was deleted
+    /// and created again). Records between the committed position and the old end are gone, and
+    /// the new log is read as new.
+    fn log_reset(&self, topic: &str, partition: i32, committed: i64, got: i64) {
+        observability::log_reset(&self.name, topic);
+        tracing::error!(
+            dataset = %self.name,
+            topic,
+            partition,
+            committed,
+            got,
+            "The input partition went back behind the committed position: the broker lost its log"
+        );
+    }
+
     async fn handle(
         &mut self,
         topic: &str,
         table: Option<&str>,
         msg: &BorrowedMessage<'_>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Read, EngineError> {
         let partition = msg.partition();
         let offset = msg.offset();
         let key = tp(topic, partition);
+        let timestamp = msg.timestamp().to_millis();
+        if let Some((last, last_timestamp)) = self.probes.remove(&key) {
+            // The first record of a partition after a restart is the last one committed, read
+            // again: the log is the one committed against when it is still there.
+            if offset == last && timestamp == Some(last_timestamp) {
+                return Ok(Read::Done);
+            }
+            // A later record: the committed one was compacted or expired away. Nothing lost.
+            if offset > last {
+                self.offsets.insert(key.clone(), last + 1);
+            } else {
+                self.log_reset(topic, partition, last + 1, offset);
+                self.offsets.insert(key.clone(), 0);
+                // A different record at that offset: a new log that already grew past the
+                // committed position. Read it from its start.
+                if offset == last && offset > 0 {
+                    return Ok(Read::FromStart);
+                }
+            }
+        }
         if let Some(expected) = self.offsets.get(&key).copied()
             && offset < expected
         {
-            // Offsets never go back in a partition that kept its log: this one was lost (a
-            // broker without durable storage restarted, or the topic was deleted and created
-            // again). Records between the committed position and the old end are gone, and
-            // what follows is read as new.
-            observability::log_reset(&self.name, topic);
-            tracing::error!(
-                dataset = %self.name,
-                topic,
-                partition,
-                committed = expected,
-                got = offset,
-                "The input partition went back behind the committed position: the broker lost its log"
-            );
+            self.log_reset(topic, partition, expected, offset);
         }
         self.offsets.insert(key.clone(), offset + 1);
+        if let Some(ts) = timestamp {
+            self.timestamps.insert(key.clone(), ts);
+        }
         self.batch_start.entry(key).or_insert(offset);
         let Some(bytes) = msg.payload() else {
             // Tombstones of compacted cdc topics carry nothing to label.
             observability::record(&self.name, "other");
-            return Ok(());
+            return Ok(Read::Done);
         };
         let source = SourceRef {
             topic: topic.to_owned(),
@@ -567,7 +633,8 @@ impl Pipeline {
         {
             Ok(d) => d,
             Err((reason, detail)) => {
-                return self.dead_letter(reason, &detail, bytes, &source).await;
+                self.dead_letter(reason, &detail, bytes, &source).await?;
+                return Ok(Read::Done);
             }
         };
         self.watermarks.observe(topic, partition, decoded.time_ms);
@@ -623,7 +690,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(())
+        Ok(Read::Done)
     }
 
     /// Decodes a record; `Ok(Err(..))` is a poison record for the dead-letter topic.
@@ -967,10 +1034,10 @@ impl Pipeline {
         let json =
             |m: &BTreeMap<String, i64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
         sqlx::query(
-            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, watermarks, emitted_through_ms, emitted_through_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7::uuid)
+            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, timestamps, watermarks, emitted_through_ms, emitted_through_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::uuid)
              ON CONFLICT (dataset) DO UPDATE SET spec_hash = EXCLUDED.spec_hash, seq = EXCLUDED.seq,
-               offsets = EXCLUDED.offsets, watermarks = EXCLUDED.watermarks,
+               offsets = EXCLUDED.offsets, timestamps = EXCLUDED.timestamps, watermarks = EXCLUDED.watermarks,
                emitted_through_ms = EXCLUDED.emitted_through_ms,
                emitted_through_id = EXCLUDED.emitted_through_id, committed_at = now()",
         )
@@ -978,6 +1045,7 @@ impl Pipeline {
         .bind(&spec.hash)
         .bind(self.seq + 1)
         .bind(json(&self.offsets))
+        .bind(json(&self.timestamps))
         .bind(json(&self.watermarks.snapshot()))
         .bind(self.emitted.close_ms)
         .bind(self.emitted.example_id.to_string())

@@ -34,7 +34,6 @@ use feedloop_core::{
     postgres,
     registry_client::RegistryClientError,
 };
-use rdkafka::producer::FutureProducer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -76,15 +75,6 @@ pub struct Running {
     /// Address of the operational HTTP endpoints.
     pub addr: SocketAddr,
     pub task: JoinHandle<()>,
-}
-
-pub fn producer(config: &Config) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-    let mut cfg = config.kafka.client_config("feedloop-labeler");
-    for (k, v) in &config.producer {
-        cfg.set(k, v);
-    }
-    cfg.set("enable.idempotence", "true").set("acks", "all");
-    cfg.create()
 }
 
 /// The configured join-state adapter.
@@ -144,7 +134,9 @@ async fn prepare(config: &Config, mode: Mode) -> Result<(Shared, Vec<Dataset>), 
         state,
         root,
         registry: registry.clone(),
-        producer: producer(config)?,
+        producer: config
+            .kafka
+            .producer("feedloop-labeler", &config.producer)?,
         deadletter,
         partitions_schema,
         mode,
@@ -249,7 +241,7 @@ pub enum ReplayError {
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
     let (shared, datasets) = prepare(&config, Mode::Serve).await?;
-    let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
+    let (listener, addr) = feedloop_core::http::bind(&config.http.listen, &config.http.tls).await?;
     let ready: Vec<Arc<AtomicBool>> = datasets
         .iter()
         .map(|_| Arc::new(AtomicBool::new(false)))

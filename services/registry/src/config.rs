@@ -24,6 +24,8 @@ pub struct HttpConfig {
     pub listen: String,
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
+    /// `[http.tls]`: HTTPS, when a certificate is set.
+    pub tls: feedloop_core::tls::ServerTls,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +50,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.tls.validate("http.tls")?;
         if self.auth.users.is_empty() {
             return Err(ConfigError::invalid(
                 "auth.users",

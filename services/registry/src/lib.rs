@@ -49,7 +49,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     )
     .await?;
     postgres::migrate(&pool).await?;
-    let (listener, addr) = feedloop_core::http::bind(&config.http.listen).await?;
+    let (listener, addr) = feedloop_core::http::bind(&config.http.listen, &config.http.tls).await?;
     let state = api::AppState {
         registry: service::Registry::new(store::Store::new(pool)),
         users: Arc::new(config.auth.users.clone()),

@@ -33,6 +33,8 @@ pub struct Config {
 pub struct HttpConfig {
     pub listen: String,
     pub max_body_bytes: usize,
+    /// `[http.tls]`: HTTPS, when a certificate is set.
+    pub tls: feedloop_core::tls::ServerTls,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +151,8 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.tls.validate("http.tls")?;
+        self.kafka.validate("kafka")?;
         if self.auth.token.expose().len() < 16 {
             return Err(ConfigError::invalid(
                 "auth.token",

@@ -9,12 +9,13 @@ use std::{sync::Arc, time::Duration};
 use feedloop_core::{
     avro::CompiledSchema,
     catalogue::RETRAIN_TOPIC,
+    kafka::HealingProducer,
     retry::{Attempt, RetryPolicy, retry},
 };
 use hmac::{Hmac, Mac};
 use rdkafka::{
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::FutureRecord,
 };
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{Value, json};
@@ -39,7 +40,7 @@ const IN_FLIGHT: usize = 16;
 pub struct Deliverer {
     pub cfg: Arc<Config>,
     pub control: PgPool,
-    pub producer: FutureProducer,
+    pub producer: Arc<HealingProducer>,
     pub schema: Arc<CompiledSchema>,
     pub http: reqwest::Client,
 }
@@ -326,8 +327,13 @@ impl Deliverer {
                 key: "event_id",
                 value: Some(t.id.as_str()),
             }));
-        self.producer
+        let sent = self
+            .producer
+            .get()
             .send(record, Duration::from_secs(30))
+            .await;
+        self.producer
+            .observe(sent)
             .await
             .map(|_| ())
             .map_err(|(e, _)| Attempt::Retry(format!("Kafka: {e}")))

@@ -22,7 +22,7 @@ use std::{net::SocketAddr, sync::Arc};
 use feedloop_core::{
     catalogue::{Catalogue, DEADLETTER_TOPIC, PARTITIONS_TOPIC, RETRAIN_TOPIC, TOPICS},
     intake::{Handled, Intake},
-    kafka::ensure_topics,
+    kafka::{HealingProducer, ensure_topics},
     postgres,
     registry_client::RegistryClientError,
 };
@@ -87,14 +87,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             &catalogue.composed("io.feedloop.deadletter.DeadLetter")?,
         )
         .await?;
-    let mut producer_cfg = config.kafka.client_config("feedloop-trigger");
-    for (k, v) in &config.producer {
-        producer_cfg.set(k, v);
-    }
-    producer_cfg
-        .set("enable.idempotence", "true")
-        .set("acks", "all");
-    let producer: rdkafka::producer::FutureProducer = producer_cfg.create()?;
+    let producer = Arc::new(HealingProducer::new(
+        &config.kafka,
+        "feedloop-trigger",
+        &config.producer,
+        observability::PRODUCER_RESETS,
+    )?);
     let cfg = Arc::new(config);
     let intake = Intake::new(
         &cfg.kafka,
@@ -113,7 +111,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         schema: retrain_schema,
         http: reqwest::Client::builder().build()?,
     });
-    let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen).await?;
+    let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen, &cfg.http.tls).await?;
     let app = api::routes(api::Api {
         cfg: cfg.clone(),
         control: control.clone(),

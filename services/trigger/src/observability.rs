@@ -9,6 +9,8 @@ pub const DELIVERIES: &str = "feedloop_trigger_deliveries_total";
 pub const PENDING_ROWS: &str = "feedloop_trigger_pending_rows";
 pub const DEAD_LETTERS: &str = "feedloop_trigger_dead_letters_total";
 
+pub const PRODUCER_RESETS: &str = "feedloop_trigger_producer_resets_total";
+
 pub const HTTP: HttpMetrics = HttpMetrics {
     requests: "feedloop_trigger_http_requests_total",
     duration: "feedloop_trigger_http_request_duration_seconds",
@@ -28,6 +30,10 @@ pub fn describe() {
     describe_counter!(
         DEAD_LETTERS,
         "Partition records sent to the dead-letter topic."
+    );
+    describe_counter!(
+        PRODUCER_RESETS,
+        "Kafka producers replaced because the broker kept failing them while it answered (it lost their state)."
     );
     describe_counter!(HTTP.requests, "HTTP requests.");
     describe_histogram!(HTTP.duration, "HTTP request duration.");

@@ -77,11 +77,11 @@ fn cdc_config(s: &Setup, slot: &str, prefix: &str) -> anyhow::Result<feedloop_cd
     c.users.table = String::new();
     c.topics.prefix = prefix.to_owned();
     c.kafka = s.kafka.clone();
-    c.registry = feedloop_cdc::config::RegistryConfig {
-        url: s.registry.clone(),
-        user: "feedloop".into(),
-        password: Secret::new(s.password.clone()),
-    };
+    c.registry = feedloop_cdc::config::RegistryConfig::new(
+        s.registry.clone(),
+        "feedloop",
+        Secret::new(s.password.clone()),
+    );
     c.control.url = Secret::new(s.control.clone());
     c.http.listen = "127.0.0.1:0".into();
     if !s.seal {

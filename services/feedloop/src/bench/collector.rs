@@ -106,7 +106,8 @@ async fn bare_producer(
     messages: &[(Vec<u8>, Vec<u8>)],
     total: usize,
 ) -> anyhow::Result<f64> {
-    let producer: FutureProducer = feedloop_collector::durable::producer(kafka, producer_props)?;
+    let producer: FutureProducer =
+        kafka.producer(feedloop_collector::durable::CLIENT_ID, producer_props)?;
     let start = Instant::now();
     let mut in_flight = std::collections::VecDeque::new();
     for i in 0..total {

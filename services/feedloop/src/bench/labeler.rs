@@ -510,6 +510,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let client = RegistryClient::new(
         &registry,
         Some(("feedloop".to_owned(), Secret::new(password.clone()))),
+        "",
         Duration::from_secs(10),
     )?;
     let catalogue = Catalogue::embedded()?;

@@ -182,6 +182,7 @@ pub async fn registry(
                 listen: "127.0.0.1:0".into(),
                 max_body_bytes: 1 << 20,
                 request_timeout_ms: 30_000,
+                tls: Default::default(),
             },
             postgres: feedloop_registry::config::PostgresConfig {
                 url: Secret::new(postgres),

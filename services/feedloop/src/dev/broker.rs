@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use feedloop_core::kafka::{KafkaConfig, wait_ready};
+use feedloop_core::{
+    config::Secret,
+    kafka::{KafkaConfig, KafkaSasl, wait_ready},
+};
 use nix::sys::signal::Signal;
 
 use super::{
@@ -46,6 +49,11 @@ pub struct TansuBroker {
     port: u16,
     storage: Storage,
     process: Option<Guarded>,
+    /// Where clients are told to connect (a TLS proxy in front of it, say); unset: its port.
+    advertised: Option<String>,
+    /// Clients must authenticate (SASL SCRAM-SHA-512); the user and password it checks its
+    /// own readiness with.
+    authentication: Option<(String, String)>,
 }
 
 /// Finds the tansu binary: `$TANSU_BIN`, `PATH`, or `~/.cargo/bin`.
@@ -130,7 +138,44 @@ impl TansuBroker {
             port,
             storage,
             process: None,
+            advertised: None,
+            authentication: None,
         };
+        broker.launch().await?;
+        Ok(broker)
+    }
+
+    /// A broker (SQLite storage) that authenticates clients with SASL SCRAM-SHA-512 against
+    /// `users` (name, password), and tells them to connect to `advertised` (`host:port`) once
+    /// bootstrapped. tansu only lets authenticated clients create users, so they are created
+    /// first, with authentication off, and the broker then starts again with it on.
+    pub async fn start_authenticated(
+        users: &[(&str, &str)],
+        advertised: &str,
+    ) -> Result<Self, DevError> {
+        let Some((first, password)) = users.first() else {
+            return Err(DevError::Config(
+                "an authenticated broker needs a user".into(),
+            ));
+        };
+        let mut broker = Self::start(Storage::Sqlite).await?;
+        for (name, password) in users {
+            let out = Command::new(tansu_bin()?)
+                .args(["user", "create", "--mechanism", "scram512", "--broker"])
+                .arg(format!("tcp://{}", broker.bootstrap()))
+                .args([name, password])
+                .output()
+                .map_err(|e| DevError::io("creating a tansu user", e))?;
+            if !out.status.success() {
+                return Err(DevError::Start {
+                    what: "tansu user create",
+                    detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+        }
+        broker.stop();
+        broker.advertised = Some(advertised.to_owned());
+        broker.authentication = Some(((*first).to_owned(), (*password).to_owned()));
         broker.launch().await?;
         Ok(broker)
     }
@@ -143,9 +188,14 @@ impl TansuBroker {
     async fn launch(&mut self) -> Result<(), DevError> {
         let bin = tansu_bin()?;
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = self
+            .advertised
+            .as_ref()
+            .map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
+        // tansu resolves the SQLite path against its working directory, the broker's.
         let storage = match self.storage {
-            Storage::Memory => "memory://tansu/".to_owned(),
-            Storage::Sqlite => format!("sqlite://{}", self.dir.path().join("broker.db").display()),
+            Storage::Memory => "memory://tansu/",
+            Storage::Sqlite => "sqlite://broker.db",
         };
         let log = fs::OpenOptions::new()
             .create(true)
@@ -158,8 +208,8 @@ impl TansuBroker {
         let mut cmd = Command::new(bin);
         cmd.arg("broker")
             .args(["--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
-            .args(["--storage-engine", &storage])
+            .args(["--advertised-listener-url", &advertised])
+            .args(["--storage-engine", storage])
             .current_dir(self.dir.path())
             .env(
                 "RUST_LOG",
@@ -167,10 +217,21 @@ impl TansuBroker {
             )
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log));
+        if self.authentication.is_some() {
+            cmd.arg("--authentication");
+        }
         let process = Guarded::spawn("tansu", &mut cmd, Some(self.dir.path()))
             .map_err(|e| DevError::io("starting tansu", e))?;
         self.process = Some(process);
-        let ready = wait_ready(&KafkaConfig::new(self.bootstrap()), Duration::from_secs(30)).await;
+        let mut kafka = KafkaConfig::new(self.bootstrap());
+        if let Some((user, password)) = &self.authentication {
+            kafka.sasl = KafkaSasl {
+                mechanism: "SCRAM-SHA-512".into(),
+                user: user.clone(),
+                password: Secret::new(password.clone()),
+            };
+        }
+        let ready = wait_ready(&kafka, Duration::from_secs(30)).await;
         let running = self.process.as_mut().is_some_and(Guarded::is_running);
         match ready {
             Ok(()) if running => Ok(()),

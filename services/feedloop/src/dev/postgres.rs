@@ -29,6 +29,8 @@ pub struct PgCluster {
     bindir: PathBuf,
     owner: Option<(Uid, Gid)>,
     process: Option<Guarded>,
+    /// Serves TLS only, over TCP (`hostssl`); plaintext TCP is refused.
+    tls: bool,
 }
 
 /// Where the server binaries are: `$PG_BINDIR`, `pg_config --bindir`, or the newest
@@ -69,6 +71,16 @@ pub fn bindir() -> Result<PathBuf, DevError> {
 impl PgCluster {
     /// Creates and starts a cluster; returns once it accepts connections.
     pub async fn start() -> Result<Self, DevError> {
+        Self::start_with(None).await
+    }
+
+    /// [`start`](Self::start) with a server that takes TCP connections over TLS only, with
+    /// this certificate chain and key (PEM files, copied into the cluster).
+    pub async fn start_tls(cert: &Path, key: &Path) -> Result<Self, DevError> {
+        Self::start_with(Some((cert, key))).await
+    }
+
+    async fn start_with(tls: Option<(&Path, &Path)>) -> Result<Self, DevError> {
         let bindir = bindir()?;
         let root = tempfile::Builder::new()
             .prefix("feedloop-pg-")
@@ -94,8 +106,12 @@ impl PgCluster {
             bindir,
             owner,
             process: None,
+            tls: tls.is_some(),
         };
         cluster.initdb()?;
+        if let Some((cert, key)) = tls {
+            cluster.require_tls(cert, key)?;
+        }
         cluster.launch().await?;
         Ok(cluster)
     }
@@ -141,6 +157,30 @@ impl PgCluster {
         Ok(())
     }
 
+    /// Installs the certificate and key as `server.crt` and `server.key` (owned by the server's
+    /// user, the key readable by it alone, as Postgres insists) and lets TCP clients in over
+    /// TLS only.
+    fn require_tls(&self, cert: &Path, key: &Path) -> Result<(), DevError> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data_dir();
+        for (from, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+            let to = data.join(name);
+            fs::copy(from, &to).map_err(|e| DevError::io("installing the TLS files", e))?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode))
+                .map_err(|e| DevError::io("installing the TLS files", e))?;
+            if let Some((uid, gid)) = self.owner {
+                chown(&to, Some(uid), Some(gid))
+                    .map_err(|e| DevError::io("installing the TLS files", e.into()))?;
+            }
+        }
+        let hba = "local all all trust\n\
+                   hostssl all all 127.0.0.1/32 trust\n\
+                   hostssl replication all 127.0.0.1/32 trust\n\
+                   hostssl all all ::1/128 trust\n\
+                   hostssl replication all ::1/128 trust\n";
+        fs::write(data.join("pg_hba.conf"), hba).map_err(|e| DevError::io("writing pg_hba.conf", e))
+    }
+
     /// Starts the server on a free port (the same port again on restart).
     async fn launch(&mut self) -> Result<(), DevError> {
         if self.port == 0 {
@@ -181,6 +221,8 @@ impl PgCluster {
                 "full_page_writes=off",
                 "-c",
                 "shared_buffers=128MB",
+                "-c",
+                if self.tls { "ssl=on" } else { "ssl=off" },
             ])
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log));

@@ -187,6 +187,7 @@ impl Stack {
                 listen: "127.0.0.1:0".into(),
                 max_body_bytes: 1 << 20,
                 request_timeout_ms: 30_000,
+                tls: Default::default(),
             },
             postgres: feedloop_registry::config::PostgresConfig {
                 url: Secret::new(postgres.url()),
@@ -222,11 +223,11 @@ impl Stack {
             .map_err(|e| DevError::Config(e.to_string()))?;
         collector.http.listen = "127.0.0.1:0".into();
         collector.kafka = kafka.clone();
-        collector.registry = feedloop_collector::config::RegistryConfig {
-            url: registry_url.clone(),
-            user: REGISTRY_USER.to_owned(),
-            password: Secret::new(admin_token.clone()),
-        };
+        collector.registry = feedloop_collector::config::RegistryConfig::new(
+            registry_url.clone(),
+            REGISTRY_USER.to_owned(),
+            Secret::new(admin_token.clone()),
+        );
         collector.postgres.url = Secret::new(postgres.url());
         collector.auth.apps.insert(
             "dev".into(),
@@ -254,11 +255,11 @@ impl Stack {
             feedloop_cdc::Config::from_defaults().map_err(|e| DevError::Config(e.to_string()))?;
         cdc.source.url = Secret::new(product_url.clone());
         cdc.kafka = kafka.clone();
-        cdc.registry = feedloop_cdc::config::RegistryConfig {
-            url: registry_url.clone(),
-            user: REGISTRY_USER.to_owned(),
-            password: Secret::new(admin_token.clone()),
-        };
+        cdc.registry = feedloop_cdc::config::RegistryConfig::new(
+            registry_url.clone(),
+            REGISTRY_USER.to_owned(),
+            Secret::new(admin_token.clone()),
+        );
         cdc.control.url = Secret::new(postgres.url());
         cdc.http.listen = "127.0.0.1:0".into();
         cdc.log.json = false;
@@ -278,11 +279,11 @@ impl Stack {
             .map_err(|e| DevError::Config(e.to_string()))?;
         labeler.datasets.root = datasets_root.display().to_string();
         labeler.kafka = kafka.clone();
-        labeler.registry = feedloop_labeler::config::RegistryConfig {
-            url: registry_url.clone(),
-            user: REGISTRY_USER.to_owned(),
-            password: Secret::new(admin_token.clone()),
-        };
+        labeler.registry = feedloop_labeler::config::RegistryConfig::new(
+            registry_url.clone(),
+            REGISTRY_USER.to_owned(),
+            Secret::new(admin_token.clone()),
+        );
         labeler.control.url = Secret::new(postgres.url());
         labeler.http.listen = "127.0.0.1:0".into();
         labeler.log.json = false;
@@ -302,11 +303,11 @@ impl Stack {
         eraser.erasure.hash_key = Secret::new(uuid::Uuid::new_v4().simple().to_string());
         eraser.datasets.root = datasets_root.display().to_string();
         eraser.kafka = kafka.clone();
-        eraser.registry = feedloop_core::config::RegistryConfig {
-            url: registry_url.clone(),
-            user: REGISTRY_USER.to_owned(),
-            password: Secret::new(admin_token.clone()),
-        };
+        eraser.registry = feedloop_core::config::RegistryConfig::new(
+            registry_url.clone(),
+            REGISTRY_USER.to_owned(),
+            Secret::new(admin_token.clone()),
+        );
         eraser.control.url = Secret::new(postgres.url());
         eraser.log.json = false;
         eraser
@@ -323,11 +324,11 @@ impl Stack {
         trigger.http.listen = "127.0.0.1:0".into();
         trigger.auth.token = Secret::new(admin_token.clone());
         trigger.kafka = kafka.clone();
-        trigger.registry = feedloop_core::config::RegistryConfig {
-            url: registry_url.clone(),
-            user: REGISTRY_USER.to_owned(),
-            password: Secret::new(admin_token.clone()),
-        };
+        trigger.registry = feedloop_core::config::RegistryConfig::new(
+            registry_url.clone(),
+            REGISTRY_USER.to_owned(),
+            Secret::new(admin_token.clone()),
+        );
         trigger.control.url = Secret::new(postgres.url());
         trigger.log.json = false;
         if let Some(policy) = options.trigger_policy {
@@ -378,6 +379,7 @@ impl Stack {
                 REGISTRY_USER.to_owned(),
                 Secret::new(self.admin_token.clone()),
             )),
+            "",
             Duration::from_secs(10),
         )
         .map_err(|e| DevError::Schemas(e.to_string()))
