@@ -389,6 +389,17 @@ async fn every_fault_under_steady_load_loses_nothing_and_duplicates_nothing() {
             dataset.rows, dataset.duplicate_examples
         ),
     );
+    // Labels, not only rows: the dataset built under the faults must be the one the log
+    // rebuilds without them (`feedloop replay`: a fresh root and bookkeeping database).
+    let rebuilt = rebuilt_dataset(&stack).await;
+    check(
+        rebuilt.fingerprint == dataset.fingerprint && rebuilt.labels == dataset.labels,
+        format!(
+            "labels under the faults differ from the log's replay: {:?} (fingerprint {}) vs \
+             {:?} (fingerprint {})",
+            dataset.labels, dataset.fingerprint, rebuilt.labels, rebuilt.fingerprint
+        ),
+    );
     let erased_present = deleted
         .iter()
         .filter(|u| dataset.users.contains(*u))
@@ -424,6 +435,8 @@ async fn every_fault_under_steady_load_loses_nothing_and_duplicates_nothing() {
         "product_changes": changed,
         "cdc_records": cdc_records,
         "dataset_rows": dataset.rows,
+        // Equal to the replay's: the labels, not only the rows, survived the faults.
+        "dataset_fingerprint": dataset.fingerprint,
         "erasures": deleted.len(),
         "triggers": decided.len(),
         "webhook_calls": hook.received.lock().expect("hook").len(),
@@ -443,6 +456,31 @@ async fn every_fault_under_steady_load_loses_nothing_and_duplicates_nothing() {
         problems.is_empty(),
         "the faults lost or duplicated data: {problems:#?}"
     );
+}
+
+/// The dataset rebuilt from the log by `feedloop replay`, with the labeler's configuration.
+async fn rebuilt_dataset(stack: &ProcessStack) -> report::DatasetReport {
+    let config = feedloop_labeler::Config::load(Some(stack.config_path("labeler")))
+        .expect("the labeler's configuration");
+    let control = feedloop::datasets::fresh_control_database(&stack.pg.url(), DATASET)
+        .await
+        .expect("a database for the replay");
+    let root = stack.dir.path().join("replay").display().to_string();
+    feedloop::datasets::replay(feedloop::datasets::ReplayOptions {
+        config,
+        dataset: DATASET.to_owned(),
+        root: root.clone(),
+        control: Some(control.clone()),
+        progress: false,
+    })
+    .await
+    .expect("replaying the log");
+    let pool = PgPool::connect(&control)
+        .await
+        .expect("the replay's database");
+    report::read_dataset(&pool, &root, DATASET)
+        .await
+        .expect("reading the rebuilt dataset")
 }
 
 /// The phones of one load, answering into `answers`.
@@ -575,15 +613,18 @@ async fn a_broker_restarted_from_empty_is_reported_and_the_pipeline_goes_on() {
     )
     .await;
     let want = records_before + acked.len() as f64;
-    eventually(
-        "the labeler did not read the new log",
-        Duration::from_secs(60),
-        || async {
-            metric_sum(&stack, "labeler", "feedloop_labeler_records_total").await >= want
-                && stack.ready(&http, "labeler").await
-        },
-    )
+    let read_on = within(Duration::from_secs(60), || async {
+        metric_sum(&stack, "labeler", "feedloop_labeler_records_total").await >= want
+            && stack.ready(&http, "labeler").await
+    })
     .await;
+    assert!(
+        read_on,
+        "the labeler did not read the new log: {} records read, {want} expected ({records_before} \
+         before the second load, {} events acknowledged after the restart)",
+        metric_sum(&stack, "labeler", "feedloop_labeler_records_total").await,
+        acked.len()
+    );
     let summary = serde_json::json!({
         "fault": "broker restarted from empty (memory storage), topics created again",
         "recovered_after_s": recovered.as_secs_f64(),

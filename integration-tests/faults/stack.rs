@@ -205,6 +205,11 @@ impl ProcessStack {
         KafkaConfig::new(self.broker.bootstrap())
     }
 
+    /// The configuration file `service` runs with.
+    pub fn config_path(&self, service: &str) -> &std::path::Path {
+        &self.configs[service]
+    }
+
     /// Starts `service` (again), logging to `<dir>/<service>.<n>.log`.
     pub fn start(&mut self, service: &'static str) {
         let spawned = Service::spawn(service, &self.configs[service], self.dir.path());

@@ -226,6 +226,7 @@ fn sink(name: &str, kind: SinkKind, url: String) -> SinkConfig {
         asset_key: "feedloop/{dataset}".into(),
         mode: WebhookMode::Structured,
         hmac_secret: None,
+        ca: String::new(),
     }
 }
 

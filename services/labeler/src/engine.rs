@@ -36,7 +36,7 @@ use feedloop_core::{
 use futures_util::{StreamExt, stream::select_all};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
-    consumer::{Consumer, StreamConsumer},
+    consumer::{BaseConsumer, Consumer, StreamConsumer},
     error::KafkaError,
     message::{BorrowedMessage, Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
@@ -286,15 +286,8 @@ pub(crate) async fn session(
         };
         match item {
             Some((i, Ok(msg))) => {
-                let (topic, table, consumer) = &consumers[i];
-                if p.handle(topic, table.as_deref(), &msg).await? == Read::FromStart {
-                    consumer.seek(
-                        topic,
-                        msg.partition(),
-                        Offset::Beginning,
-                        Duration::from_secs(10),
-                    )?;
-                }
+                let (topic, table, _) = &consumers[i];
+                p.handle(topic, table.as_deref(), &msg).await?;
                 since_advance += 1;
                 if let Mode::Replay { records } = &shared.mode {
                     records.fetch_add(1, Ordering::Relaxed);
@@ -335,20 +328,12 @@ pub(crate) async fn session(
     }
 }
 
-/// What to do after a record was handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Read {
-    Done,
-    /// The partition's log was replaced: read it again from its start.
-    FromStart,
-}
-
 /// The committed position of a dataset.
 #[derive(Debug)]
 struct Position {
     seq: i64,
     offsets: BTreeMap<String, i64>,
-    timestamps: BTreeMap<String, i64>,
+    starts: BTreeMap<String, (i64, i64)>,
     watermarks: BTreeMap<String, i64>,
     emitted: CloseCursor,
 }
@@ -360,11 +345,12 @@ struct Pipeline {
     watermarks: Watermarks,
     /// Next offset to read, per `topic/partition`.
     offsets: BTreeMap<String, i64>,
-    /// Timestamp of the last record read, per `topic/partition`.
-    timestamps: BTreeMap<String, i64>,
-    /// Partitions whose last committed record is read again first, to tell whether the log
-    /// is still the one committed against: `topic/partition` → (its offset, its timestamp).
-    probes: BTreeMap<String, (i64, i64)>,
+    /// The first record of each input partition's log, as read from its start: `topic/partition`
+    /// → (offset, timestamp). It tells a log from another one started again under its name.
+    starts: BTreeMap<String, (i64, i64)>,
+    /// Partitions read from their start in this session: their first record is their `starts`.
+    from_start: HashSet<String>,
+
     /// First offset read since the last commit, per `topic/partition`.
     batch_start: BTreeMap<String, i64>,
     /// Examples up to this (close, id) were emitted.
@@ -379,7 +365,7 @@ impl Pipeline {
     async fn open(shared: Shared, dataset: Dataset) -> Result<Self, EngineError> {
         let name = dataset.name().to_owned();
         let row = sqlx::query(
-            "SELECT spec_hash, seq, offsets, timestamps, watermarks, emitted_through_ms,
+            "SELECT spec_hash, seq, offsets, starts, watermarks, emitted_through_ms,
                     emitted_through_id::text AS emitted_through_id
              FROM labeler.positions WHERE dataset = $1",
         )
@@ -390,7 +376,7 @@ impl Pipeline {
             None => Position {
                 seq: 0,
                 offsets: BTreeMap::new(),
-                timestamps: BTreeMap::new(),
+                starts: BTreeMap::new(),
                 watermarks: BTreeMap::new(),
                 emitted: CloseCursor::after(i64::MIN),
             },
@@ -414,7 +400,12 @@ impl Pipeline {
                 Position {
                     seq: r.try_get("seq")?,
                     offsets: parse(r.try_get("offsets")?)?,
-                    timestamps: parse(r.try_get("timestamps")?)?,
+                    starts: serde_json::from_str(&r.try_get::<String, _>("starts")?).map_err(
+                        |e| EngineError::Position {
+                            dataset: name.clone(),
+                            message: e.to_string(),
+                        },
+                    )?,
                     watermarks: parse(r.try_get("watermarks")?)?,
                     emitted: CloseCursor {
                         close_ms: r.try_get("emitted_through_ms")?,
@@ -434,16 +425,9 @@ impl Pipeline {
             dataset,
             name,
             watermarks,
-            probes: position
-                .timestamps
-                .iter()
-                .filter_map(|(key, ts)| {
-                    let next = *position.offsets.get(key)?;
-                    (next > 0).then(|| (key.clone(), (next - 1, *ts)))
-                })
-                .collect(),
             offsets: position.offsets,
-            timestamps: position.timestamps,
+            starts: position.starts,
+            from_start: HashSet::new(),
             batch_start: BTreeMap::new(),
             emitted: position.emitted,
             seq: position.seq,
@@ -528,10 +512,12 @@ impl Pipeline {
         &mut self,
         shutdown: &CancellationToken,
     ) -> Result<Vec<(String, Option<String>, StreamConsumer<QuietEof>)>, EngineError> {
-        let cfg = &self.shared.cfg;
+        let cfg = self.shared.cfg.clone();
         let mut out = Vec::new();
-        for (topic, table) in input_topics(cfg, &self.dataset.spec) {
-            let consumer = consumer(&cfg.kafka, &cfg.consumer, &self.name)?;
+        for (topic, table) in input_topics(&cfg, &self.dataset.spec) {
+            let consumer: StreamConsumer<QuietEof> =
+                consumer_config(&cfg.kafka, &cfg.consumer, &self.name)
+                    .create_with_context(QuietEof)?;
             let partitions = wait_for_partitions(
                 &consumer,
                 &topic,
@@ -539,14 +525,19 @@ impl Pipeline {
                 shutdown,
             )
             .await?;
+            let probe = consumer_config(&cfg.kafka, &cfg.consumer, &self.name)
+                .create_with_context::<_, BaseConsumer<QuietEof>>(QuietEof)
+                .map(Arc::new)?;
             let mut tpl = TopicPartitionList::new();
             for p in partitions {
                 let key = tp(&topic, p);
-                // From the last record read when there is one to check, else the next.
-                let offset = match (self.probes.get(&key), self.offsets.get(&key)) {
-                    (Some((last, _)), _) => Offset::Offset(*last),
-                    (None, Some(next)) => Offset::Offset(*next),
-                    (None, None) => Offset::Beginning,
+                let offset = match self.offsets.get(&key).copied() {
+                    Some(next) if self.same_log(&probe, &topic, p).await? => Offset::Offset(next),
+                    _ => {
+                        self.offsets.remove(&key);
+                        self.from_start.insert(key);
+                        Offset::Beginning
+                    }
                 };
                 tpl.add_partition_offset(&topic, p, offset)?;
                 self.watermarks.assign(&topic, p);
@@ -555,6 +546,47 @@ impl Pipeline {
             out.push((topic, table, consumer));
         }
         Ok(out)
+    }
+
+    /// Whether the log of `topic`/`partition` is still the one committed against. Its first
+    /// record is looked up again (by `probe`): a log that holds another record there, or none,
+    /// was lost and started again (a broker without durable storage restarted, or the topic
+    /// was deleted and created again). That is reported, and the new log is read from its start.
+    /// Offsets going back would only show a new log still shorter than the committed position;
+    /// one that had grown past it would be read from there, its first records skipped.
+    async fn same_log(
+        &mut self,
+        probe: &Arc<BaseConsumer<QuietEof>>,
+        topic: &str,
+        partition: i32,
+    ) -> Result<bool, EngineError> {
+        let key = tp(topic, partition);
+        let Some((start, timestamp)) = self.starts.get(&key).copied() else {
+            // Committed before first records were kept: nothing to compare.
+            return Ok(true);
+        };
+        let (probe, owned) = (probe.clone(), topic.to_owned());
+        let found = tokio::task::spawn_blocking(move || {
+            read_one(&probe, &owned, partition, start, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|_| KafkaError::Canceled)?;
+        let same = match found {
+            Ok(Some((offset, ts))) if offset == start => ts == Some(timestamp),
+            // Expired or compacted away, later records kept: the same log, shortened.
+            Ok(Some((offset, _))) => offset > start,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(dataset = %self.name, topic, partition, error = %e, "Cannot read the first record of an input partition; assuming its log is the one committed against");
+                true
+            }
+        };
+        if !same {
+            let committed = self.offsets.get(&key).copied().unwrap_or(0);
+            self.log_reset(topic, partition, committed, start);
+            self.starts.remove(&key);
+        }
+        Ok(same)
     }
 
     fn has_progress(&self) -> bool {
@@ -582,44 +614,26 @@ impl Pipeline {
         topic: &str,
         table: Option<&str>,
         msg: &BorrowedMessage<'_>,
-    ) -> Result<Read, EngineError> {
+    ) -> Result<(), EngineError> {
         let partition = msg.partition();
         let offset = msg.offset();
         let key = tp(topic, partition);
-        let timestamp = msg.timestamp().to_millis();
-        if let Some((last, last_timestamp)) = self.probes.remove(&key) {
-            // The first record of a partition after a restart is the last one committed, read
-            // again: the log is the one committed against when it is still there.
-            if offset == last && timestamp == Some(last_timestamp) {
-                return Ok(Read::Done);
-            }
-            // A later record: the committed one was compacted or expired away. Nothing lost.
-            if offset > last {
-                self.offsets.insert(key.clone(), last + 1);
-            } else {
-                self.log_reset(topic, partition, last + 1, offset);
-                self.offsets.insert(key.clone(), 0);
-                // A different record at that offset: a new log that already grew past the
-                // committed position. Read it from its start.
-                if offset == last && offset > 0 {
-                    return Ok(Read::FromStart);
-                }
-            }
-        }
         if let Some(expected) = self.offsets.get(&key).copied()
             && offset < expected
         {
             self.log_reset(topic, partition, expected, offset);
         }
         self.offsets.insert(key.clone(), offset + 1);
-        if let Some(ts) = timestamp {
-            self.timestamps.insert(key.clone(), ts);
+        if self.from_start.remove(&key)
+            && let Some(ts) = msg.timestamp().to_millis()
+        {
+            self.starts.insert(key.clone(), (offset, ts));
         }
         self.batch_start.entry(key).or_insert(offset);
         let Some(bytes) = msg.payload() else {
             // Tombstones of compacted cdc topics carry nothing to label.
             observability::record(&self.name, "other");
-            return Ok(Read::Done);
+            return Ok(());
         };
         let source = SourceRef {
             topic: topic.to_owned(),
@@ -633,8 +647,7 @@ impl Pipeline {
         {
             Ok(d) => d,
             Err((reason, detail)) => {
-                self.dead_letter(reason, &detail, bytes, &source).await?;
-                return Ok(Read::Done);
+                return self.dead_letter(reason, &detail, bytes, &source).await;
             }
         };
         self.watermarks.observe(topic, partition, decoded.time_ms);
@@ -690,7 +703,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(Read::Done)
+        Ok(())
     }
 
     /// Decodes a record; `Ok(Err(..))` is a poison record for the dead-letter topic.
@@ -1034,10 +1047,10 @@ impl Pipeline {
         let json =
             |m: &BTreeMap<String, i64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
         sqlx::query(
-            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, timestamps, watermarks, emitted_through_ms, emitted_through_id)
+            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, starts, watermarks, emitted_through_ms, emitted_through_id)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8::uuid)
              ON CONFLICT (dataset) DO UPDATE SET spec_hash = EXCLUDED.spec_hash, seq = EXCLUDED.seq,
-               offsets = EXCLUDED.offsets, timestamps = EXCLUDED.timestamps, watermarks = EXCLUDED.watermarks,
+               offsets = EXCLUDED.offsets, starts = EXCLUDED.starts, watermarks = EXCLUDED.watermarks,
                emitted_through_ms = EXCLUDED.emitted_through_ms,
                emitted_through_id = EXCLUDED.emitted_through_id, committed_at = now()",
         )
@@ -1045,7 +1058,7 @@ impl Pipeline {
         .bind(&spec.hash)
         .bind(self.seq + 1)
         .bind(json(&self.offsets))
-        .bind(json(&self.timestamps))
+        .bind(serde_json::to_string(&self.starts).unwrap_or_else(|_| "{}".into()))
         .bind(json(&self.watermarks.snapshot()))
         .bind(self.emitted.close_ms)
         .bind(self.emitted.example_id.to_string())
@@ -1152,11 +1165,11 @@ async fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToByte
     }
 }
 
-fn consumer(
+fn consumer_config(
     kafka: &KafkaConfig,
     properties: &BTreeMap<String, String>,
     dataset: &str,
-) -> Result<StreamConsumer<QuietEof>, KafkaError> {
+) -> ClientConfig {
     let mut cfg: ClientConfig = kafka.client_config(&format!("feedloop-labeler-{dataset}"));
     for (k, v) in properties {
         cfg.set(k, v);
@@ -1166,7 +1179,41 @@ fn consumer(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest");
-    cfg.create_with_context(QuietEof)
+    cfg
+}
+
+/// The first record of `topic`/`partition` at or after `offset`: its offset and timestamp;
+/// `None` when the partition ends before it.
+fn read_one(
+    consumer: &BaseConsumer<QuietEof>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timeout: Duration,
+) -> Result<Option<(i64, Option<i64>)>, KafkaError> {
+    // Past the end, some brokers (tansu) answer nothing rather than "out of range".
+    let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    if high <= offset {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+            ));
+        }
+        match consumer.poll(left.min(Duration::from_millis(500))) {
+            Some(Ok(m)) => return Ok(Some((m.offset(), m.timestamp().to_millis()))),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
 }
 
 async fn wait_for_partitions(

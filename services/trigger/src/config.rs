@@ -103,6 +103,9 @@ pub struct SinkConfig {
     pub mode: WebhookMode,
     #[serde(default)]
     pub hmac_secret: Option<Secret>,
+    /// PEM file of the CA of an `https://` sink the system does not trust.
+    #[serde(default)]
+    pub ca: String,
 }
 
 fn all_datasets() -> Vec<String> {

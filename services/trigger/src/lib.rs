@@ -46,6 +46,8 @@ pub enum StartError {
     Catalogue(#[from] feedloop_core::catalogue::CatalogueError),
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("sink CA: {0}")]
+    Tls(#[from] feedloop_core::tls::TlsError),
     #[error(transparent)]
     Bind(#[from] feedloop_core::http::BindError),
 }
@@ -109,7 +111,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         control: control.clone(),
         producer,
         schema: retrain_schema,
-        http: reqwest::Client::builder().build()?,
+        http: feedloop_core::tls::client_builder(cfg.sinks.iter().map(|s| s.ca.as_str()))?
+            .build()?,
     });
     let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen, &cfg.http.tls).await?;
     let app = api::routes(api::Api {
