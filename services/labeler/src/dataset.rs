@@ -21,7 +21,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path};
 use parquet::{
     arrow::ArrowWriter,
     basic::{Compression, ZstdLevel},
-    file::properties::WriterProperties,
+    file::properties::{EnabledStatistics, WriterProperties},
+    schema::types::ColumnPath,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -158,15 +159,13 @@ pub fn record_batch(
         .iter()
         .map(|o| OutcomeColumn::new(o.value_type, n))
         .collect();
-    let mut scratch = String::new();
+    let mut uuid = Uuid::encode_buffer();
+    let mut json = Vec::with_capacity(256);
     for r in rows {
         let i = &r.impression;
-        scratch.clear();
-        example_id.append_value(fmt_uuid(&mut scratch, &r.example_id));
-        scratch.clear();
-        event_id.append_value(fmt_uuid(&mut scratch, &i.event_id));
-        scratch.clear();
-        match_id.append_value(fmt_uuid(&mut scratch, &i.match_id));
+        example_id.append_value(r.example_id.hyphenated().encode_lower(&mut uuid));
+        event_id.append_value(i.event_id.hyphenated().encode_lower(&mut uuid));
+        match_id.append_value(i.match_id.hyphenated().encode_lower(&mut uuid));
         version.append_value(r.version);
         viewer.append_value(&i.viewer_id);
         candidate.append_value(&i.candidate_id);
@@ -177,7 +176,9 @@ pub fn record_batch(
         arm.append_option(i.experiment_arm.as_deref());
         rank.append_value(i.rank);
         score.append_value(i.score);
-        features.append_value(serde_json::to_string(&i.features)?);
+        json.clear();
+        serde_json::to_writer(&mut json, &i.features)?;
+        features.append_value(std::str::from_utf8(&json).unwrap_or_default());
         for (col, (_, value)) in outcomes.iter_mut().zip(&r.labeled.values) {
             col.append(value);
         }
@@ -212,12 +213,6 @@ pub fn record_batch(
         Arc::new(offset.finish()),
     ]);
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
-}
-
-fn fmt_uuid<'a>(buf: &'a mut String, id: &Uuid) -> &'a str {
-    use std::fmt::Write;
-    let _ = write!(buf, "{id}");
-    buf.as_str()
 }
 
 enum OutcomeColumn {
@@ -262,12 +257,22 @@ impl OutcomeColumn {
     }
 }
 
+/// Columns of random ids: a dictionary never pays for them (every value is new, so the
+/// writer builds one only to throw it away at the page limit), nor do min/max statistics.
+const ID_COLUMNS: [&str; 3] = ["example_id", "impression_event_id", "match_id"];
+
 /// Encodes `batch` as one Parquet file (zstd).
 pub fn parquet_bytes(batch: &RecordBatch) -> Result<Vec<u8>, DatasetError> {
-    let props = WriterProperties::builder()
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
-        .set_max_row_group_row_count(Some(256 * 1024))
-        .build();
+        .set_max_row_group_row_count(Some(256 * 1024));
+    for column in ID_COLUMNS {
+        let path = ColumnPath::from(column);
+        props = props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_statistics_enabled(path, EnabledStatistics::None);
+    }
+    let props = props.build();
     let mut out = Vec::with_capacity(batch.num_rows() * 64);
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
     writer.write(batch)?;
