@@ -33,6 +33,7 @@ pub struct Config {
     pub time: TimeConfig,
     pub dedup: DedupConfig,
     pub spool: SpoolConfig,
+    pub sink: SinkConfig,
     pub suppression: SuppressionConfig,
     pub keys: KeysConfig,
     pub log: LogConfig,
@@ -109,6 +110,22 @@ pub struct SpoolConfig {
     pub max_bytes: u64,
     pub segment_bytes: u64,
     pub ack_timeout_ms: u64,
+}
+
+/// `[sink]`: where accepted events go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub kind: SinkKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// The log (with the spool while the broker is away).
+    Kafka,
+    /// Nowhere: encoded events are discarded (benchmarks of the collector's own cost).
+    Null,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -28,6 +28,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    config::SinkKind,
     dedup::Dedup,
     observability,
     scan::{self, EVENT_ID_HEADER, EVENT_TYPE_HEADER},
@@ -45,6 +46,8 @@ const SCAN_MARGIN_MS: i64 = 60_000;
 pub enum Durability {
     Acked,
     Spooled,
+    /// The null sink threw the records away (`[sink] kind = "null"`).
+    Discarded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,8 @@ pub struct Durable {
     wake: Notify,
     /// Set once the idempotency window has been rebuilt from the log.
     rebuilt: AtomicBool,
+    /// The null sink: records are dropped instead of published.
+    discard: bool,
 }
 
 impl std::fmt::Debug for Durable {
@@ -115,13 +120,16 @@ fn enqueue(producer: &FutureProducer, r: &Record) -> Result<DeliveryFuture, Kafk
 impl Durable {
     /// Starts in spool mode: direct publishing begins once the drain task has rebuilt the
     /// idempotency window from the log and emptied whatever a previous run left spooled.
+    /// With `sink` [`SinkKind::Null`], every write is discarded and nothing needs draining.
     pub fn new(
         kafka: KafkaConfig,
         properties: std::collections::BTreeMap<String, String>,
         spool: Spool,
         dedup: Arc<Dedup>,
         ack_timeout: Duration,
+        sink: SinkKind,
     ) -> Result<Self, KafkaError> {
+        let discard = sink == SinkKind::Null;
         Ok(Self {
             producer: std::sync::RwLock::new(kafka.producer(CLIENT_ID, &properties)?),
             properties,
@@ -129,11 +137,12 @@ impl Durable {
             dedup,
             kafka,
             ack_timeout,
-            spooling: AtomicBool::new(true),
+            spooling: AtomicBool::new(!discard),
             switch: Mutex::new(()),
             unresolved: Arc::new(AtomicUsize::new(0)),
             wake: Notify::new(),
-            rebuilt: AtomicBool::new(false),
+            rebuilt: AtomicBool::new(discard),
+            discard,
         })
     }
 
@@ -173,6 +182,10 @@ impl Durable {
 
     /// Makes `records` durable.
     pub async fn write(&self, records: Vec<Record>) -> Result<Durability, DurableError> {
+        if self.discard {
+            observability::discarded(records.len());
+            return Ok(Durability::Discarded);
+        }
         if records.is_empty() {
             // Nothing to store; say which way it would have gone.
             return Ok(if self.is_spooling() {

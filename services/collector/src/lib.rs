@@ -109,7 +109,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         spool,
         dedup.clone(),
         config.ack_timeout(),
+        config.sink.kind,
     )?);
+    if config.sink.kind == config::SinkKind::Null {
+        tracing::warn!("[sink] kind = \"null\": accepted events are discarded, not published");
+    }
     let suppression = Arc::new(suppression::Suppression::default());
     let keys = Arc::new(KeyCache::new(
         key_store(&config.keys, &pool).await?,
@@ -117,10 +121,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     ));
 
     let background = CancellationToken::new();
-    let drain = tokio::spawn(durable.clone().drain(
-        i64::try_from(config.dedup.window_ms).unwrap_or(i64::MAX),
-        background.clone(),
-    ));
+    let drain = (config.sink.kind == config::SinkKind::Kafka).then(|| {
+        tokio::spawn(durable.clone().drain(
+            i64::try_from(config.dedup.window_ms).unwrap_or(i64::MAX),
+            background.clone(),
+        ))
+    });
     let follow = tokio::spawn(suppression.clone().follow(
         pool,
         Duration::from_millis(config.suppression.refresh_ms),
@@ -149,7 +155,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         let served = feedloop_core::http::serve(listener, app, shutdown).await;
         // In-flight requests are done: stop the background work, flush what is queued.
         background.cancel();
-        let _ = drain.await;
+        if let Some(drain) = drain {
+            let _ = drain.await;
+        }
         let _ = follow.await;
         let d = durable.clone();
         let _ = tokio::task::spawn_blocking(move || d.flush(Duration::from_secs(10))).await;

@@ -14,6 +14,7 @@ pub const SHED: &str = "feedloop_collector_shed_requests_total";
 pub const SPOOL_DEPTH: &str = "feedloop_collector_spool_depth_records";
 pub const SPOOL_BYTES: &str = "feedloop_collector_spool_used_bytes";
 pub const SPOOLED: &str = "feedloop_collector_spooled_records_total";
+pub const DISCARDED: &str = "feedloop_collector_discarded_records_total";
 pub const DRAINED: &str = "feedloop_collector_drained_records_total";
 pub const DRAIN_SKIPPED: &str = "feedloop_collector_drain_skipped_records_total";
 pub const PRODUCE_LATENCY: &str = "feedloop_collector_produce_latency_seconds";
@@ -33,6 +34,10 @@ pub fn describe() {
         PRODUCER_RESETS,
         "Kafka producers replaced because the broker stopped taking their records (it lost their \
          idempotence state: a restart without durable storage)."
+    );
+    describe_counter!(
+        DISCARDED,
+        "Records thrown away by the null sink ([sink] kind = \"null\": benchmarks only)."
     );
     describe_counter!(
         EVENTS_ACCEPTED,
@@ -105,6 +110,10 @@ pub fn rate_limited() {
 
 pub fn shed() {
     counter!(SHED).increment(1);
+}
+
+pub fn discarded(n: usize) {
+    counter!(DISCARDED).increment(n as u64);
 }
 
 pub fn spooled(n: usize) {

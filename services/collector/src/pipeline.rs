@@ -432,6 +432,7 @@ impl Pipeline {
             durability: match outcome {
                 Durability::Acked => "acked",
                 Durability::Spooled => "spooled",
+                Durability::Discarded => "discarded",
             },
             results,
         })

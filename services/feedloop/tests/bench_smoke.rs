@@ -123,6 +123,15 @@ fn bench_collector_reports_events_per_second_against_a_bare_producer() {
     let rows = report["rows"].as_array().expect("rows");
     assert!(!rows.is_empty(), "{report}");
     assert_measured(&rows[0], true);
+    let null_sink = rows
+        .iter()
+        .find(|r| {
+            r["measurement"]
+                .as_str()
+                .is_some_and(|m| m.contains("null sink"))
+        })
+        .unwrap_or_else(|| panic!("no null-sink row: {report}"));
+    assert_measured(null_sink, true);
 }
 
 #[test]

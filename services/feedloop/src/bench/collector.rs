@@ -22,7 +22,7 @@ use feedloop_core::{
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
-use super::{Machine, Proc, Row, Stat, load, machine, peak_rss_mib, print_table};
+use super::{Machine, Proc, Row, Stat, cpu_seconds, load, machine, peak_rss_mib, print_table};
 use crate::dev::{Broker, PgCluster, Storage, process::free_port};
 
 /// Options of the scenario.
@@ -41,6 +41,7 @@ struct Report {
     machine: Machine,
     rows: Vec<Row>,
     sweep: Vec<load::StepResult>,
+    null_sink_sweep: Vec<load::StepResult>,
     peer_sweep: Vec<load::StepResult>,
     producer_config: BTreeMap<String, String>,
 }
@@ -144,6 +145,7 @@ async fn bare_producer(
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn collector_config(
     dir: &Path,
     port: u16,
@@ -152,6 +154,7 @@ fn collector_config(
     password: &str,
     postgres: &str,
     write_key: &str,
+    sink: &str,
 ) -> String {
     format!(
         r#"[http]
@@ -171,6 +174,8 @@ events_per_second = 100000000
 burst = 100000000
 [spool]
 dir = "{spool}"
+[sink]
+kind = "{sink}"
 [log]
 json = true
 "#,
@@ -198,7 +203,7 @@ async fn sweep(
         let behind =
             r.achieved_events_per_s < 0.9 * rate || r.p99_ms > 2_000.0 || r.failed_requests > 0;
         out.push(r);
-        if behind || rate >= 400_000.0 {
+        if behind || rate >= 1_000_000.0 {
             return out;
         }
         rate *= 1.5;
@@ -253,35 +258,41 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     println!("  median {:.0} msgs/s", limit.median);
 
     let work = tempfile::tempdir()?;
-    let port = free_port()?;
     let write_key = format!("wk-bench-{}", uuid::Uuid::new_v4().simple());
-    let config_path = work.path().join("collector.toml");
-    std::fs::write(
-        &config_path,
-        collector_config(
-            work.path(),
-            port,
-            &kafka,
-            &registry_url,
-            &password,
-            &pg.url(),
-            &write_key,
-        ),
-    )?;
-    let collector = Proc::spawn(
-        Command::new(&collector_bin)
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit()),
-    )
-    .context("starting the collector")?;
-    let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4096)
         .timeout(Duration::from_secs(30))
         .build()?;
+    let start_collector = |sink: &'static str| -> anyhow::Result<(Proc, String)> {
+        let dir = work.path().join(sink);
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port()?;
+        let config_path = dir.join("collector.toml");
+        std::fs::write(
+            &config_path,
+            collector_config(
+                &dir,
+                port,
+                &kafka,
+                &registry_url,
+                &password,
+                &pg.url(),
+                &write_key,
+                sink,
+            ),
+        )?;
+        let collector = Proc::spawn(
+            Command::new(&collector_bin)
+                .arg("--config")
+                .arg(&config_path)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+        )
+        .context("starting the collector")?;
+        Ok((collector, format!("http://127.0.0.1:{port}")))
+    };
+    let (collector, url) = start_collector("kafka")?;
     wait_acked(&client, &url, (&write_key, "")).await?;
 
     println!(
@@ -340,6 +351,35 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
     drop(collector);
 
+    // The collector's own cost: the same requests, every event parsed, validated, sealed and
+    // encoded, then dropped by the null sink instead of published.
+    let (collector, null_url) = start_collector("null")?;
+    wait_acked(&client, &null_url, (&write_key, "")).await?;
+    println!("feedloop collector with the null sink: open-loop sweep…");
+    let null_sweep = sweep(&client, &null_url, (&write_key, ""), &template, step).await;
+    let null_max = max_sustained(&null_sweep);
+    let mut null_reps = Vec::new();
+    let mut null_per_core = Vec::new();
+    for _ in 0..opts.repetitions {
+        let cpu_before = cpu_seconds(collector.0.id()).unwrap_or(0.0);
+        let r = load::step(
+            &client,
+            &null_url,
+            (&write_key, ""),
+            &template,
+            null_max,
+            step,
+        )
+        .await;
+        let cpu = cpu_seconds(collector.0.id()).unwrap_or(0.0) - cpu_before;
+        null_reps.push(r.achieved_events_per_s);
+        if cpu > 0.0 {
+            null_per_core.push(r.ok_requests as f64 * load::BATCH as f64 / cpu);
+        }
+    }
+    let null_rss = peak_rss_mib(collector.0.id()).unwrap_or(0.0);
+    drop(collector);
+
     let mut peer_sweep = Vec::new();
     let mut peer_max = None;
     if !opts.no_peer {
@@ -388,6 +428,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             goal: "≥ 2.5× FastAPI".into(),
         },
         Row {
+            measurement: "collector with the null sink (its own cost), batches of 50".into(),
+            unit: "ev/s".into(),
+            ratio: Some(Stat::of(null_reps.clone()).median / 500_000.0),
+            feedloop: Stat::of(null_reps),
+            against: "goal".into(),
+            peer: Some(Stat::of(vec![500_000.0])),
+            goal: "≥ 500k events/s".into(),
+        },
+        Row {
+            measurement: "… per CPU-second of the collector process (load generator excluded)"
+                .into(),
+            unit: "ev/s".into(),
+            ratio: Some(Stat::of(null_per_core.clone()).median / 500_000.0),
+            feedloop: Stat::of(null_per_core),
+            against: "goal".into(),
+            peer: Some(Stat::of(vec![500_000.0])),
+            goal: "≥ 500k events/s".into(),
+        },
+        Row {
             measurement: "collector p99 latency at 70% of its max".into(),
             unit: "ms".into(),
             feedloop: Stat::of(p99_at_70),
@@ -423,6 +482,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             ratio: None,
             goal: "< 150 MB".into(),
         },
+        Row {
+            measurement: "collector peak RSS, null sink".into(),
+            unit: "MiB".into(),
+            feedloop: Stat::of(vec![null_rss]),
+            against: "limit".into(),
+            peer: None,
+            ratio: None,
+            goal: "diagnostic".into(),
+        },
     ];
     print_table("feedloop bench collector", &machine, &rows);
     let report = Report {
@@ -430,6 +498,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         machine,
         rows,
         sweep: sweep_results,
+        null_sink_sweep: null_sweep,
         peer_sweep,
         producer_config: producer_props.clone(),
     };

@@ -122,6 +122,17 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
         .map(|kib| kib / 1024.0)
 }
 
+/// CPU seconds (user + system) that process `pid` has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // /proc counts in USER_HZ, which Linux fixes at 100 for its user-space ABI.
+    Some(ticks / 100.0)
+}
+
 /// Prints rows as a table.
 pub fn print_table(title: &str, machine: &Machine, rows: &[Row]) {
     println!("\n{title} — {} cores, {}", machine.cores, machine.cpu_model);
