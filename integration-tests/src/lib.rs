@@ -188,9 +188,6 @@ pub async fn collector_config(
         feedloop_collector::Config::from_defaults().unwrap_or_else(|e| panic!("defaults: {e}"));
     cfg.http.listen = "127.0.0.1:0".into();
     cfg.kafka.bootstrap = bootstrap.to_owned();
-    cfg.kafka
-        .properties
-        .insert("message.timeout.ms".into(), "30000".into());
     cfg.registry.url = registry.url.clone();
     cfg.registry.user = registry.user.clone();
     cfg.registry.password = Secret::new(registry.password.clone());
