@@ -22,7 +22,9 @@ use feedloop_core::{
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
-use super::{Machine, Proc, Row, Stat, cpu_seconds, load, machine, peak_rss_mib, print_table};
+use super::{
+    Machine, Proc, Row, Stat, cpu_seconds, goal_row, load, machine, peak_rss_mib, print_table,
+};
 use crate::dev::{Broker, PgCluster, Storage, process::free_port};
 
 /// Options of the scenario.
@@ -427,25 +429,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             peer: peer_max.clone(),
             goal: "≥ 2.5× FastAPI".into(),
         },
-        Row {
-            measurement: "collector with the null sink (its own cost), batches of 50".into(),
-            unit: "ev/s".into(),
-            ratio: Some(Stat::of(null_reps.clone()).median / 500_000.0),
-            feedloop: Stat::of(null_reps),
-            against: "goal".into(),
-            peer: Some(Stat::of(vec![500_000.0])),
-            goal: "≥ 500k events/s".into(),
-        },
-        Row {
-            measurement: "… per CPU-second of the collector process (load generator excluded)"
-                .into(),
-            unit: "ev/s".into(),
-            ratio: Some(Stat::of(null_per_core.clone()).median / 500_000.0),
-            feedloop: Stat::of(null_per_core),
-            against: "goal".into(),
-            peer: Some(Stat::of(vec![500_000.0])),
-            goal: "≥ 500k events/s".into(),
-        },
+        goal_row(
+            "collector with the null sink (its own cost), batches of 50",
+            "ev/s",
+            null_reps,
+            500_000.0,
+            "≥ 500k events/s",
+        ),
+        goal_row(
+            "… per CPU-second of the collector process (load generator excluded)",
+            "ev/s",
+            null_per_core,
+            500_000.0,
+            "≥ 500k events/s",
+        ),
         Row {
             measurement: "collector p99 latency at 70% of its max".into(),
             unit: "ms".into(),

@@ -645,16 +645,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .collect()
     })
     .await??;
-    let parquet = Stat::of(parquet);
-    rows.push(Row {
-        measurement: "Parquet write (build + encode, files of 200k rows, one core)".into(),
-        unit: "rows/s".into(),
-        ratio: Some(parquet.median / 1_000_000.0),
-        feedloop: parquet,
-        against: "goal".into(),
-        peer: Some(Stat::of(vec![1_000_000.0])),
-        goal: "≥1M rows/s per core".into(),
-    });
+    rows.push(super::goal_row(
+        "Parquet write (build + encode, files of 200k rows, one core)",
+        "rows/s",
+        parquet,
+        1_000_000.0,
+        "≥1M rows/s per core",
+    ));
     rows.push(super::peak_rss_row("labeler and the generated events"));
     print_table("feedloop bench labeler", &machine, &rows);
     println!("labels: feedloop {feedloop_counts:?}, DuckDB {duck_counts:?}");

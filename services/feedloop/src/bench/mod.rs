@@ -98,6 +98,20 @@ pub struct Row {
     pub goal: String,
 }
 
+/// A throughput row measured against a fixed goal (`limit` per second) rather than a peer.
+pub fn goal_row(measurement: &str, unit: &str, samples: Vec<f64>, limit: f64, goal: &str) -> Row {
+    let feedloop = Stat::of(samples);
+    Row {
+        measurement: measurement.into(),
+        unit: unit.into(),
+        ratio: Some(feedloop.median / limit),
+        feedloop,
+        against: "goal".into(),
+        peer: Some(Stat::of(vec![limit])),
+        goal: goal.into(),
+    }
+}
+
 /// A row with the peak resident memory of this process: the scenarios that run services
 /// in-process (cdc, labeler, eraser) count the services and the harness together.
 pub fn peak_rss_row(what: &str) -> Row {
