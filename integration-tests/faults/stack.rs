@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use feedloop::dev::{PgCluster, Storage, TansuBroker, stack::create_product_database};
+use feedloop::dev::{BrokerProcess, PgCluster, Storage, stack::create_product_database};
 use feedloop_core::{
     catalogue::{Catalogue, TOPICS},
     config::Secret,
@@ -38,7 +38,7 @@ pub struct ProcessStack {
     /// the directory with those logs goes.
     running: BTreeMap<&'static str, Service>,
     pub pg: PgCluster,
-    pub broker: TansuBroker,
+    pub broker: BrokerProcess,
     pub dir: tempfile::TempDir,
     pub token: String,
     pub write_key: String,
@@ -73,7 +73,7 @@ impl ProcessStack {
     /// trigger delivering to the webhook at `hook_url`; returns once all are ready.
     pub async fn up(hook_url: &str) -> Self {
         let pg = PgCluster::start().await.expect("postgres");
-        let broker = TansuBroker::start(Storage::Memory).await.expect("tansu");
+        let broker = BrokerProcess::start(Storage::Memory).await.expect("tansu");
         ensure_topics(&KafkaConfig::new(broker.bootstrap()), TOPICS)
             .await
             .expect("topics");

@@ -14,6 +14,8 @@ import json
 import os
 import re
 import sys
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pyarrow.parquet as pq
 
@@ -40,7 +42,10 @@ def main():
             fail(f"{path}: says version {manifest['version']} of {manifest['partition']}")
         total = 0
         for file in manifest["files"]:
-            local = file["uri"].removeprefix("file://")
+            uri = urlparse(file["uri"])
+            if uri.scheme != "file" or not os.path.isabs(url2pathname(uri.path)):
+                fail(f"{partition}: {file['uri']} is not an absolute file:// URI")
+            local = url2pathname(uri.path)
             if not os.path.isfile(local):
                 fail(f"{partition}: listed file {local} is missing")
             with open(local, "rb") as f:

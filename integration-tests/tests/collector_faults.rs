@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use feedloop::dev::{Storage, TansuBroker};
+use feedloop::dev::{BrokerProcess, Storage};
 use feedloop_core::{
     catalogue::{EVENTS_TOPIC, TOPICS},
     kafka::{KafkaConfig, ensure_topics},
@@ -148,8 +148,8 @@ async fn assert_exactly_once(bootstrap: &str, ledger: &Ledger) {
     );
 }
 
-async fn own_broker() -> TansuBroker {
-    let broker = TansuBroker::start(Storage::Memory).await.expect("tansu");
+async fn own_broker() -> BrokerProcess {
+    let broker = BrokerProcess::start(Storage::Memory).await.expect("tansu");
     ensure_topics(&KafkaConfig::new(broker.bootstrap()), TOPICS)
         .await
         .expect("topics");

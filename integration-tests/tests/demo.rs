@@ -13,16 +13,19 @@ const USERS: usize = 200;
 const EVENTS: usize = 6_000;
 const SEED: u64 = 7;
 
-fn demo(out: &Path) -> Value {
+/// Runs the demo in `cwd` with the relative `--out out` (as a user types it), and returns its
+/// summary.
+fn demo(cwd: &Path, out: &str) -> Value {
     let run = Command::new(binary("feedloop"))
+        .current_dir(cwd)
         .args(["demo", "--quiet", "--stage-timeout", "120"])
         .args(["--users", &USERS.to_string()])
         .args(["--events", &EVENTS.to_string()])
         .args(["--seed", &SEED.to_string()])
-        .arg("--out")
-        .arg(out)
+        .args(["--out", out])
         .output()
         .expect("feedloop demo runs");
+    let out = cwd.join(out);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),
@@ -37,7 +40,7 @@ fn demo(out: &Path) -> Value {
 #[test]
 fn the_demo_reconciles_erases_and_is_reproducible() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let first = demo(&dir.path().join("first"));
+    let first = demo(dir.path(), "first");
     let n = |v: &Value| v.as_u64().unwrap_or(u64::MAX);
 
     // in = published + dead-lettered + suppressed + duplicates, and every stage agrees.
@@ -69,6 +72,11 @@ fn the_demo_reconciles_erases_and_is_reproducible() {
 
     // The dataset as pyarrow reads it: every row the summary counted, no erased user.
     let root = dir.path().join("first/datasets");
+    assert_eq!(
+        Path::new(first["dataset_path"].as_str().expect("dataset_path")),
+        root.join("match_outcomes"),
+        "the summary names the dataset absolutely"
+    );
     let dataset = read_dataset(&root, "match_outcomes");
     let rows = dataset["rows"].as_array().expect("rows");
     assert_eq!(rows.len() as u64, n(&first["dataset"]["rows"]));
@@ -107,8 +115,9 @@ fn the_demo_reconciles_erases_and_is_reproducible() {
         assert!(!log.contains(&user.phone), "a phone number is in the log");
     }
 
-    // The same seed, the same labels.
-    let second = demo(&dir.path().join("second"));
+    // The same command again, into the same --out (the README's command run twice): it
+    // replaces the earlier run, and the same seed gives the same labels.
+    let second = demo(dir.path(), "first");
     assert_eq!(second["problems"], serde_json::json!([]), "{second:#}");
     assert_eq!(
         first["dataset"]["fingerprint"],

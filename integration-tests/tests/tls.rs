@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use feedloop::dev::{PgCluster, TansuBroker, process::free_port};
+use feedloop::dev::{BrokerProcess, PgCluster, process::free_port};
 use feedloop_core::{
     config::{RegistryConfig, Secret},
     kafka::{KafkaConfig, KafkaSasl, KafkaTls, wait_ready},
@@ -93,7 +93,7 @@ async fn every_connection_can_be_encrypted_and_authenticated() {
 
     // Kafka: SCRAM users on tansu, clients connect through the TLS proxy.
     let proxy_port = free_port().expect("free port");
-    let broker = TansuBroker::start_authenticated(
+    let broker = BrokerProcess::start_authenticated(
         &[(KAFKA_USER, KAFKA_PASSWORD)],
         &format!("localhost:{proxy_port}"),
     )

@@ -106,6 +106,7 @@ pub struct DedupConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
+    #[serde(deserialize_with = "feedloop_core::config::path_buf")]
     pub dir: PathBuf,
     pub max_bytes: u64,
     pub segment_bytes: u64,

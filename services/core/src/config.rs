@@ -17,7 +17,7 @@ pub struct RegistryConfig {
     pub password: Secret,
     /// PEM file of the CA that signed an `https://` registry's certificate, when it is not
     /// one the system trusts; empty: the system's roots.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "path")]
     pub ca: String,
 }
 
@@ -232,6 +232,42 @@ fn parse_scalar(raw: &str) -> Value {
     Value::String(raw.to_owned())
 }
 
+/// `text` as an absolute path, resolved against the working directory (canonical, when it
+/// exists: no `..`, symlinks resolved); empty (unset) stays empty. Every file path a
+/// configuration names goes through it when loaded, so that a relative path works and later
+/// uses and logs name one file whatever the process does afterwards.
+pub fn absolute_path(text: &str) -> std::io::Result<String> {
+    if text.is_empty() {
+        return Ok(String::new());
+    }
+    let path = match std::fs::canonicalize(text) {
+        Ok(canonical) => canonical,
+        Err(_) => std::path::absolute(text)?,
+    };
+    Ok(path.display().to_string())
+}
+
+/// Serde `deserialize_with` for a file path: see [`absolute_path`].
+pub fn path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = String::deserialize(d)?;
+    absolute_path(&text).map_err(|e| serde::de::Error::custom(format!("path {text:?}: {e}")))
+}
+
+/// Serde `deserialize_with` for a directory: see [`absolute_path`].
+pub fn path_buf<'de, D: Deserializer<'de>>(d: D) -> Result<std::path::PathBuf, D::Error> {
+    path(d).map(std::path::PathBuf::from)
+}
+
+/// Serde `deserialize_with` for a list of file paths: see [`absolute_path`].
+pub fn paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| {
+            absolute_path(text).map_err(|e| serde::de::Error::custom(format!("path {text:?}: {e}")))
+        })
+        .collect()
+}
+
 /// A secret value: never printed, logged or serialized back.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
@@ -339,5 +375,44 @@ mod tests {
         let cfg: Cfg = load(DEFAULTS, None, env(&[])).expect("loads");
         assert!(!format!("{cfg:?}").contains("s3cret"));
         assert_eq!(cfg.http.token.expose(), "s3cret");
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Files {
+        #[serde(deserialize_with = "path")]
+        ca: String,
+        #[serde(deserialize_with = "path")]
+        unset: String,
+        #[serde(deserialize_with = "path_buf")]
+        dir: std::path::PathBuf,
+        #[serde(deserialize_with = "paths")]
+        specs: Vec<String>,
+    }
+
+    /// Relative paths are resolved against the working directory when a configuration loads;
+    /// existing ones are canonical (no `..`); an empty path stays unset.
+    #[test]
+    fn file_paths_load_absolute() {
+        let cwd = std::env::current_dir().expect("cwd");
+        let files: Files = load_text(
+            "ca = \"Cargo.toml\"\nunset = \"\"\ndir = \"spool/../spool2\"\nspecs = [\"src/../src/config.rs\", \"/abs/x\"]\n",
+            None,
+            env(&[]),
+        )
+        .expect("loads");
+        assert_eq!(files.ca, cwd.join("Cargo.toml").display().to_string());
+        assert_eq!(files.unset, "");
+        assert_eq!(
+            files.dir,
+            cwd.join("spool/../spool2"),
+            "not created: absolute as given"
+        );
+        assert_eq!(
+            files.specs,
+            [
+                cwd.join("src/config.rs").display().to_string(),
+                "/abs/x".into()
+            ]
+        );
     }
 }

@@ -55,12 +55,12 @@ pub struct KafkaTls {
     #[serde(default)]
     pub enabled: bool,
     /// PEM file of the CA that signed the brokers' certificates; empty: the system's roots.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::path")]
     pub ca: String,
     /// Client certificate and key (PEM) for brokers that authenticate clients by TLS (mTLS).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::path")]
     pub cert: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::path")]
     pub key: String,
     /// Check that a broker's certificate names the host connected to (leave on: off only
     /// for certificates issued to IP addresses that librdkafka cannot match).

@@ -23,8 +23,9 @@ pub fn init_tracing_to_file(file: std::fs::File, default_filter: &str) {
     drop(result);
 }
 
-/// Installs the global tracing subscriber: JSON lines when `json`, human-readable otherwise;
-/// the filter comes from `RUST_LOG` (default `info`). Calling it twice is harmless.
+/// Installs the global tracing subscriber: JSON lines when `json`, human-readable otherwise
+/// (colored on a terminal only, so that a log file holds no escape codes); the filter comes
+/// from `RUST_LOG` (default `info`). Calling it twice is harmless.
 pub fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
@@ -39,7 +40,11 @@ pub fn init_tracing(json: bool) {
             .try_init()
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     // Already installed (several services in one process, or tests): keep the first.

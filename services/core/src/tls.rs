@@ -21,10 +21,10 @@ use crate::config::ConfigError;
 #[serde(deny_unknown_fields)]
 pub struct ServerTls {
     /// Certificate chain, leaf first.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::path")]
     pub cert: String,
     /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::path")]
     pub key: String,
 }
 

@@ -59,6 +59,29 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Run the built-in Kafka-compatible broker (tansu) in this process until SIGTERM or
+    /// Ctrl-C: what `dev up`, the benchmarks and the tests start; nothing to install.
+    Broker {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        #[arg(long, default_value_t = 9092)]
+        port: u16,
+        /// `host:port` clients are told to connect to once bootstrapped (default: the listen
+        /// address).
+        #[arg(long)]
+        advertised: Option<String>,
+        /// `memory` (lost when the broker stops) or `sqlite` (DIR/broker.db, survives kill -9).
+        #[arg(long, value_enum, default_value = "memory")]
+        storage: feedloop::dev::Storage,
+        /// Directory of the SQLite database.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// File of SASL SCRAM users (SCRAM-SHA-256 and -512), one `name:password` a line;
+        /// given, every client must authenticate. Needs sqlite storage.
+        #[arg(long)]
+        users: Option<PathBuf>,
+    },
     /// Run a local stack (Postgres, broker, services) for development.
     Dev {
         #[command(subcommand)]
@@ -284,12 +307,62 @@ enum SchemasCommand {
     },
 }
 
+impl Command {
+    /// Makes every path argument absolute against the working directory, so that relative
+    /// paths work and the summary, logs and manifests name them absolutely.
+    fn absolute_paths(&mut self) -> std::io::Result<()> {
+        let abs = |p: &mut PathBuf| -> std::io::Result<()> {
+            *p = std::path::absolute(&*p)?;
+            Ok(())
+        };
+        match self {
+            Self::Demo { out, .. } => abs(out),
+            Self::Broker { dir, users, .. } => {
+                abs(dir)?;
+                users.as_mut().map_or(Ok(()), abs)
+            }
+            Self::Dev {
+                command: DevCommand::Up { dir, .. } | DevCommand::Down { dir },
+            } => abs(dir),
+            Self::Bench { scenario } => match scenario {
+                BenchScenario::Collector { out, .. }
+                | BenchScenario::Labeler { out, .. }
+                | BenchScenario::Eraser { out, .. }
+                | BenchScenario::Codec { out, .. }
+                | BenchScenario::Cdc { out, .. } => abs(out),
+            },
+            Self::Replay { config, .. } => abs(config),
+            Self::Schemas {
+                command:
+                    SchemasCommand::Check {
+                        repo: Some(repo), ..
+                    },
+            } => abs(repo),
+            Self::Schemas { .. } | Self::Erase { .. } | Self::Datasets { .. } => Ok(()),
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(e) = cli.command.absolute_paths() {
+        eprintln!("feedloop: cannot resolve a path argument: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Command::Demo { out, .. } = &cli.command {
+        match feedloop::demo::prepare_out(out) {
+            Ok(true) => eprintln!(
+                "feedloop: replacing the previous demo run in {}",
+                out.display()
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("feedloop: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
         // The terminal shows progress and the summary; the services log to a file.
-        let log =
-            std::fs::create_dir_all(out).and_then(|()| std::fs::File::create(out.join("demo.log")));
+        let log = std::fs::File::create(out.join("demo.log"));
         match log {
             // tansu's storage logs every metadata lookup at info.
             Ok(file) => telemetry::init_tracing_to_file(file, "info,tansu_storage=warn"),
@@ -360,6 +433,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Broker {
+            host,
+            port,
+            advertised,
+            storage,
+            dir,
+            users,
+        } => {
+            let users = match users {
+                Some(path) => feedloop::dev::broker::read_users(&path)?,
+                None => Vec::new(),
+            };
+            let spec = feedloop::dev::broker::BrokerSpec {
+                listen: std::net::SocketAddr::new(host, port),
+                advertised,
+                storage,
+                dir,
+                users,
+            };
+            tracing::info!(
+                listen = %spec.listen,
+                storage = ?spec.storage,
+                dir = %spec.dir.display(),
+                authentication = !spec.users.is_empty(),
+                "Broker starting"
+            );
+            feedloop::dev::broker::serve(spec, shutdown::on_signal().cancelled_owned()).await?;
+            tracing::info!("Broker stopped");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dev { command } => match command {
             DevCommand::Up { dir, postgres } => dev_up(dir, postgres).await,
@@ -597,7 +700,7 @@ async fn dev_up(dir: PathBuf, postgres: Option<String>) -> anyhow::Result<ExitCo
     let shutdown = shutdown::on_signal();
     let stack = Stack::up(StackOptions {
         postgres_url: postgres,
-        datasets_root: Some(std::path::absolute(dir.join("datasets"))?),
+        datasets_root: Some(dir.join("datasets")),
         ..StackOptions::default()
     })
     .await

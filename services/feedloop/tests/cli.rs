@@ -115,16 +115,18 @@ impl Drop for Up {
 
 #[tokio::test]
 async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    // As the README runs it: a relative --dir, resolved against the working directory.
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let dir = cwd.path().join(".feedloop");
     let child = Command::new(BIN)
-        .args(["dev", "up", "--dir"])
-        .arg(dir.path())
+        .current_dir(cwd.path())
+        .args(["dev", "up", "--dir", ".feedloop"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("dev up starts");
     let mut up = Up(child);
-    let endpoints_path = dir.path().join("endpoints.json");
+    let endpoints_path = dir.join("endpoints.json");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !endpoints_path.exists() {
         assert!(
@@ -228,7 +230,11 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
     // The labeler runs the example spec into DIR/datasets.
     let labeler = endpoints["labeler_url"].as_str().expect("labeler_url");
     let root = endpoints["datasets_root"].as_str().expect("datasets_root");
-    assert!(root.ends_with("/datasets"), "{root}");
+    assert_eq!(
+        Path::new(root),
+        dir.join("datasets"),
+        "absolute, under --dir"
+    );
     let mut running = false;
     for _ in 0..300 {
         if http
@@ -332,8 +338,8 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
 
     // dev down stops it and cleans up.
     let down = Command::new(BIN)
-        .args(["dev", "down", "--dir"])
-        .arg(dir.path())
+        .current_dir(cwd.path())
+        .args(["dev", "down", "--dir", ".feedloop"])
         .output()
         .expect("dev down runs");
     assert!(
@@ -349,6 +355,12 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
         sqlx::PgConnection::connect(url).await.is_err(),
         "postgres is stopped"
     );
+    if std::env::var("KAFKA_BOOTSTRAP").map_or(true, |b| b.trim().is_empty()) {
+        assert!(
+            std::net::TcpStream::connect(bootstrap).is_err(),
+            "the stack's own broker process is stopped"
+        );
+    }
 }
 
 async fn feedloop_core_topics(bootstrap: &str) -> Vec<String> {

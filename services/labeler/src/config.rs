@@ -33,6 +33,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecsConfig {
+    #[serde(deserialize_with = "feedloop_core::config::paths")]
     pub files: Vec<String>,
 }
 

@@ -329,8 +329,8 @@ pub struct Manifest {
     pub committed_at: i64,
 }
 
-/// Where datasets live: a URL (`file:///abs/path`, `s3://bucket/prefix`, or a plain absolute
-/// path) and the object store behind it.
+/// Where datasets live: a URL (`file:///abs/path`, `s3://bucket/prefix`) or a filesystem path
+/// (absolute, or relative to the working directory), and the object store behind it.
 #[derive(Debug, Clone)]
 pub struct Root {
     pub store: Arc<dyn ObjectStore>,
@@ -348,12 +348,17 @@ impl Root {
             uri: uri.to_owned(),
             message,
         };
-        let url_text = if uri.starts_with('/') {
-            format!("file://{uri}")
+        let url = if uri.contains("://") {
+            url::Url::parse(uri).map_err(|e| root_err(e.to_string()))?
         } else {
-            uri.to_owned()
+            // A path: created, then named by its canonical absolute form (no `..`, which object
+            // stores refuse; symlinks resolved), so that manifests and logs name the same files
+            // whichever directory a reader starts in.
+            std::fs::create_dir_all(uri).map_err(|e| root_err(e.to_string()))?;
+            let dir = std::fs::canonicalize(uri).map_err(|e| root_err(e.to_string()))?;
+            url::Url::from_directory_path(&dir)
+                .map_err(|()| root_err("not a usable directory path".into()))?
         };
-        let url = url::Url::parse(&url_text).map_err(|e| root_err(e.to_string()))?;
         if url.scheme() == "file" {
             let dir = url
                 .to_file_path()
@@ -370,7 +375,7 @@ impl Root {
         Ok(Self {
             store: Arc::from(store),
             prefix,
-            uri: url_text.trim_end_matches('/').to_owned(),
+            uri: url.as_str().trim_end_matches('/').to_owned(),
         })
     }
 
@@ -452,5 +457,36 @@ mod tests {
         assert_eq!(hive_partition(1_795_888_800_000), "dt=2026-11-28/hour=18");
         assert_eq!(hive_partition(951_782_400_000), "dt=2000-02-29/hour=00");
         assert_eq!(hive_partition(-1), "dt=1969-12-31/hour=23");
+    }
+
+    /// A relative root, a plain absolute path and a file:// URL of the same directory open the
+    /// same root, named by one absolute URI; a relative path is resolved against the working
+    /// directory, and names with spaces are escaped as URLs escape them.
+    #[tokio::test]
+    async fn every_spelling_of_a_directory_opens_one_absolute_root() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("my datasets");
+        let cwd = std::env::current_dir().expect("cwd");
+        let up = "../".repeat(cwd.components().count().saturating_sub(1));
+        let relative = format!("{up}{}", dir.display().to_string().trim_start_matches('/'));
+        assert!(!relative.starts_with('/'));
+        let options = BTreeMap::new();
+        let opened = [
+            Root::open(&relative, &options).expect("relative"),
+            Root::open(&dir.display().to_string(), &options).expect("absolute"),
+            Root::open(&format!("{relative}/"), &options).expect("trailing slash"),
+        ];
+        let canonical = std::fs::canonicalize(&dir).expect("the root's directory was created");
+        let want = format!("file://{}", canonical.display()).replace(' ', "%20");
+        for root in &opened {
+            assert_eq!(root.uri, want);
+        }
+        let by_url = Root::open(&want, &options).expect("file URL");
+        assert_eq!(by_url.uri, want);
+        opened[0].put("d/x.txt", b"x".to_vec()).await.expect("put");
+        assert_eq!(&by_url.get("d/x.txt").await.expect("get")[..], b"x");
+        assert!(canonical.join("d/x.txt").is_file());
+        assert_eq!(by_url.rel_of(&opened[1].uri_of("d/x.txt")), Some("d/x.txt"));
+        assert!(Root::open("bad://", &options).is_err());
     }
 }

@@ -104,7 +104,7 @@ pub struct SinkConfig {
     #[serde(default)]
     pub hmac_secret: Option<Secret>,
     /// PEM file of the CA of an `https://` sink the system does not trust.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "feedloop_core::config::path")]
     pub ca: String,
 }
 

@@ -84,16 +84,58 @@ impl Bars {
     }
 }
 
+/// Marks a directory as the demo's output, which a later run may replace.
+const OUT_MARKER: &str = ".feedloop-demo";
+
+/// What the demo writes into `--out`, and removes again before a new run there.
+const OUT_ENTRIES: [&str; 3] = ["datasets", "summary.json", "demo.log"];
+
+/// Makes `out` ready for a run: created if missing; a previous demo run's output in it (the
+/// README's command run twice) is replaced; any other non-empty directory is refused, so that
+/// the demo never deletes what it did not write. Returns whether a previous run was replaced.
+pub fn prepare_out(out: &std::path::Path) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let marker = out.join(OUT_MARKER);
+    let empty = std::fs::read_dir(out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .next()
+        .is_none();
+    let replaced = if empty {
+        false
+    } else if marker.is_file() {
+        for entry in OUT_ENTRIES {
+            let path = out.join(entry);
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        }
+        true
+    } else {
+        bail!(
+            "{} is not empty and holds no earlier demo run: give the demo a new or empty --out",
+            out.display()
+        );
+    };
+    std::fs::write(
+        &marker,
+        "the output of `feedloop demo`; a new run replaces it\n",
+    )
+    .with_context(|| format!("writing {}", marker.display()))?;
+    Ok(replaced)
+}
+
 /// Runs the demo end to end and returns its summary (with any reconciliation problem in it).
+/// `opts.out` must have been prepared ([`prepare_out`]).
 pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let datasets_root = opts.out.join("datasets");
-    if datasets_root.exists() && std::fs::read_dir(&datasets_root)?.next().is_some() {
-        bail!(
-            "{} already holds datasets: give the demo an empty --out",
-            datasets_root.display()
-        );
-    }
     std::fs::create_dir_all(&datasets_root)?;
     let t0 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -410,5 +452,34 @@ async fn wait_for_triggers(
             return Ok(list);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_is_created_replaced_after_a_demo_and_refused_otherwise() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let out = tmp.path().join("feedloop-demo");
+        assert!(!prepare_out(&out).expect("a new directory"));
+        std::fs::create_dir_all(out.join("datasets/match_outcomes")).expect("mkdir");
+        std::fs::write(out.join("summary.json"), "{}").expect("write");
+        assert!(prepare_out(&out).expect("an earlier run"), "replaced");
+        assert!(!out.join("datasets").exists() && !out.join("summary.json").exists());
+
+        let foreign = tmp.path().join("mine");
+        std::fs::create_dir_all(&foreign).expect("mkdir");
+        std::fs::write(foreign.join("notes.txt"), "keep me").expect("write");
+        let refused = prepare_out(&foreign).expect_err("not the demo's");
+        assert!(refused.to_string().contains("not empty"), "{refused}");
+        assert_eq!(
+            std::fs::read_to_string(foreign.join("notes.txt")).expect("kept"),
+            "keep me"
+        );
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir_all(&empty).expect("mkdir");
+        assert!(!prepare_out(&empty).expect("an empty directory"));
     }
 }

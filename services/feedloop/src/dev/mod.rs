@@ -6,7 +6,7 @@ pub mod postgres;
 pub mod process;
 pub mod stack;
 
-pub use broker::{Broker, EmbeddedBroker, Storage, TansuBroker};
+pub use broker::{Broker, BrokerProcess, EmbeddedBroker, Storage};
 pub use postgres::PgCluster;
 pub use stack::{BrokerChoice, Endpoints, Stack, StackOptions};
 

@@ -40,9 +40,10 @@ pub struct StackOptions {
 /// Which broker the stack talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerChoice {
-    /// `$KAFKA_BOOTSTRAP` if set, else a tansu process with this storage (tests, benchmarks).
-    Tansu(Storage),
-    /// tansu's broker in this process, memory storage: nothing to install (the demo).
+    /// `$KAFKA_BOOTSTRAP` if set, else a `feedloop broker` process with this storage (`dev up`,
+    /// tests, benchmarks).
+    Process(Storage),
+    /// The built-in broker inside this process, memory storage (the demo).
     Embedded,
     /// A Kafka cluster at this bootstrap address.
     External(String),
@@ -52,7 +53,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             postgres_url: None,
-            broker: BrokerChoice::Tansu(Storage::Memory),
+            broker: BrokerChoice::Process(Storage::Memory),
             datasets_root: None,
             trigger_policy: None,
         }
@@ -173,7 +174,7 @@ impl Stack {
             None => Postgres::Owned(PgCluster::start().await?),
         };
         let broker = match options.broker {
-            BrokerChoice::Tansu(storage) => Broker::start(storage).await?,
+            BrokerChoice::Process(storage) => Broker::start(storage).await?,
             BrokerChoice::Embedded => Broker::external_or_embedded(None).await?,
             BrokerChoice::External(bootstrap) => {
                 Broker::external_or_embedded(Some(bootstrap)).await?
