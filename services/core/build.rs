@@ -1,5 +1,7 @@
-//! Embeds every `.avsc` under the workspace's `schemas/` directory, so that binaries carry the
-//! event catalogue without reading the source tree at run time.
+//! Embeds every `.avsc` under the workspace's `schemas/` directory and every migration under
+//! `sql/migrations/`, so that binaries carry the event catalogue and the control-plane schema
+//! without reading the source tree at run time (and without sqlx's proc macros, whose
+//! build-time copy of sqlx, rustls and aws-lc cost minutes of every cold build).
 
 use std::{env, fs, io::Write, path::Path};
 
@@ -28,11 +30,7 @@ fn main() {
     let manifest = env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
     let schemas = Path::new(&manifest).join("../../schemas");
     println!("cargo:rerun-if-changed={}", schemas.display());
-    // `sqlx::migrate!` embeds sql/migrations: a new migration must rebuild this crate.
-    println!(
-        "cargo:rerun-if-changed={}",
-        Path::new(&manifest).join("../../sql/migrations").display()
-    );
+    embed_migrations(&Path::new(&manifest).join("../../sql/migrations"));
     let mut files = Vec::new();
     collect(&schemas, &schemas, &mut files);
     for (_, abs) in &files {
@@ -52,5 +50,38 @@ fn main() {
     body.push_str("];\n");
     if let Err(e) = f.write_all(body.as_bytes()) {
         panic!("cannot write catalogue_files.rs: {e}");
+    }
+}
+
+/// Writes `migrations.rs`: (file name, contents) of every `*.sql` in `dir`, sorted by name.
+fn embed_migrations(dir: &Path) {
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut files: Vec<_> = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+            .collect(),
+        Err(e) => panic!("cannot read {}: {e}", dir.display()),
+    };
+    files.sort();
+    let mut body = String::from(
+        "/// (file name, contents) of every control-plane migration, in order.\npub const MIGRATIONS: &[(&str, &str)] = &[\n",
+    );
+    for path in &files {
+        println!("cargo:rerun-if-changed={}", path.display());
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        body.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            path.to_string_lossy()
+        ));
+    }
+    body.push_str("];\n");
+    let out_dir = env::var("OUT_DIR").unwrap_or_default();
+    if let Err(e) = fs::write(Path::new(&out_dir).join("migrations.rs"), body) {
+        panic!("cannot write migrations.rs: {e}");
     }
 }

@@ -13,6 +13,7 @@
 //! Once a key is deleted, [`open`] answers [`Opened::Erased`]: a clean value to show, never an
 //! error to retry.
 
+#[cfg(feature = "scylla")]
 mod scylla;
 
 use std::{
@@ -33,6 +34,7 @@ pub const SEALED_PREFIX: &str = "fl1:";
 /// What consumers show in place of a field whose key was destroyed.
 pub const ERASED: &str = "[erased]";
 
+#[cfg(feature = "scylla")]
 pub use scylla::ScyllaKeyStore;
 
 /// A 256-bit data key.
@@ -427,6 +429,12 @@ pub enum KeyStoreKind {
 
 impl KeysConfig {
     pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        if self.store == KeyStoreKind::Scylla && !cfg!(feature = "scylla") {
+            return Err(crate::config::ConfigError::invalid(
+                "keys.store",
+                "\"scylla\": this binary was built without ScyllaDB support",
+            ));
+        }
         if self.store == KeyStoreKind::Scylla && self.scylla_nodes.is_empty() {
             return Err(crate::config::ConfigError::invalid(
                 "keys.scylla_nodes",
@@ -454,6 +462,7 @@ pub async fn key_store(
 ) -> Result<Arc<dyn KeyStore>, CryptoError> {
     Ok(match cfg.store {
         KeyStoreKind::Postgres => Arc::new(PostgresKeyStore::new(control.clone())),
+        #[cfg(feature = "scylla")]
         KeyStoreKind::Scylla => Arc::new(
             ScyllaKeyStore::connect(
                 &cfg.scylla_nodes,
@@ -462,6 +471,12 @@ pub async fn key_store(
             )
             .await?,
         ),
+        #[cfg(not(feature = "scylla"))]
+        KeyStoreKind::Scylla => {
+            return Err(CryptoError::Store(
+                "this binary was built without ScyllaDB support".into(),
+            ));
+        }
     })
 }
 

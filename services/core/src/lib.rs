@@ -14,7 +14,9 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod http;
+#[cfg(feature = "kafka")]
 pub mod intake;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod model;
 pub mod postgres;
