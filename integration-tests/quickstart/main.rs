@@ -1,11 +1,12 @@
 //! The README's quick start, word for word, from a fresh copy of the repository.
 //!
-//! Every ```` ```sh ```` block of README.md is a command a new user types. This test reads them
+//! Every ```` ```sh ```` block of README.md's quick-start section ("The two commands") is a
+//! command a new user types. This test reads them
 //! from the README itself, so that the README and the product cannot drift apart:
 //! - `integration-tests/run` is the test command running this test; it is skipped;
 //! - every other block must be one of the commands below, which the test runs exactly as
 //!   written, from a copy of the repository's tracked files (no build output, no state from
-//!   earlier runs) in a temporary directory:
+//!   earlier runs) in `<target>/quickstart/repo`:
 //!   - `… demo`: with a smaller `--users`/`--events` appended; it must exit 0, print the
 //!     reconciled summary, and leave its summary and a dataset pyarrow reads in the default
 //!     (relative) `--out`, named by absolute paths;
@@ -37,28 +38,45 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// The commands of README.md's ```` ```sh ```` blocks, one per non-empty line, in order.
+/// The section of README.md that holds the quick start.
+const QUICK_START: &str = "## The two commands";
+
+/// The commands of the ```` ```sh ```` blocks of README.md's quick-start section (from its
+/// heading to the next `## ` heading), one per non-empty line, in order.
 fn readme_commands(readme: &str) -> Vec<String> {
     let mut commands = Vec::new();
-    let mut in_sh = false;
+    let mut in_section = false;
+    // Inside a fenced block: whether it is a ```sh one.
+    let mut fence: Option<bool> = None;
     for line in readme.lines() {
         let trimmed = line.trim();
-        if in_sh {
-            if trimmed.starts_with("```") {
-                in_sh = false;
-            } else if !trimmed.is_empty() && !trimmed.starts_with('#') {
+        match fence {
+            Some(_) if trimmed.starts_with("```") => fence = None,
+            Some(true) if in_section && !trimmed.is_empty() && !trimmed.starts_with('#') => {
                 commands.push(trimmed.to_owned());
             }
-        } else if trimmed == "```sh" {
-            in_sh = true;
+            Some(_) => {}
+            None if trimmed.starts_with("```") => fence = Some(trimmed == "```sh"),
+            None if line.starts_with("## ") => in_section = line.trim_end() == QUICK_START,
+            None => {}
         }
     }
     commands
 }
 
-/// A copy of the repository's tracked files (as they are in the work tree) in a fresh
-/// directory.
-fn fresh_copy() -> tempfile::TempDir {
+/// The target directory the copy builds into: this repository's (or `CARGO_TARGET_DIR`), so
+/// that dependencies are compiled once per machine.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| repo().join("target"), PathBuf::from)
+}
+
+/// A copy of the repository's tracked files (as they are in the work tree, modification times
+/// kept) in `<target>/quickstart/repo`, emptied first: nothing untracked, nothing an earlier
+/// run left. Always the same path, so that cargo can reuse what it built for an unchanged
+/// crate.
+fn fresh_copy() -> PathBuf {
     let repo = repo();
     let out = Command::new("git")
         .current_dir(&repo)
@@ -66,22 +84,62 @@ fn fresh_copy() -> tempfile::TempDir {
         .output()
         .expect("git ls-files runs");
     assert!(out.status.success(), "git ls-files failed");
-    let copy = tempfile::Builder::new()
-        .prefix("feedloop-fresh-clone-")
-        .tempdir()
-        .expect("temp dir");
+    let copy = target_dir().join("quickstart/repo");
+    if copy.exists() {
+        std::fs::remove_dir_all(&copy).expect("remove the previous copy");
+    }
     for name in out.stdout.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let name = std::str::from_utf8(name).expect("file names are UTF-8");
         let from = repo.join(name);
-        if !from.exists() {
+        let Ok(meta) = std::fs::metadata(&from) else {
             continue; // deleted in the work tree, not yet committed
-        }
-        let to = copy.path().join(name);
+        };
+        let to = copy.join(name);
         std::fs::create_dir_all(to.parent().expect("a parent")).expect("mkdir");
         std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {name}: {e}"));
+        if let Ok(modified) = meta.modified() {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(&to)
+                .expect("open the copy");
+            file.set_modified(modified)
+                .expect("keep the modification time");
+        }
     }
     copy
 }
+
+/// What a user's shell would have of this test's environment: the machine's toolchain, build
+/// and proxy settings, but none of the variables cargo sets for a test (`CARGO_MANIFEST_DIR`,
+/// …), nor the test command's own (`KAFKA_BOOTSTRAP`, `FEEDLOOP_*`, `RUST_LOG`, …).
+const USER_ENVIRONMENT: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "TMPDIR",
+    "LANG",
+    "LC_ALL",
+    "CARGO_HOME",
+    "RUSTUP_HOME",
+    "RUSTUP_TOOLCHAIN",
+    "RUSTFLAGS",
+    "RUSTC_WRAPPER",
+    "CC",
+    "CXX",
+    "AR",
+    "PKG_CONFIG_PATH",
+    "OPENSSL_DIR",
+    "OPENSSL_LIB_DIR",
+    "OPENSSL_INCLUDE_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "PG_BINDIR",
+];
 
 /// `command` run by the shell in `dir`, as a user's terminal runs it.
 fn shell(dir: &Path, command: &str) -> Command {
@@ -89,9 +147,13 @@ fn shell(dir: &Path, command: &str) -> Command {
     cmd.current_dir(dir)
         .arg("-c")
         .arg(format!("exec {command}"))
-        .env("CARGO_TARGET_DIR", repo().join("target"))
-        .env_remove("KAFKA_BOOTSTRAP")
-        .env_remove("RUST_LOG");
+        .env_clear()
+        .envs(
+            USER_ENVIRONMENT
+                .iter()
+                .filter_map(|k| Some((*k, std::env::var_os(k)?))),
+        )
+        .env("CARGO_TARGET_DIR", target_dir());
     cmd
 }
 
@@ -134,9 +196,10 @@ fn run_demo(copy: &Path, command: &str) {
     .expect("summary.json is JSON");
     assert_eq!(summary["problems"], serde_json::json!([]), "{summary:#}");
     let dataset_path = summary["dataset_path"].as_str().expect("dataset_path");
+    assert!(Path::new(dataset_path).is_absolute(), "{dataset_path}");
     assert_eq!(
-        Path::new(dataset_path),
-        out_dir.join("datasets/match_outcomes")
+        std::fs::canonicalize(dataset_path).expect("dataset_path exists"),
+        std::fs::canonicalize(out_dir.join("datasets/match_outcomes")).expect("the dataset"),
     );
     assert!(
         stdout.contains(dataset_path),
@@ -172,9 +235,11 @@ fn run_dev_up(copy: &Path, command: &str) -> Running {
     let endpoints: Value =
         serde_json::from_slice(&std::fs::read(&endpoints_path).expect("endpoints.json"))
             .expect("endpoints.json is JSON");
+    let root = endpoints["datasets_root"].as_str().expect("datasets_root");
+    assert!(Path::new(root).is_absolute(), "{root}");
     assert_eq!(
-        Path::new(endpoints["datasets_root"].as_str().expect("datasets_root")),
-        dir.join("datasets")
+        std::fs::canonicalize(root).expect("datasets_root exists"),
+        std::fs::canonicalize(dir.join("datasets")).expect("DIR/datasets exists"),
     );
     let bootstrap = endpoints["kafka_bootstrap"].as_str().expect("bootstrap");
     let collector = endpoints["collector_url"].as_str().expect("collector_url");
@@ -227,6 +292,7 @@ fn the_readme_quick_start_works_word_for_word_from_a_fresh_copy() {
     let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
     let commands = readme_commands(&readme);
     let copy = fresh_copy();
+    let copy = copy.as_path();
     let mut ran = Vec::new();
     let mut stack: Option<(String, Running)> = None;
     for command in &commands {
@@ -243,15 +309,15 @@ fn the_readme_quick_start_works_word_for_word_from_a_fresh_copy() {
             "the quick-start test does not know how to check the README's `{command}`"
         );
         match args.unwrap_or_default() {
-            ["demo"] => run_demo(copy.path(), command),
+            ["demo"] => run_demo(copy, command),
             ["dev", "up", "--dir", _] => {
                 assert!(stack.is_none(), "two `dev up` without a `dev down`");
-                stack = Some((dir_of(command).to_owned(), run_dev_up(copy.path(), command)));
+                stack = Some((dir_of(command).to_owned(), run_dev_up(copy, command)));
             }
             ["dev", "down", "--dir", dir] => {
                 let (up_dir, mut up) = stack.take().expect("`dev down` after a `dev up`");
                 assert_eq!(*dir, up_dir, "`dev down` names the `dev up` directory");
-                let out = shell(copy.path(), command).output().expect("dev down runs");
+                let out = shell(copy, command).output().expect("dev down runs");
                 assert!(
                     out.status.success(),
                     "`{command}` failed: {}",
@@ -274,7 +340,16 @@ fn the_readme_quick_start_works_word_for_word_from_a_fresh_copy() {
 }
 
 #[test]
-fn readme_commands_are_the_lines_of_sh_blocks() {
-    let text = "intro\n```sh\ncargo run -- demo\n\n# a comment\n```\n```\nnot sh\n```\n```sh\n  b c\n```\n";
+fn readme_commands_are_the_lines_of_the_quick_starts_sh_blocks() {
+    let text = "```sh\nbefore\n```\n## The two commands\nintro\n```sh\ncargo run -- demo\n\n\
+                # a comment\n```\n```\n## not a heading\nnot sh\n```\n```sh\n  b c\n```\n\
+                ## Layout\n```sh\ncurl after\n```\n";
     assert_eq!(readme_commands(text), ["cargo run -- demo", "b c"]);
+}
+
+#[test]
+fn the_readme_has_a_quick_start() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let commands = readme_commands(&readme);
+    assert!(commands.len() >= 3, "{commands:?}");
 }

@@ -25,7 +25,8 @@ pub struct Infra {
 static INFRA: OnceLock<Result<Infra, String>> = OnceLock::new();
 
 /// The shared infrastructure, started on first use. Panics with the reason if it cannot start
-/// (a missing tansu install, say): a test that needs it must fail, not skip.
+/// (no PostgreSQL binaries, or no `feedloop` binary to run the broker, say): a test that needs
+/// it must fail, not skip.
 pub fn infra() -> Infra {
     feedloop_core::telemetry::init_tracing(false);
     let result = INFRA.get_or_init(|| {

@@ -74,6 +74,15 @@ fn embed_migrations(dir: &Path) {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // What sqlx::migrate! accepted: `<version>_<description>.sql`, simple (no up/down).
+        let valid = name
+            .strip_suffix(".sql")
+            .filter(|stem| !stem.ends_with(".up") && !stem.ends_with(".down"))
+            .and_then(|stem| stem.split_once('_'))
+            .is_some_and(|(version, _)| version.parse::<i64>().is_ok());
+        if !valid {
+            panic!("sql/migrations/{name}: not named <version>_<description>.sql");
+        }
         body.push_str(&format!(
             "    ({name:?}, include_str!({:?})),\n",
             path.to_string_lossy()

@@ -34,8 +34,7 @@ fn migration(name: &str, sql: &'static str) -> Migration {
     let stem = name.strip_suffix(".sql").unwrap_or(name);
     let (version, description) = stem.split_once('_').unwrap_or((stem, ""));
     Migration::new(
-        // build.rs embeds only files named by a version; a malformed name sorts first and
-        // fails the migration run with sqlx's own error.
+        // build.rs refuses to build with a file not named by a version.
         version.parse().unwrap_or(i64::MIN),
         Cow::Owned(description.replace('_', " ")),
         MigrationType::Simple,

@@ -460,7 +460,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 authentication = !spec.users.is_empty(),
                 "Broker starting"
             );
-            feedloop::dev::broker::serve(spec, shutdown::on_signal().cancelled_owned()).await?;
+            feedloop::dev::broker::serve(spec, shutdown::on_signal()).await?;
             tracing::info!("Broker stopped");
             Ok(ExitCode::SUCCESS)
         }

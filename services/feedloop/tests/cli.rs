@@ -230,10 +230,11 @@ async fn dev_up_writes_correct_endpoints_and_dev_down_stops_it() {
     // The labeler runs the example spec into DIR/datasets.
     let labeler = endpoints["labeler_url"].as_str().expect("labeler_url");
     let root = endpoints["datasets_root"].as_str().expect("datasets_root");
+    assert!(Path::new(root).is_absolute(), "{root}");
     assert_eq!(
-        Path::new(root),
-        dir.join("datasets"),
-        "absolute, under --dir"
+        std::fs::canonicalize(root).expect("datasets_root exists"),
+        std::fs::canonicalize(dir.join("datasets")).expect("DIR/datasets exists"),
+        "under --dir"
     );
     let mut running = false;
     for _ in 0..300 {

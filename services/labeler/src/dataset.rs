@@ -45,6 +45,10 @@ pub enum DatasetError {
     Arrow(#[from] arrow_schema::ArrowError),
     #[error("manifest: {0}")]
     Manifest(#[from] serde_json::Error),
+    #[error(
+        "a manifest lists {uri}, which is not under the dataset root {root}: is the root configured as the service that wrote it had it?"
+    )]
+    Outside { uri: String, root: String },
 }
 
 /// One labeled example, as written.
@@ -336,8 +340,12 @@ pub struct Root {
     pub store: Arc<dyn ObjectStore>,
     /// The root's path inside the store.
     pub prefix: Path,
-    /// The root as configured, for URIs in manifests.
+    /// The root's URI in manifests: for a directory, the `file://` URL of its canonical path.
     pub uri: String,
+    /// A directory root's spellings (canonical, and absolute as configured): a file URI under
+    /// any of them is under the root, however a manifest (an earlier version's, another
+    /// service's) spelled it.
+    dirs: Vec<std::path::PathBuf>,
 }
 
 impl Root {
@@ -348,23 +356,31 @@ impl Root {
             uri: uri.to_owned(),
             message,
         };
-        let url = if uri.contains("://") {
+        let given = if uri.contains("://") {
             url::Url::parse(uri).map_err(|e| root_err(e.to_string()))?
         } else {
-            // A path: created, then named by its canonical absolute form (no `..`, which object
-            // stores refuse; symlinks resolved), so that manifests and logs name the same files
-            // whichever directory a reader starts in.
-            std::fs::create_dir_all(uri).map_err(|e| root_err(e.to_string()))?;
-            let dir = std::fs::canonicalize(uri).map_err(|e| root_err(e.to_string()))?;
+            let dir = std::path::absolute(uri).map_err(|e| root_err(e.to_string()))?;
             url::Url::from_directory_path(&dir)
                 .map_err(|()| root_err("not a usable directory path".into()))?
         };
-        if url.scheme() == "file" {
-            let dir = url
+        let (url, dirs) = if given.scheme() == "file" {
+            // A directory: created, then named by its canonical path (no `..`, which object
+            // stores refuse; symlinks resolved), so that every spelling of it gives one URI.
+            let dir = given
                 .to_file_path()
                 .map_err(|()| root_err("not an absolute file path".into()))?;
             std::fs::create_dir_all(&dir).map_err(|e| root_err(e.to_string()))?;
-        }
+            let canonical = std::fs::canonicalize(&dir).map_err(|e| root_err(e.to_string()))?;
+            let url = url::Url::from_directory_path(&canonical)
+                .map_err(|()| root_err("not a usable directory path".into()))?;
+            let mut dirs = vec![canonical];
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+            (url, dirs)
+        } else {
+            (given, Vec::new())
+        };
         let mut opts: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| k.starts_with("AWS_"))
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
@@ -376,6 +392,7 @@ impl Root {
             store: Arc::from(store),
             prefix,
             uri: url.as_str().trim_end_matches('/').to_owned(),
+            dirs,
         })
     }
 
@@ -393,9 +410,38 @@ impl Root {
         format!("{}/{rel}", self.uri)
     }
 
-    /// `rel` of a URI this root produced.
-    pub fn rel_of<'a>(&self, uri: &'a str) -> Option<&'a str> {
-        uri.strip_prefix(&self.uri)?.strip_prefix('/')
+    /// `rel` of a URI under this root: one it produced, or, for a directory, a `file://` URI of
+    /// a file under any spelling of it (escaped or not, through a symlink or not).
+    pub fn rel_of(&self, uri: &str) -> Option<String> {
+        if let Some(rel) = uri
+            .strip_prefix(&self.uri)
+            .and_then(|r| r.strip_prefix('/'))
+            .filter(|r| !r.is_empty())
+        {
+            return Some(rel.to_owned());
+        }
+        let path = url::Url::parse(uri).ok()?.to_file_path().ok()?;
+        self.dirs.iter().find_map(|dir| {
+            let rel = path.strip_prefix(dir).ok()?;
+            let parts: Option<Vec<&str>> = rel
+                .components()
+                .map(|c| match c {
+                    std::path::Component::Normal(part) => part.to_str(),
+                    _ => None,
+                })
+                .collect();
+            parts.filter(|p| !p.is_empty()).map(|p| p.join("/"))
+        })
+    }
+
+    /// [`Self::rel_of`], or an error naming a file a manifest lists outside this root (a root
+    /// configured differently from the one that wrote the manifest): never guessed at, since
+    /// what is not under the root would be read, rewritten or deleted as if it were.
+    pub fn rel_of_listed(&self, uri: &str) -> Result<String, DatasetError> {
+        self.rel_of(uri).ok_or_else(|| DatasetError::Outside {
+            uri: uri.to_owned(),
+            root: self.uri.clone(),
+        })
     }
 
     pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<(), DatasetError> {
@@ -486,7 +532,33 @@ mod tests {
         opened[0].put("d/x.txt", b"x".to_vec()).await.expect("put");
         assert_eq!(&by_url.get("d/x.txt").await.expect("get")[..], b"x");
         assert!(canonical.join("d/x.txt").is_file());
-        assert_eq!(by_url.rel_of(&opened[1].uri_of("d/x.txt")), Some("d/x.txt"));
+        assert_eq!(
+            by_url.rel_of(&opened[1].uri_of("d/x.txt")).as_deref(),
+            Some("d/x.txt")
+        );
+        // Manifests of earlier versions spelled the root unescaped, as configured.
+        let legacy = format!("file://{}/d/x.txt", dir.display());
+        assert_eq!(by_url.rel_of(&legacy).as_deref(), Some("d/x.txt"));
+        assert_eq!(opened[0].rel_of_listed(&legacy).expect("under"), "d/x.txt");
+        // A symlink to the root is the root.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).expect("symlink");
+        let through = Root::open(&link.display().to_string(), &options).expect("through a link");
+        assert_eq!(through.uri, want);
+        let via_link = format!("file://{}/d/x.txt", link.display());
+        assert_eq!(through.rel_of(&via_link).as_deref(), Some("d/x.txt"));
+        // Outside the root: none, and an error where a manifest lists it.
+        let outside = format!("file://{}/x.txt", tmp.path().display());
+        assert_eq!(by_url.rel_of(&outside), None);
+        assert!(matches!(
+            by_url.rel_of_listed(&outside),
+            Err(DatasetError::Outside { .. })
+        ));
+        assert_eq!(
+            by_url.rel_of(&format!("{want}/")),
+            None,
+            "the root itself is no file"
+        );
         assert!(Root::open("bad://", &options).is_err());
     }
 }

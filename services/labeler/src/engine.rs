@@ -460,9 +460,9 @@ impl Pipeline {
             let manifest: Manifest = serde_json::from_str(&r.try_get::<String, _>("manifest")?)
                 .map_err(DatasetError::from)?;
             for f in &manifest.files {
-                if let Some(rel) = self.shared.root.rel_of(&f.uri) {
-                    keep.insert(rel.to_owned());
-                }
+                // A file outside the root fails the start: cleaning up against the wrong root
+                // would delete committed files as orphans.
+                keep.insert(self.shared.root.rel_of_listed(&f.uri)?);
             }
             manifests.push(manifest);
         }

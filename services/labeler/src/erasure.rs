@@ -153,7 +153,7 @@ pub async fn rewrite_partition(
     let mut removed = 0i64;
     let mut counts: BTreeMap<String, i64> = BTreeMap::new();
     for f in &before.files {
-        let rel = root.rel_of(&f.uri).unwrap_or(&f.uri).to_owned();
+        let rel = root.rel_of_listed(&f.uri)?;
         let bytes: Bytes = root.get(&rel).await?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .map_err(DatasetError::from)?
@@ -244,7 +244,7 @@ pub async fn rewrite_partition(
             if !before.files.iter().any(|b| b.uri == f.uri)
                 && let Some(rel) = root.rel_of(&f.uri)
             {
-                let _ = root.delete(rel).await;
+                let _ = root.delete(&rel).await;
             }
         }
         return Err(e);

@@ -259,7 +259,7 @@ pub async fn read_dataset(
             let rel = root
                 .rel_of(&file.uri)
                 .with_context(|| format!("{} is outside the dataset root", file.uri))?;
-            let bytes = root.get(rel).await?;
+            let bytes = root.get(&rel).await?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
             for batch in reader {
                 let batch = batch?;

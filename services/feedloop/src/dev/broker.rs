@@ -5,7 +5,6 @@
 
 use std::{
     fs,
-    future::Future,
     io::Write,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -17,6 +16,7 @@ use feedloop_core::{
     kafka::{KafkaConfig, KafkaSasl, wait_ready},
 };
 use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::{
@@ -66,6 +66,13 @@ impl BrokerSpec {
         let listener = parse("listener", format!("tcp://{}", self.listen))?;
         let advertised = match &self.advertised {
             Some(a) => parse("advertised listener", format!("tcp://{a}"))?,
+            None if self.listen.ip().is_unspecified() => {
+                return Err(DevError::Config(format!(
+                    "listening on {} needs --advertised HOST:PORT: clients cannot connect to an \
+                     unspecified address",
+                    self.listen
+                )));
+            }
             None => listener.clone(),
         };
         let storage = match self.storage {
@@ -77,10 +84,10 @@ impl BrokerSpec {
     }
 }
 
-/// Serves `spec` until `stop` completes or the broker fails. With SQLite storage this process's
+/// Serves `spec` until `stop` is cancelled or the broker fails. With SQLite storage this process's
 /// working directory becomes `spec.dir` (tansu opens the database relative to it): call it only
 /// in a process of its own (`feedloop broker`).
-pub async fn serve(spec: BrokerSpec, stop: impl Future<Output = ()>) -> Result<(), DevError> {
+pub async fn serve(spec: BrokerSpec, stop: CancellationToken) -> Result<(), DevError> {
     let (listener, advertised, storage) = spec.urls()?;
     if spec.storage == Storage::Sqlite {
         fs::create_dir_all(&spec.dir)
@@ -121,7 +128,7 @@ pub async fn serve(spec: BrokerSpec, stop: impl Future<Output = ()>) -> Result<(
             what: "broker",
             detail: e.to_string(),
         }),
-        () = stop => Ok(()),
+        () = stop.cancelled() => Ok(()),
     }
 }
 
@@ -140,7 +147,7 @@ async fn create_users(
     };
     // Its own storage handle on the broker's database, closed before the broker opens it (a
     // second open connection would leave the broker's writes "database is locked").
-    let closed = tokio_util::sync::CancellationToken::new();
+    let closed = CancellationToken::new();
     let storage = tansu_storage::StorageContainer::builder()
         .node_id(tansu_broker::NODE_ID)
         .cluster_id(CLUSTER_ID)
@@ -511,6 +518,13 @@ impl Drop for BrokerProcess {
 /// its owner only.
 fn write_users(path: &Path, users: &[(&str, &str)]) -> Result<(), DevError> {
     use std::os::unix::fs::OpenOptionsExt;
+    for (name, password) in users {
+        if !valid_user(name) || password.is_empty() || password.contains(['\n', '\r']) {
+            return Err(DevError::Config(format!(
+                "broker user {name:?}: a name without spaces or `:`, and a one-line password"
+            )));
+        }
+    }
     let mut file = fs::OpenOptions::new()
         .create_new(true)
         .write(true)
@@ -524,23 +538,29 @@ fn write_users(path: &Path, users: &[(&str, &str)]) -> Result<(), DevError> {
     Ok(())
 }
 
-/// Reads a users file: one `name:password` a line; blank lines and `#` comments are skipped.
+/// A SCRAM user name this file format can carry: not empty, no `:`, no white space.
+fn valid_user(name: &str) -> bool {
+    !name.is_empty() && !name.contains(':') && !name.contains(char::is_whitespace)
+}
+
+/// Reads a users file: one `name:password` a line, the password verbatim to the end of the line
+/// (spaces included); blank lines and lines starting with `#` are skipped.
 pub fn read_users(path: &Path) -> Result<Vec<(String, Secret)>, DevError> {
     let text =
         fs::read_to_string(path).map_err(|e| DevError::io("reading the broker's users", e))?;
     let mut users = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
         match line.split_once(':') {
-            Some((name, password)) if !name.is_empty() && !password.is_empty() => {
+            Some((name, password)) if valid_user(name) && !password.is_empty() => {
                 users.push((name.to_owned(), Secret::new(password)));
             }
             _ => {
                 return Err(DevError::Config(format!(
-                    "{} line {}: expected `name:password`",
+                    "{} line {}: expected `name:password` (a name without spaces or `:`)",
                     path.display(),
                     n + 1
                 )));
@@ -561,7 +581,7 @@ pub fn read_users(path: &Path) -> Result<Vec<(String, Secret)>, DevError> {
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     port: u16,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -581,14 +601,12 @@ impl EmbeddedBroker {
             .enable_all()
             .build()
             .map_err(|e| DevError::io("starting the embedded broker's runtime", e))?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("tansu".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let stopped = async {
-                        let _ = stopped.await;
-                    };
                     if let Err(e) = serve(spec, stopped).await {
                         tracing::error!(error = %e, "The embedded broker stopped");
                     }
@@ -598,7 +616,7 @@ impl EmbeddedBroker {
             .map_err(|e| DevError::io("starting the embedded broker's thread", e))?;
         Ok(Self {
             port,
-            stop: Some(stop),
+            stop,
             thread: Some(thread),
         })
     }
@@ -610,9 +628,7 @@ impl EmbeddedBroker {
 
 impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop.cancel();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -627,13 +643,15 @@ mod tests {
     fn users_files_are_name_colon_password_lines() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("users");
-        fs::write(&path, "# comment\n\nalice:s3cr:et\n bob:pw \n").expect("write");
+        fs::write(&path, "# comment\n\nalice:s3cr:et\nbob: pw \r\n").expect("write");
         let users = read_users(&path).expect("users");
         let names: Vec<(&str, &str)> = users
             .iter()
             .map(|(n, p)| (n.as_str(), p.expose()))
             .collect();
-        assert_eq!(names, [("alice", "s3cr:et"), ("bob", "pw")]);
+        assert_eq!(names, [("alice", "s3cr:et"), ("bob", " pw ")]);
+        fs::write(&path, " bob:pw\n").expect("write");
+        assert!(read_users(&path).is_err(), "a name with a space");
         fs::write(&path, "alice\n").expect("write");
         assert!(read_users(&path).is_err());
         fs::write(&path, "# nobody\n").expect("write");

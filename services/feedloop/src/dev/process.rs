@@ -1,4 +1,4 @@
-//! Child processes the dev stack owns (postgres, tansu), each paired with a watchdog that kills
+//! Child processes the dev stack owns (postgres, the broker), each paired with a watchdog that kills
 //! it and removes its directory if this process dies without cleaning up, even by SIGKILL.
 //! On a normal stop the owner removes the directory itself.
 

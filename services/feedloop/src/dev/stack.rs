@@ -446,10 +446,11 @@ impl Stack {
         let tmp = dir.join(format!(".{ENDPOINTS_FILE}.tmp"));
         let json = serde_json::to_vec_pretty(&self.endpoints())
             .map_err(|e| DevError::io("encoding endpoints", std::io::Error::other(e)))?;
-        std::fs::write(&tmp, json).map_err(|e| DevError::io("writing endpoints", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| DevError::io("writing endpoints", e))?;
+        // The pid file first: whoever sees endpoints.json can stop the stack at once.
         std::fs::write(dir.join(PID_FILE), std::process::id().to_string())
             .map_err(|e| DevError::io("writing the pid file", e))?;
+        std::fs::write(&tmp, json).map_err(|e| DevError::io("writing endpoints", e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| DevError::io("writing endpoints", e))?;
         Ok(path)
     }
 
