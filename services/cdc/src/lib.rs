@@ -58,7 +58,14 @@ pub struct Running {
 }
 
 /// Starts capturing; runs until `shutdown`.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+pub fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> feedloop_core::Starting<Running, StartError> {
+    Box::pin(start_up(config, shutdown))
+}
+
+async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
     let control = postgres::connect(config.control.url.expose(), 4).await?;
     postgres::migrate(&control).await?;

@@ -70,7 +70,14 @@ pub struct Running {
 
 /// Starts the collector; it runs until `shutdown` is cancelled, then drains in-flight requests,
 /// flushes the producer and closes the spool.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+pub fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> feedloop_core::Starting<Running, StartError> {
+    Box::pin(start_up(config, shutdown))
+}
+
+async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
     let pool = postgres::connect(
         config.postgres.url.expose(),

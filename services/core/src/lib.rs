@@ -8,6 +8,12 @@
 //! - [`kafka`], [`postgres`]: adapters; [`intake`]: consuming a catalogue topic into state;
 //!   [`crypto`]: crypto-shredding.
 
+/// What a service's `start` returns: its start-up as a boxed future, so that the start-up is
+/// compiled once, in the service's crate, and not again in every crate that awaits it (an async
+/// function's body is instantiated where it is polled; the `feedloop` CLI awaits every service).
+pub type Starting<T, E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send + 'static>>;
+
 pub mod avro;
 pub mod catalogue;
 pub mod config;

@@ -1,7 +1,8 @@
-//! The feedloop CLI as a library: the dev stack (also used by the integration tests) and the
-//! schema tooling.
+//! The feedloop CLI as a library: its commands (`cli`), the dev stack (also used by the
+//! integration tests), the demo, the benchmarks and the schema tooling.
 
 pub mod bench;
+pub mod cli;
 pub mod datasets;
 pub mod demo;
 pub mod dev;

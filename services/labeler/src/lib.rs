@@ -238,7 +238,14 @@ pub enum ReplayError {
 }
 
 /// Starts one pipeline per label spec; runs until `shutdown`.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+pub fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> feedloop_core::Starting<Running, StartError> {
+    Box::pin(start_up(config, shutdown))
+}
+
+async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
     let (shared, datasets) = prepare(&config, Mode::Serve).await?;
     let (listener, addr) = feedloop_core::http::bind(&config.http.listen, &config.http.tls).await?;

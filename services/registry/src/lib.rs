@@ -41,7 +41,14 @@ pub struct Running {
 }
 
 /// Connects, migrates, binds and serves until `shutdown` is cancelled.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+pub fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> feedloop_core::Starting<Running, StartError> {
+    Box::pin(start_up(config, shutdown))
+}
+
+async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
     let pool = postgres::connect(
         config.postgres.url.expose(),

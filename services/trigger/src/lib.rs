@@ -61,7 +61,14 @@ pub struct Running {
 
 /// Starts the intake, the decision loop, the deliveries and the pull API; runs until
 /// `shutdown`.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+pub fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> feedloop_core::Starting<Running, StartError> {
+    Box::pin(start_up(config, shutdown))
+}
+
+async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     observability::describe();
     let control = postgres::connect(config.control.url.expose(), 8).await?;
     postgres::migrate(&control).await?;

@@ -6,7 +6,8 @@ pub mod postgres;
 pub mod process;
 pub mod stack;
 
-pub use broker::{Broker, BrokerProcess, EmbeddedBroker, Storage};
+pub use broker::{Broker, BrokerProcess, EmbeddedBroker};
+pub use feedloop_broker::Storage;
 pub use postgres::PgCluster;
 pub use stack::{BrokerChoice, Endpoints, Stack, StackOptions};
 
@@ -42,6 +43,8 @@ pub enum DevError {
     Schemas(String),
     #[error("kafka: {0}")]
     Kafka(#[from] feedloop_core::kafka::KafkaAdminError),
+    #[error(transparent)]
+    Broker(#[from] feedloop_broker::BrokerError),
 }
 
 impl DevError {

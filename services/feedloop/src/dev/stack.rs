@@ -15,7 +15,7 @@ use feedloop_core::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{DevError, broker::Broker, broker::Storage, postgres::PgCluster};
+use super::{DevError, Storage, broker::Broker, postgres::PgCluster};
 
 /// Name of the endpoints file in the stack's directory.
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
