@@ -249,15 +249,18 @@ fn run_dev_up(copy: &Path, command: &str) -> Running {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let event = serde_json::json!([{
-            "event_id": uuid::Uuid::now_v7(), "event_type": "match_decision",
-            "user_id": "quick-start-user", "timestamp": now_ms(), "platform": "ios",
-            "app_version": "1.0",
-            "properties": {"match_id": uuid::Uuid::now_v7(), "decision": "accept"}
-        }]);
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            // A new event each time: one answered `spooled` (the collector starts in spool
+            // mode until it has read the log back) is kept, and sending it again would be
+            // answered `duplicate`.
+            let event = serde_json::json!([{
+                "event_id": uuid::Uuid::now_v7(), "event_type": "match_decision",
+                "user_id": "quick-start-user", "timestamp": now_ms(), "platform": "ios",
+                "app_version": "1.0",
+                "properties": {"match_id": uuid::Uuid::now_v7(), "decision": "accept"}
+            }]);
             let body: Value = http
                 .post(format!("{collector}/v1/events"))
                 .basic_auth(write_key, Some(""))
