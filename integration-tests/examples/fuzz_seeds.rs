@@ -84,18 +84,11 @@ fn collector_and_avro(corpus: &Path) -> anyhow::Result<usize> {
                 Parsed::Reject(r) => codecs.encode_dead_letter(
                     &DeadLetter {
                         dead_letter_id: uuid::Uuid::from_u128(n as u128),
-                        service: "collector".into(),
-                        reason: r.reason,
-                        detail: r.detail,
                         path: r.path,
                         event_type: r.event_type,
                         event_id: r.event_id,
                         app_id: Some("dev".into()),
-                        source_topic: None,
-                        source_partition: None,
-                        source_offset: None,
-                        original: r.original,
-                        received_at: T0,
+                        ..DeadLetter::new("collector", r.reason, r.detail, &r.original, T0)
                     },
                     &mut frame,
                 )?,

@@ -441,6 +441,89 @@ async fn bad_requests_get_4xx_and_the_collector_stays_healthy() {
     c.stop().await;
 }
 
+/// A malformed body as large as the collector accepts (1 MiB, or 8 MiB once gunzipped) is
+/// dead-lettered as its first 64 KiB with its length and digest: a dead letter carrying it whole
+/// would pass librdkafka's `message.max.bytes` (1,000,000), be refused by the producer, spooled,
+/// and retried forever, with every later request answered `spooled`.
+#[tokio::test]
+async fn a_malformed_body_at_the_size_limit_is_dead_lettered_and_the_next_batch_is_acked() {
+    use sha2::{Digest, Sha256};
+    let c = TestCollector::start(|cfg| {
+        cfg.http.max_request_bytes = 1 << 20;
+        cfg.http.max_decompressed_bytes = 8 << 20;
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/events", c.url);
+    let marker = format!("marker-{}", Uuid::now_v7());
+    let mut plain = format!("[{{\"event_id\": \"{marker}\", \"junk\": \"").into_bytes();
+    plain.resize((1 << 20) - 16, b'x');
+    let mut inflated = plain.clone();
+    inflated.resize((8 << 20) - 16, b'y');
+    let gzipped = {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&inflated).expect("gzip");
+        enc.finish().expect("gzip")
+    };
+    for (name, body, encoding, original) in [
+        ("1 MiB malformed body", plain.clone(), None, &plain),
+        (
+            "8 MiB malformed body, gzipped",
+            gzipped,
+            Some("gzip"),
+            &inflated,
+        ),
+    ] {
+        let mut req = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .basic_auth(WRITE_KEY, Some(""))
+            .body(body);
+        if let Some(e) = encoding {
+            req = req.header("content-encoding", e);
+        }
+        let resp = req.send().await.expect("send");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{name}");
+        let (status, body) = c
+            .post_native(&json!([events::decision("u-next", Uuid::now_v7(), true)]))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{name}: {body}");
+        assert_eq!(
+            body["durability"], "acked",
+            "{name}: the next batch must reach the broker, not the spool: {body}"
+        );
+        let ready = http
+            .get(format!("{}/readyz", c.url))
+            .send()
+            .await
+            .expect("readyz");
+        assert_eq!(ready.status(), StatusCode::OK, "{name}");
+
+        let client = c.registry.client();
+        let mut found = Vec::new();
+        for r in read_all(&infra().kafka_bootstrap, DEADLETTER_TOPIC).await {
+            if let Ok(dl) = client.decode::<DeadLetter>(&r.value).await
+                && dl.original.starts_with(b"[{")
+                && String::from_utf8_lossy(&dl.original[..60.min(dl.original.len())])
+                    .contains(&marker)
+                && dl.original_size == Some(original.len() as i64)
+            {
+                found.push(dl);
+            }
+        }
+        assert_eq!(found.len(), 1, "{name}: one dead letter");
+        let dl = &found[0];
+        assert_eq!(dl.original.len(), 64 * 1024, "{name}");
+        assert_eq!(dl.original[..], original[..64 * 1024], "{name}");
+        assert_eq!(
+            dl.original_sha256.as_deref(),
+            Some(hex::encode(Sha256::digest(original)).as_str()),
+            "{name}"
+        );
+    }
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after() {
     let c = TestCollector::start(|cfg| {

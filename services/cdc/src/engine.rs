@@ -746,19 +746,8 @@ impl Engine {
         futures: &mut Vec<DeliveryFuture>,
     ) -> Result<(), EngineError> {
         let dl = DeadLetter {
-            dead_letter_id: Uuid::now_v7(),
-            service: "cdc".into(),
-            reason,
-            detail: detail.to_owned(),
-            path: None,
-            event_type: None,
-            event_id: None,
-            app_id: None,
-            source_topic: None,
-            source_partition: None,
             source_offset: i64::try_from(pos.commit_lsn).ok(),
-            original: original.to_vec(),
-            received_at: now_ms(),
+            ..DeadLetter::new("cdc", reason, detail, original, now_ms())
         };
         let mut value = Vec::new();
         self.deadletter.encode(&dl, &mut value)?;

@@ -19,6 +19,13 @@ pub use feedloop_core::{
 
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// What a record adds to its event or dead-letter input, at most: the Avro envelope, the
+/// dead letter's detail and identifiers, sealed fields' nonces and tags, headers and key.
+const RECORD_OVERHEAD_BYTES: usize = 16 * 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -203,11 +210,93 @@ impl Config {
                 "must be at least http.max_request_bytes",
             ));
         }
+        let message_max = self.message_max_bytes()?;
+        let largest = self
+            .http
+            .max_event_bytes
+            .max(feedloop_core::model::ORIGINAL_MAX_BYTES)
+            .saturating_add(RECORD_OVERHEAD_BYTES);
+        if largest > message_max {
+            return Err(ConfigError::invalid(
+                "http.max_event_bytes",
+                format!(
+                    "an event of this size, or a dead letter ({} bytes of its input), with {}                      bytes of record overhead, must fit the producer's message.max.bytes                      ({message_max}): the broker would refuse it",
+                    feedloop_core::model::ORIGINAL_MAX_BYTES,
+                    RECORD_OVERHEAD_BYTES
+                ),
+            ));
+        }
         self.registry.validate()?;
         Ok(())
     }
 
+    /// The largest record the producer sends: `message.max.bytes` from `[producer]` or
+    /// `[kafka.properties]`, else librdkafka's default (1,000,000).
+    pub fn message_max_bytes(&self) -> Result<usize, ConfigError> {
+        let set = self
+            .producer
+            .get("message.max.bytes")
+            .map(|v| ("producer.\"message.max.bytes\"", v))
+            .or_else(|| {
+                self.kafka
+                    .properties
+                    .get("message.max.bytes")
+                    .map(|v| ("kafka.properties.\"message.max.bytes\"", v))
+            });
+        match set {
+            None => Ok(LIBRDKAFKA_MESSAGE_MAX_BYTES),
+            Some((key, v)) => v
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::invalid(key, "must be a number of bytes")),
+        }
+    }
+
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_millis(self.spool.ack_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        let mut cfg = Config::from_defaults().expect("defaults");
+        cfg.registry.password = Secret::new("registry-password");
+        cfg.auth.apps.insert(
+            "app".into(),
+            AppConfig {
+                keys: vec![Secret::new("0123456789abcdef")],
+            },
+        );
+        cfg
+    }
+
+    #[test]
+    fn every_record_must_fit_what_the_producer_sends() {
+        let mut cfg = valid();
+        cfg.validate()
+            .expect("the defaults fit librdkafka's 1,000,000 bytes");
+        cfg.http.max_event_bytes = 990_000;
+        let err = cfg.validate().expect_err("too close to message.max.bytes");
+        assert!(err.to_string().contains("message.max.bytes"), "{err}");
+        cfg.producer
+            .insert("message.max.bytes".into(), "4000000".into());
+        cfg.validate()
+            .expect("a larger message.max.bytes makes room");
+        cfg.producer
+            .insert("message.max.bytes".into(), "60000".into());
+        cfg.http.max_event_bytes = 1000;
+        let err = cfg
+            .validate()
+            .expect_err("a dead letter keeps 64 KiB of its input");
+        assert!(err.to_string().contains("message.max.bytes"), "{err}");
+        cfg.producer.remove("message.max.bytes");
+        cfg.kafka
+            .properties
+            .insert("message.max.bytes".into(), "lots".into());
+        let err = cfg.validate().expect_err("not a number");
+        assert!(err.to_string().contains("kafka.properties"), "{err}");
     }
 }

@@ -197,19 +197,17 @@ impl Pipeline {
         received_at: i64,
     ) -> Result<Record, CodecError> {
         let dl = DeadLetter {
-            dead_letter_id: uuid::Uuid::now_v7(),
-            service: "collector".into(),
-            reason: reject.reason,
-            detail: reject.detail.clone(),
             path: reject.path.clone(),
             event_type: reject.event_type.clone(),
             event_id: reject.event_id.clone(),
             app_id: Some(app_id.to_owned()),
-            source_topic: None,
-            source_partition: None,
-            source_offset: None,
-            original: reject.original.clone(),
-            received_at,
+            ..DeadLetter::new(
+                "collector",
+                reject.reason,
+                reject.detail.clone(),
+                &reject.original,
+                received_at,
+            )
         };
         let mut value = Vec::with_capacity(64 + dl.original.len());
         self.codecs.encode_dead_letter(&dl, &mut value)?;

@@ -15,7 +15,6 @@ use rdkafka::{
 };
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::{
     avro::CompiledSchema,
@@ -176,19 +175,16 @@ impl Intake {
             "Record sent to the dead-letter topic"
         );
         let dl = DeadLetter {
-            dead_letter_id: Uuid::now_v7(),
-            service: self.service.into(),
-            reason: DeadLetterReason::DecodeFailure,
-            detail: detail.to_owned(),
-            path: None,
-            event_type: None,
-            event_id: None,
-            app_id: None,
             source_topic: Some(self.topic.into()),
             source_partition: Some(partition),
             source_offset: Some(offset),
-            original: original.to_vec(),
-            received_at: now_ms(),
+            ..DeadLetter::new(
+                self.service,
+                DeadLetterReason::DecodeFailure,
+                detail,
+                original,
+                now_ms(),
+            )
         };
         let mut value = Vec::new();
         self.deadletter

@@ -1116,19 +1116,10 @@ impl Pipeline {
         observability::dead_letter(&self.name, reason.as_str());
         tracing::warn!(dataset = %self.name, topic = %source.topic, partition = source.partition, offset = source.offset, reason = reason.as_str(), detail, "Poison record sent to the dead-letter topic");
         let dl = DeadLetter {
-            dead_letter_id: Uuid::now_v7(),
-            service: "labeler".into(),
-            reason,
-            detail: detail.to_owned(),
-            path: None,
-            event_type: None,
-            event_id: None,
-            app_id: None,
             source_topic: Some(source.topic.clone()),
             source_partition: Some(source.partition),
             source_offset: Some(source.offset),
-            original: original.to_vec(),
-            received_at: now_ms(),
+            ..DeadLetter::new("labeler", reason, detail, original, now_ms())
         };
         let mut value = Vec::new();
         self.shared.deadletter.encode(&dl, &mut value)?;

@@ -5,7 +5,7 @@ pub mod deadletter;
 pub mod erasure;
 pub mod events;
 
-pub use deadletter::{DeadLetter, DeadLetterReason};
+pub use deadletter::{DeadLetter, DeadLetterReason, ORIGINAL_MAX_BYTES, Original};
 pub use erasure::{ErasureOrigin, ErasureRequest};
 pub use events::{
     ChatEnded, ChatEndedBy, Decision, Envelope, Event, EventDecodeError, EventType, FeatureValue,
@@ -193,6 +193,8 @@ mod tests {
                 source_offset: None,
                 original: vec![0, 159, 146, 150, 255],
                 received_at: 1_764_000_000_000,
+                original_size: Some(5),
+                original_sha256: Some("ab".repeat(32)),
             },
         );
     }
