@@ -524,6 +524,81 @@ async fn a_malformed_body_at_the_size_limit_is_dead_lettered_and_the_next_batch_
     c.stop().await;
 }
 
+/// A spooled record the producer refuses for its size (a spool written under a larger limit,
+/// or a topic whose max.message.bytes is lower) is dead-lettered about itself, as its first
+/// 64 KiB with its size and digest, and the spool drains past it: the collector never stays in
+/// spool mode on a permanent error, and answers `acked` again.
+#[tokio::test]
+async fn a_spooled_record_the_broker_refuses_is_dead_lettered_and_the_spool_drains_past_it() {
+    use feedloop_collector::spool::{Record, Spool};
+    let dir = tempfile::tempdir().expect("spool dir");
+    let refused_id = Uuid::now_v7();
+    let value = vec![0xAB_u8; 300_000];
+    {
+        let (spool, pending) = Spool::open(dir.path(), 64 << 20, 8 << 20).expect("spool");
+        assert!(pending.is_empty());
+        spool
+            .append(vec![Record {
+                id: refused_id.as_u128(),
+                topic: EVENTS_TOPIC.into(),
+                key: b"user-refused".to_vec(),
+                value: value.clone(),
+                event_type: "match_decision".into(),
+                at_ms: events::now_ms(),
+            }])
+            .await
+            .expect("append");
+        spool.close();
+    }
+    let spool_dir = dir.path().to_path_buf();
+    let c = TestCollector::start(move |cfg| {
+        cfg.spool.dir = spool_dir;
+        cfg.producer
+            .insert("message.max.bytes".into(), "200000".into());
+    })
+    .await;
+    let (status, body) = c
+        .post_native(&json!([events::decision("u-after", Uuid::now_v7(), true)]))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["durability"], "acked", "{body}");
+
+    let client = c.registry.client();
+    let refused = refused_id.to_string();
+    let mut letters = Vec::new();
+    for r in read_all(&infra().kafka_bootstrap, DEADLETTER_TOPIC).await {
+        if let Ok(dl) = client.decode::<DeadLetter>(&r.value).await
+            && dl.event_id.as_deref() == Some(refused.as_str())
+        {
+            letters.push(dl);
+        }
+    }
+    assert_eq!(letters.len(), 1, "one dead letter about the refused record");
+    let dl = &letters[0];
+    assert_eq!(dl.service, "collector");
+    assert_eq!(dl.source_topic.as_deref(), Some(EVENTS_TOPIC));
+    assert_eq!(dl.original_size, Some(300_000));
+    assert_eq!(dl.original.len(), 64 * 1024);
+    assert!(dl.detail.contains("refused"), "{}", dl.detail);
+    assert!(
+        landed(EVENTS_TOPIC, &[refused_id]).await.is_empty(),
+        "the refused record itself must not reach its topic"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", c.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "feedloop_collector_refused_records_total 1"),
+        "{metrics}"
+    );
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after() {
     let c = TestCollector::start(|cfg| {

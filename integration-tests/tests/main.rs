@@ -9,6 +9,7 @@ mod confluent_clients;
 mod demo;
 mod eraser;
 mod eraser_faults;
+mod intake;
 mod labeler;
 mod labeler_faults;
 mod registry;

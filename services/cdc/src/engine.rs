@@ -67,7 +67,13 @@ pub enum EngineError {
     SlotCreation,
     #[error("data keys: {0}")]
     Keys(#[from] feedloop_core::crypto::CryptoError),
+    #[error(transparent)]
+    Config(#[from] feedloop_core::config::ConfigError),
 }
+
+/// Room left in a record for its headers (source position, unchanged TOAST columns) and the
+/// batch framing, below the producer's `message.max.bytes`.
+const RECORD_OVERHEAD_BYTES: usize = 16 * 1024;
 
 /// Row changes held back to look their data keys up together.
 const KEY_LOOKAHEAD: usize = 512;
@@ -205,6 +211,10 @@ pub struct Engine {
     streaming: Arc<AtomicBool>,
     /// Seals personal columns.
     keys: Arc<KeyCache>,
+    /// The largest key and value a change may have: a larger one the producer (or a broker
+    /// aligned with it) would refuse, and retrying it from the slot would hold every later
+    /// change back while WAL piles up on the source.
+    max_record_bytes: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -256,7 +266,11 @@ impl Engine {
             .map(|u| u.path().trim_start_matches('/').to_owned())
             .unwrap_or_default();
         let kafka = cfg.kafka.clone();
+        let max_record_bytes = kafka
+            .message_max_bytes(&cfg.producer)?
+            .saturating_sub(RECORD_OVERHEAD_BYTES);
         Ok(Self {
+            max_record_bytes,
             cfg,
             source,
             control,
@@ -720,6 +734,16 @@ impl Engine {
         let mut key = Vec::new();
         let keyed = table.encode_key(key_row, &mut key)?;
         let key = keyed.then_some(key.as_slice());
+        if self
+            .oversized(&table.topic, key, &value, pos, futures)
+            .await?
+        {
+            if op == "d" && key.is_some() {
+                futures.push(sink::send(&self.producer, &table.topic, key, None, pos, &[]).await?);
+                observability::tombstone();
+            }
+            return Ok(());
+        }
         let unchanged: Vec<String> = after.iter().flat_map(|(_, u)| u.iter().cloned()).collect();
         let unchanged = unchanged.join(",");
         let extra: Vec<(&str, &str)> = if unchanged.is_empty() {
@@ -770,6 +794,35 @@ impl Engine {
             "Change sent to the dead-letter topic"
         );
         Ok(())
+    }
+
+    /// Whether a record for `topic` is too large to publish; if so, a dead letter about it (its
+    /// first 64 KiB, size and digest) is published instead.
+    async fn oversized(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        pos: &Position,
+        futures: &mut Vec<DeliveryFuture>,
+    ) -> Result<bool, EngineError> {
+        let size = value.len() + key.map_or(0, <[u8]>::len);
+        if size <= self.max_record_bytes {
+            return Ok(false);
+        }
+        let detail = format!(
+            "a record of {size} bytes for {topic} exceeds the {} bytes the producer's message.max.bytes leaves for key and value",
+            self.max_record_bytes
+        );
+        self.dead_letter(
+            DeadLetterReason::SizeViolation,
+            &detail,
+            value,
+            pos,
+            futures,
+        )
+        .await?;
+        Ok(true)
     }
 
     /// Routes an outbox row to `outbox.<aggregate_type>`.
@@ -856,6 +909,12 @@ impl Engine {
             },
             &mut value,
         )?;
+        if self
+            .oversized(&topic, Some(aggregate_id.as_bytes()), &value, pos, futures)
+            .await?
+        {
+            return Ok(());
+        }
         futures.push(
             sink::send(
                 &self.producer,

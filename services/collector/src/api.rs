@@ -120,6 +120,15 @@ async fn ready(State(s): State<Shared>) -> Response {
             "broker unreachable and spool full",
         );
     }
+    // Spooling while the broker answers, and nothing drained for a minute: something keeps
+    // the spool from draining; traffic should go to a replica that publishes.
+    if durable.drain_stalled() && durable.broker_reachable().await {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the spool is not draining although the broker answers",
+        );
+    }
     (StatusCode::OK, "ready").into_response()
 }
 

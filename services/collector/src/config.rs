@@ -20,7 +20,6 @@ pub use feedloop_core::{
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
 /// librdkafka's default `message.max.bytes`.
-const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 /// What a record adds to its event or dead-letter input, at most: the Avro envelope, the
 /// dead letter's detail and identifiers, sealed fields' nonces and tags, headers and key.
@@ -220,7 +219,7 @@ impl Config {
             return Err(ConfigError::invalid(
                 "http.max_event_bytes",
                 format!(
-                    "an event of this size, or a dead letter ({} bytes of its input), with {}                      bytes of record overhead, must fit the producer's message.max.bytes                      ({message_max}): the broker would refuse it",
+                    "an event of this size, or a dead letter ({} bytes of its input), with {} bytes of record overhead, must fit the producer's message.max.bytes ({message_max}): the broker would refuse it",
                     feedloop_core::model::ORIGINAL_MAX_BYTES,
                     RECORD_OVERHEAD_BYTES
                 ),
@@ -230,26 +229,9 @@ impl Config {
         Ok(())
     }
 
-    /// The largest record the producer sends: `message.max.bytes` from `[producer]` or
-    /// `[kafka.properties]`, else librdkafka's default (1,000,000).
+    /// The largest record the producer sends (see [`KafkaConfig::message_max_bytes`]).
     pub fn message_max_bytes(&self) -> Result<usize, ConfigError> {
-        let set = self
-            .producer
-            .get("message.max.bytes")
-            .map(|v| ("producer.\"message.max.bytes\"", v))
-            .or_else(|| {
-                self.kafka
-                    .properties
-                    .get("message.max.bytes")
-                    .map(|v| ("kafka.properties.\"message.max.bytes\"", v))
-            });
-        match set {
-            None => Ok(LIBRDKAFKA_MESSAGE_MAX_BYTES),
-            Some((key, v)) => v
-                .trim()
-                .parse()
-                .map_err(|_| ConfigError::invalid(key, "must be a number of bytes")),
-        }
+        self.kafka.message_max_bytes(&self.producer)
     }
 
     pub fn ack_timeout(&self) -> Duration {

@@ -6,18 +6,26 @@
 //! No record is published twice: before draining, the task waits until every earlier attempt
 //! the producer still had in flight has resolved, then reads back the log since the oldest
 //! spooled record and skips the ids it finds there.
+//!
+//! A record the broker refuses for what it is (too large, invalid: [`ErrorClass::BadInput`])
+//! is never retried and never sends the collector to the spool: a small dead letter about it
+//! (its first 64 KiB, size and digest) is published instead, and if even that is refused the
+//! record is counted as dropped (`feedloop_collector_dropped_records_total`, alerted on).
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use feedloop_core::{
-    catalogue,
+    avro::CompiledSchema,
+    catalogue::{self, DEADLETTER_TOPIC},
+    error::{Classify, ErrorClass},
     kafka::{KafkaConfig, ProducerHealth},
+    model::{DeadLetter, DeadLetterReason},
 };
 use rdkafka::{
     error::KafkaError,
@@ -40,6 +48,9 @@ const DRAIN_BATCH: usize = 500;
 /// Read-back starts this long before the oldest record it must cover (clock differences
 /// between the collector and the broker's timestamps).
 const SCAN_MARGIN_MS: i64 = 60_000;
+/// A spool that has not drained a record for this long while the broker answers is stuck:
+/// `/readyz` fails.
+pub const DRAIN_STALL_MS: i64 = 60_000;
 
 /// How a write was made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +72,9 @@ pub enum DurableError {
     #[error("the write task failed: {0}")]
     Crashed(String),
 }
+
+/// The spool's event type of a dead letter about a refused record.
+const REFUSAL_TYPE: &str = "refusal";
 
 /// The collector's Kafka client id.
 pub const CLIENT_ID: &str = "feedloop-collector";
@@ -85,6 +99,10 @@ pub struct Durable {
     rebuilt: AtomicBool,
     /// The null sink: records are dropped instead of published.
     discard: bool,
+    /// Encodes dead letters about records the broker refuses.
+    deadletter: Arc<CompiledSchema>,
+    /// When the drain last made progress (or the collector last left spool mode), epoch ms.
+    progress_at: AtomicI64,
 }
 
 impl std::fmt::Debug for Durable {
@@ -128,6 +146,7 @@ impl Durable {
         dedup: Arc<Dedup>,
         ack_timeout: Duration,
         sink: SinkKind,
+        deadletter: Arc<CompiledSchema>,
     ) -> Result<Self, KafkaError> {
         let discard = sink == SinkKind::Null;
         Ok(Self {
@@ -143,6 +162,8 @@ impl Durable {
             wake: Notify::new(),
             rebuilt: AtomicBool::new(discard),
             discard,
+            deadletter,
+            progress_at: AtomicI64::new(now_ms()),
         })
     }
 
@@ -224,18 +245,27 @@ impl Durable {
         let producer = self.producer();
         let mut futures = Vec::with_capacity(records.len());
         for r in &records {
-            futures.push(enqueue(&producer, r).ok());
+            futures.push(enqueue(&producer, r));
         }
         let deadline = tokio::time::Instant::now() + self.ack_timeout;
         let mut failed: Vec<usize> = Vec::new();
+        let mut refused: Vec<(usize, KafkaError)> = Vec::new();
         let mut in_flight: Vec<DeliveryFuture> = Vec::new();
         for (i, fut) in futures.into_iter().enumerate() {
-            let Some(mut fut) = fut else {
-                failed.push(i);
-                continue;
+            let mut fut = match fut {
+                Ok(fut) => fut,
+                Err(e) if e.class() == ErrorClass::BadInput => {
+                    refused.push((i, e));
+                    continue;
+                }
+                Err(_) => {
+                    failed.push(i);
+                    continue;
+                }
             };
             match tokio::time::timeout_at(deadline, &mut fut).await {
                 Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((e, _)))) if e.class() == ErrorClass::BadInput => refused.push((i, e)),
                 Ok(_) => failed.push(i),
                 Err(_) => {
                     failed.push(i);
@@ -244,6 +274,22 @@ impl Durable {
             }
         }
         observability::produce_latency(started.elapsed());
+        // Refused for what they are: their dead letters take their place, and go the way the
+        // others go (acknowledged, or spooled with the unacknowledged).
+        let mut records: Vec<Option<Record>> = records.into_iter().map(Some).collect();
+        let mut letters = Vec::new();
+        for (i, e) in refused {
+            if let Some(r) = records.get_mut(i).and_then(Option::take) {
+                letters.extend(self.refusal(&r, &e));
+            }
+        }
+        if !letters.is_empty() {
+            let letters = self.publish_letters(&producer, letters).await;
+            for r in letters {
+                failed.push(records.len());
+                records.push(Some(r));
+            }
+        }
         if failed.is_empty() {
             return Ok(Durability::Acked);
         }
@@ -268,12 +314,109 @@ impl Durable {
         let unacked: Vec<Record> = records
             .into_iter()
             .enumerate()
-            .filter_map(|(i, r)| failed.contains(&i).then_some(r))
+            .filter_map(|(i, r)| if failed.contains(&i) { r } else { None })
             .collect();
         let guard = self.switch.lock().await;
         let r = self.append(unacked).await;
         drop(guard);
         r.map(|()| Durability::Spooled)
+    }
+
+    /// A dead letter about `r`, which the broker refused for what it is; `None` when `r` is
+    /// itself such a letter that was refused (it is counted as dropped).
+    fn refusal(&self, r: &Record, e: &KafkaError) -> Option<Record> {
+        let id = uuid::Uuid::from_u128(r.id).to_string();
+        tracing::error!(error = %e, topic = %r.topic, bytes = r.value.len(), event_id = %id, "The broker refused a record; dead-lettering it");
+        if r.event_type == REFUSAL_TYPE {
+            observability::dropped(1);
+            return None;
+        }
+        // A refused dead letter keeps only the size and digest of what it was about.
+        let input: &[u8] = if r.topic == DEADLETTER_TOPIC {
+            &[]
+        } else {
+            &r.value
+        };
+        let mut dl = DeadLetter {
+            event_type: Some(r.event_type.to_string()),
+            event_id: Some(id),
+            source_topic: Some(r.topic.to_string()),
+            ..DeadLetter::new(
+                "collector",
+                DeadLetterReason::ProcessingFailure,
+                format!(
+                    "the broker refused the record ({} bytes): {e}",
+                    r.value.len()
+                ),
+                input,
+                r.at_ms,
+            )
+        };
+        if input.is_empty() {
+            let whole = feedloop_core::model::Original::keep(&r.value);
+            dl.original_size = Some(whole.size);
+            dl.original_sha256 = Some(whole.sha256);
+        }
+        let mut value = Vec::with_capacity(256 + dl.original.len());
+        if let Err(e) = self.deadletter.encode(&dl, &mut value) {
+            tracing::error!(error = %e, "Cannot encode a dead letter about a refused record");
+            observability::dropped(1);
+            return None;
+        }
+        observability::refused(1);
+        Some(Record {
+            id: dl.dead_letter_id.as_u128(),
+            topic: DEADLETTER_TOPIC.into(),
+            key: r.key.clone(),
+            value,
+            event_type: REFUSAL_TYPE.into(),
+            at_ms: r.at_ms,
+        })
+    }
+
+    /// Publishes dead letters about refused records; returns those not acknowledged for a
+    /// reason other than their own (to be stored like any unacknowledged record).
+    async fn publish_letters(
+        &self,
+        producer: &FutureProducer,
+        letters: Vec<Record>,
+    ) -> Vec<Record> {
+        let mut pending = Vec::new();
+        for r in letters {
+            match enqueue(producer, &r) {
+                Ok(f) => pending.push((r, Some(f))),
+                Err(e) if e.class() == ErrorClass::BadInput => {
+                    let _ = self.refusal(&r, &e);
+                }
+                Err(_) => pending.push((r, None)),
+            }
+        }
+        let mut left = Vec::new();
+        for (r, f) in pending {
+            let outcome = match f {
+                Some(f) => tokio::time::timeout(self.ack_timeout, f).await,
+                None => {
+                    left.push(r);
+                    continue;
+                }
+            };
+            match outcome {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((e, _)))) if e.class() == ErrorClass::BadInput => {
+                    let _ = self.refusal(&r, &e);
+                }
+                _ => left.push(r),
+            }
+        }
+        left
+    }
+
+    /// Whether the spool is stuck: records wait in it, and the drain has not moved any of them
+    /// for [`DRAIN_STALL_MS`].
+    pub fn drain_stalled(&self) -> bool {
+        self.is_spooling()
+            && !self.spool.is_empty()
+            && now_ms() - self.progress_at.load(Ordering::Acquire) > DRAIN_STALL_MS
     }
 
     /// Publishes the spool's size and the idempotency window's to the metrics.
@@ -341,6 +484,9 @@ impl Durable {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let now = now_ms();
+        if self.spool.is_empty() {
+            self.progress_at.store(now, Ordering::Release);
+        }
         let oldest = self.spool.read(None, 1)?.first().map(|(_, r)| r.at_ms);
         let since = if self.is_rebuilt() {
             oldest.unwrap_or(now)
@@ -365,6 +511,7 @@ impl Durable {
             let Some((last, _)) = batch.last().map(|(p, r)| (*p, r.id)) else {
                 let guard = self.switch.lock().await;
                 if self.spool.is_empty() {
+                    self.progress_at.store(now_ms(), Ordering::Release);
                     self.spooling.store(false, Ordering::Release);
                     tracing::info!("Spool drained; publishing directly");
                 }
@@ -373,20 +520,26 @@ impl Durable {
             };
             let n = batch.len() as u64;
             let mut futures = Vec::new();
+            let mut refused = Vec::new();
             let mut skipped = 0;
             for (_, r) in &batch {
                 if present.contains_key(&r.id) {
                     skipped += 1;
                     continue;
                 }
-                futures.push(enqueue(&producer, r)?);
+                match enqueue(&producer, r) {
+                    Ok(f) => futures.push((r, f)),
+                    Err(e) if e.class() == ErrorClass::BadInput => refused.push((r, e)),
+                    Err(e) => return Err(DrainError::Kafka(e)),
+                }
             }
             let mut error = None;
-            for fut in futures {
+            for (r, fut) in futures {
                 // No timeout: every attempt resolves (message.timeout.ms bounds it), so a
                 // failure is known to be final before the next read-back.
                 match fut.await {
                     Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) if e.class() == ErrorClass::BadInput => refused.push((r, e)),
                     Ok(Err((e, _))) => error = Some(e),
                     Err(_) => error = Some(KafkaError::Canceled),
                 }
@@ -394,7 +547,18 @@ impl Durable {
             if let Some(e) = error {
                 return Err(DrainError::Kafka(e));
             }
+            // Refused for what they are: a dead letter about each takes its place. One that
+            // cannot be published yet keeps the batch in the spool (the next read-back skips
+            // whatever this attempt delivered).
+            let letters: Vec<Record> = refused
+                .iter()
+                .filter_map(|(r, e)| self.refusal(r, e))
+                .collect();
+            if !self.publish_letters(&producer, letters).await.is_empty() {
+                return Err(DrainError::Kafka(KafkaError::Canceled));
+            }
             self.spool.commit(last, n)?;
+            self.progress_at.store(now_ms(), Ordering::Release);
             observability::drained(n, skipped);
             self.report();
             from = Some(last);

@@ -117,6 +117,7 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
         dedup.clone(),
         config.ack_timeout(),
         config.sink.kind,
+        codecs.deadletter(),
     )?);
     if config.sink.kind == config::SinkKind::Null {
         tracing::warn!("[sink] kind = \"null\": accepted events are discarded, not published");

@@ -19,6 +19,8 @@ pub const DRAINED: &str = "feedloop_collector_drained_records_total";
 pub const DRAIN_SKIPPED: &str = "feedloop_collector_drain_skipped_records_total";
 pub const PRODUCE_LATENCY: &str = "feedloop_collector_produce_latency_seconds";
 pub const DEDUP_IDS: &str = "feedloop_collector_dedup_ids";
+pub const REFUSED: &str = "feedloop_collector_refused_records_total";
+pub const DROPPED: &str = "feedloop_collector_dropped_records_total";
 pub const PRODUCER_RESETS: &str = "feedloop_collector_producer_resets_total";
 pub const HTTP_REQUESTS: &str = "feedloop_collector_http_requests_total";
 pub const HTTP_DURATION: &str = "feedloop_collector_http_request_duration_seconds";
@@ -66,6 +68,14 @@ pub fn describe() {
         "Bytes in the local spool waiting for the broker."
     );
     describe_counter!(SPOOLED, "Records written to the local spool.");
+    describe_counter!(
+        REFUSED,
+        "Records the broker refused for what they are (size, format); a dead letter about each was published instead."
+    );
+    describe_counter!(
+        DROPPED,
+        "Records neither the broker nor the dead-letter topic would take (alerted on)."
+    );
     describe_counter!(DRAINED, "Spooled records published to the broker.");
     describe_counter!(
         DRAIN_SKIPPED,
@@ -118,6 +128,14 @@ pub fn discarded(n: usize) {
 
 pub fn spooled(n: usize) {
     counter!(SPOOLED).increment(n as u64);
+}
+
+pub fn refused(n: u64) {
+    counter!(REFUSED).increment(n);
+}
+
+pub fn dropped(n: u64) {
+    counter!(DROPPED).increment(n);
 }
 
 pub fn producer_reset() {

@@ -113,6 +113,11 @@ impl Codecs {
         }
     }
 
+    /// The dead-letter schema.
+    pub fn deadletter(&self) -> Arc<CompiledSchema> {
+        self.deadletter.clone()
+    }
+
     pub fn encode_dead_letter(&self, dl: &DeadLetter, out: &mut Vec<u8>) -> Result<(), CodecError> {
         self.deadletter.encode(dl, out)
     }

@@ -1,8 +1,14 @@
 //! Consuming a catalogue topic into a service's state: each record decoded with the registry
 //! and handed over once it decodes; records that do not decode, or that the handler calls
 //! poison, go to `feedloop.deadletter`; the offset is committed only after the record was
-//! handled (at least once: handlers are idempotent). Errors the handler calls transient are
-//! retried, so that a database outage pauses the intake instead of skipping records.
+//! handled (at least once: handlers are idempotent).
+//!
+//! A handler's failure is classified ([`Classify`]): input the dependency refuses goes to the
+//! dead-letter topic at once; any other failure is retried with backoff, a bounded number of
+//! times ([`Retries`]): a dependency that is down pauses the intake for up to
+//! [`Retries::max_wait`], anything else for [`Retries::attempts`] attempts. Then the record goes
+//! to the dead-letter topic with its topic, partition, offset and the last error, and the
+//! intake moves on: no record holds it up for longer.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -19,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     avro::CompiledSchema,
     catalogue::DEADLETTER_TOPIC,
+    error::{Classify, ErrorClass},
     kafka::{HealingProducer, KafkaConfig},
     model::{DeadLetter, DeadLetterReason},
     registry_client::{RegistryClient, RegistryClientError},
@@ -32,6 +39,49 @@ pub enum Handled {
     Poison(String),
 }
 
+/// Why a handler could not take a record in.
+#[derive(Debug)]
+pub struct Failure {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn of(e: &(impl Classify + std::fmt::Display)) -> Self {
+        Self {
+            class: e.class(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Self::of(&e)
+    }
+}
+
+/// How long a record may fail before it is dead-lettered.
+#[derive(Debug, Clone, Copy)]
+pub struct Retries {
+    /// Attempts of a record that fails while its dependency answers.
+    pub attempts: u32,
+    /// How long a record waits for a dependency that is down.
+    pub max_wait: Duration,
+    /// The first pause; each next one doubles, up to 30 s.
+    pub first_pause: Duration,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            max_wait: Duration::from_secs(15 * 60),
+            first_pause: Duration::from_secs(1),
+        }
+    }
+}
+
 pub struct Intake {
     consumer: StreamConsumer,
     topic: &'static str,
@@ -39,8 +89,9 @@ pub struct Intake {
     registry: Arc<RegistryClient>,
     producer: Arc<HealingProducer>,
     deadletter: Arc<CompiledSchema>,
-    /// The service's counter of dead-lettered records.
-    dead_letters_metric: Option<&'static str>,
+    /// The service's counters of dead-lettered records and of failed attempts.
+    metrics: Option<(&'static str, &'static str)>,
+    retries: Retries,
 }
 
 impl std::fmt::Debug for Intake {
@@ -85,24 +136,32 @@ impl Intake {
             registry,
             producer,
             deadletter,
-            dead_letters_metric: None,
+            metrics: None,
+            retries: Retries::default(),
         })
     }
 
-    /// Counts dead-lettered records in the counter `metric` (the service's
-    /// `feedloop_<service>_dead_letters_total`).
-    pub fn counting_dead_letters(mut self, metric: &'static str) -> Self {
-        self.dead_letters_metric = Some(metric);
+    /// Counts dead-lettered records in the counter `dead_letters` (the service's
+    /// `feedloop_<service>_dead_letters_total`), and failed attempts to take a record in, by
+    /// the failure's class, in `retries` (`feedloop_<service>_intake_retries_total`).
+    pub fn counting(mut self, dead_letters: &'static str, retries: &'static str) -> Self {
+        self.metrics = Some((dead_letters, retries));
         self
     }
 
-    /// Hands every record to `handle` until `shutdown`. `Err` from the handler is transient:
-    /// the same record is handed again after a pause.
+    /// Retries failing records by `retries` instead of the default.
+    pub fn with_retries(mut self, retries: Retries) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Hands every record to `handle` until `shutdown`. A failure is retried as its class and
+    /// [`Retries`] say, then the record is dead-lettered with the error.
     pub async fn run<T, F, Fut>(self, shutdown: CancellationToken, handle: F)
     where
         T: DeserializeOwned,
         F: Fn(T) -> Fut,
-        Fut: Future<Output = Result<Handled, String>>,
+        Fut: Future<Output = Result<Handled, Failure>>,
     {
         let mut stream = self.consumer.stream();
         loop {
@@ -121,36 +180,24 @@ impl Intake {
             };
             // Tombstones carry nothing to take in.
             if let Some(payload) = msg.payload() {
-                loop {
-                    let outcome = match self.registry.decode::<T>(payload).await {
-                        Ok(record) => handle(record).await,
-                        Err(RegistryClientError::Codec(e)) => Ok(Handled::Poison(e.to_string())),
-                        // Written with a schema this registry never had: it cannot ever decode.
-                        Err(RegistryClientError::Api {
-                            status: 404,
-                            message,
-                            ..
-                        }) => Ok(Handled::Poison(format!(
-                            "schema unknown to this registry: {message}"
-                        ))),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let outcome = match outcome {
-                        Ok(Handled::Poison(reason)) => self
-                            .dead_letter(&reason, payload, msg.partition(), msg.offset())
-                            .await
-                            .map(|()| Handled::Done),
-                        other => other,
-                    };
-                    match outcome {
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(topic = self.topic, error = %e, "Cannot take a record in yet; retrying");
-                            tokio::select! {
-                                () = shutdown.cancelled() => return,
-                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            }
+                let verdict = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    v = self.take(payload, &handle) => v,
+                };
+                if let Some((reason, detail)) = verdict {
+                    // Dead-lettering waits for the broker: the offset is not committed before
+                    // the record is somewhere.
+                    let mut pause = self.retries.first_pause;
+                    while let Err(e) = self
+                        .dead_letter(reason, &detail, payload, msg.partition(), msg.offset())
+                        .await
+                    {
+                        tracing::warn!(topic = self.topic, error = %e, "Cannot dead-letter a record yet; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(pause) => {}
                         }
+                        pause = (pause * 2).min(Duration::from_secs(30));
                     }
                 }
             }
@@ -160,8 +207,88 @@ impl Intake {
         }
     }
 
+    /// Decodes and hands over one record, retrying as [`Retries`] says; `Some(why)` when it
+    /// goes to the dead-letter topic.
+    async fn take<T, F, Fut>(
+        &self,
+        payload: &[u8],
+        handle: &F,
+    ) -> Option<(DeadLetterReason, String)>
+    where
+        T: DeserializeOwned,
+        F: Fn(T) -> Fut,
+        Fut: Future<Output = Result<Handled, Failure>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut attempts = 0u32;
+        let mut pause = self.retries.first_pause;
+        loop {
+            let outcome = match self.registry.decode::<T>(payload).await {
+                Ok(record) => handle(record).await,
+                Err(RegistryClientError::Codec(e)) => {
+                    return Some((DeadLetterReason::DecodeFailure, e.to_string()));
+                }
+                // Written with a schema this registry never had: it cannot ever decode.
+                Err(RegistryClientError::Api {
+                    status: 404,
+                    message,
+                    ..
+                }) => {
+                    return Some((
+                        DeadLetterReason::DecodeFailure,
+                        format!("schema unknown to this registry: {message}"),
+                    ));
+                }
+                Err(e) => Err(Failure {
+                    class: ErrorClass::Unavailable,
+                    message: e.to_string(),
+                }),
+            };
+            let failure = match outcome {
+                Ok(Handled::Done) => return None,
+                Ok(Handled::Poison(why)) => {
+                    return Some((DeadLetterReason::ProcessingFailure, why));
+                }
+                Err(f) => f,
+            };
+            attempts += 1;
+            if let Some((_, metric)) = self.metrics {
+                let class = match failure.class {
+                    ErrorClass::BadInput => "bad_input",
+                    ErrorClass::Unavailable => "unavailable",
+                    ErrorClass::Internal => "internal",
+                };
+                metrics::counter!(metric, "class" => class).increment(1);
+            }
+            let gave_up = match failure.class {
+                ErrorClass::BadInput => Some("refused"),
+                ErrorClass::Unavailable if started.elapsed() + pause > self.retries.max_wait => {
+                    Some("still failing after waiting for its dependency")
+                }
+                ErrorClass::Internal if attempts >= self.retries.attempts => {
+                    Some("still failing after every retry")
+                }
+                _ => None,
+            };
+            if let Some(why) = gave_up {
+                return Some((
+                    DeadLetterReason::ProcessingFailure,
+                    format!(
+                        "{why} ({attempts} attempts in {} s): {}",
+                        started.elapsed().as_secs(),
+                        failure.message
+                    ),
+                ));
+            }
+            tracing::warn!(topic = self.topic, error = %failure.message, attempts, "Cannot take a record in yet; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
+    }
+
     async fn dead_letter(
         &self,
+        reason: DeadLetterReason,
         detail: &str,
         original: &[u8],
         partition: i32,
@@ -178,20 +305,14 @@ impl Intake {
             source_topic: Some(self.topic.into()),
             source_partition: Some(partition),
             source_offset: Some(offset),
-            ..DeadLetter::new(
-                self.service,
-                DeadLetterReason::DecodeFailure,
-                detail,
-                original,
-                now_ms(),
-            )
+            ..DeadLetter::new(self.service, reason, detail, original, now_ms())
         };
         let mut value = Vec::new();
         self.deadletter
             .encode(&dl, &mut value)
             .map_err(|e| e.to_string())?;
         let key = format!("{}/{partition}", self.topic);
-        if let Some(metric) = self.dead_letters_metric {
+        if let Some((metric, _)) = self.metrics {
             metrics::counter!(metric).increment(1);
         }
         let sent = self

@@ -17,6 +17,9 @@ use crate::{
     config::{ConfigError, Secret},
 };
 
+/// librdkafka's default `message.max.bytes`.
+pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
 /// Where the brokers are and how to talk to them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,6 +151,29 @@ impl KafkaConfig {
 
     /// A librdkafka configuration with the bootstrap servers, `client.id`, TLS and SASL, and
     /// the extra properties.
+    /// The largest record a producer with `producer` properties sends: `message.max.bytes`
+    /// from them or from `[kafka.properties]`, else librdkafka's default (1,000,000).
+    pub fn message_max_bytes(
+        &self,
+        producer: &BTreeMap<String, String>,
+    ) -> Result<usize, ConfigError> {
+        let set = producer
+            .get("message.max.bytes")
+            .map(|v| ("producer.\"message.max.bytes\"", v))
+            .or_else(|| {
+                self.properties
+                    .get("message.max.bytes")
+                    .map(|v| ("kafka.properties.\"message.max.bytes\"", v))
+            });
+        match set {
+            None => Ok(LIBRDKAFKA_MESSAGE_MAX_BYTES),
+            Some((key, v)) => v
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::invalid(key, "must be a number of bytes")),
+        }
+    }
+
     pub fn client_config(&self, client_id: &str) -> ClientConfig {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.bootstrap)

@@ -4,7 +4,7 @@
 //! the dead-letter topic; the offset is committed only after the request is stored.
 
 use feedloop_core::{
-    intake::Handled,
+    intake::{Failure, Handled},
     model::{ErasureOrigin, ErasureRequest},
 };
 use sqlx::PgPool;
@@ -25,7 +25,7 @@ pub async fn take(
     control: &PgPool,
     request: ErasureRequest,
     default_deadline_ms: i64,
-) -> Result<Handled, String> {
+) -> Result<Handled, Failure> {
     if request.user_ids.is_empty() {
         return Ok(Handled::Poison("no user ids".into()));
     }
@@ -44,7 +44,7 @@ pub async fn take(
     };
     let (id, created) = store::create(control, &new)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|store::StoreError::Postgres(e)| Failure::from(e))?;
     if created {
         observability::request(origin);
         tracing::info!(request = %id, origin, "Erasure request received from the log");

@@ -126,7 +126,7 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
         producer,
         deadletter,
     )?
-    .counting_dead_letters(observability::DEAD_LETTERS);
+    .counting(observability::DEAD_LETTERS, observability::INTAKE_RETRIES);
     let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen, &cfg.http.tls).await?;
     let app = api::routes(api::Api {
         cfg: cfg.clone(),

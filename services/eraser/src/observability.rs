@@ -9,6 +9,7 @@ pub const OLDEST_OPEN: &str = "feedloop_eraser_oldest_open_request_age_seconds";
 pub const OVERDUE: &str = "feedloop_eraser_overdue_requests";
 pub const NEXT_DEADLINE: &str = "feedloop_eraser_next_deadline_seconds";
 pub const DEAD_LETTERS: &str = "feedloop_eraser_dead_letters_total";
+pub const INTAKE_RETRIES: &str = "feedloop_eraser_intake_retries_total";
 pub const TARGET_FAILURES: &str = "feedloop_eraser_target_failures_total";
 pub const REQUESTS: &str = "feedloop_eraser_requests_total";
 
@@ -23,6 +24,10 @@ pub fn describe() {
     describe_gauge!(OPEN_REQUESTS, "Erasure requests pending or running.");
     describe_gauge!(OLDEST_OPEN, "Age of the oldest open erasure request.");
     describe_gauge!(OVERDUE, "Open erasure requests past their deadline.");
+    describe_counter!(
+        INTAKE_RETRIES,
+        "Failed attempts to take in erasure requests from the log, by the failure's class (bad_input, unavailable, internal); a record that keeps failing is dead-lettered."
+    );
     describe_counter!(
         DEAD_LETTERS,
         "Erasure requests from the log that cannot be decoded, sent to the dead-letter topic."

@@ -29,6 +29,7 @@ use std::{
 use feedloop_core::{
     avro::{CodecError, CompiledSchema, wire},
     catalogue::{DEADLETTER_TOPIC, PARTITIONS_TOPIC},
+    error::{Classify, ErrorClass},
     kafka::{KafkaConfig, QuietEof},
     model::{DeadLetter, DeadLetterReason, FeatureValue},
     registry_client::{RegistryClient, RegistryClientError},
@@ -93,6 +94,47 @@ pub enum EngineError {
     ErasureRaced(String),
 }
 
+impl Classify for EngineError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::State(StateError::Postgres(e)) | Self::Postgres(e) => e.class(),
+            Self::State(StateError::Scylla(_))
+            | Self::Dataset(DatasetError::Store(_))
+            | Self::Locked(_)
+            | Self::MissingTopic(_)
+            | Self::ErasureRaced(_) => ErrorClass::Unavailable,
+            Self::Kafka(e) => e.class(),
+            Self::Registry(RegistryClientError::Codec(_)) => ErrorClass::BadInput,
+            Self::Registry(_) => ErrorClass::Unavailable,
+            Self::State(StateError::Corrupt(_))
+            | Self::Dataset(_)
+            | Self::Codec(_)
+            | Self::Position { .. }
+            | Self::SpecChanged { .. } => ErrorClass::Internal,
+        }
+    }
+}
+
+/// How a commit's transaction failed.
+enum Recorded {
+    /// Before COMMIT: nothing was recorded.
+    Not(EngineError),
+    /// COMMIT itself failed: it may have gone through.
+    Unknown(EngineError),
+}
+
+/// The committed sequence number of `dataset`'s position.
+async fn committed_seq(control: &PgPool, dataset: &str) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT seq FROM labeler.positions WHERE dataset = $1")
+        .bind(dataset)
+        .fetch_optional(control)
+        .await
+}
+
+/// A record whose handling failed this many times in a row, for a reason other than an
+/// unavailable dependency, is dead-lettered when the next session reaches it.
+const RECORD_STRIKES: u32 = 3;
+
 /// How old an unreferenced data file must be before a start deletes it.
 const ORPHAN_GRACE_MS: i64 = 15 * 60 * 1000;
 
@@ -132,6 +174,9 @@ pub struct Shared {
     pub deadletter: Arc<CompiledSchema>,
     pub partitions_schema: Arc<CompiledSchema>,
     pub mode: Mode,
+    /// Input records (`topic/partition/offset`) that failed [`RECORD_STRIKES`] sessions in a
+    /// row, with the last error: dead-lettered when read again.
+    pub poison: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 /// How a pipeline runs.
@@ -197,13 +242,33 @@ pub async fn run(
 ) {
     let mut delay = Duration::from_millis(200);
     let mut health = feedloop_core::kafka::ProducerHealth::new(2);
+    // The record the last sessions failed on, and how many times in a row.
+    let mut strikes: Option<(String, u32)> = None;
     loop {
-        match session(&shared, &dataset, &shutdown, &ready).await {
+        let mut failed_at = None;
+        match session(&shared, &dataset, &shutdown, &ready, &mut failed_at).await {
             Ok(()) => return,
             Err(e) => {
                 ready.store(false, Ordering::Release);
                 observability::restart(dataset.name());
                 tracing::warn!(dataset = dataset.name(), error = %e, "Labeler pipeline failed; restarting from the last commit");
+                // A record that fails every session while its dependencies answer would stop
+                // the dataset for good: after RECORD_STRIKES, it is dead-lettered instead.
+                strikes = match (failed_at, strikes.take()) {
+                    (Some(at), _) if e.class() == ErrorClass::Unavailable => Some((at, 0)),
+                    (Some(at), Some((last, n))) if at == last => Some((at, n + 1)),
+                    (Some(at), _) => Some((at, 1)),
+                    (None, kept) => kept,
+                };
+                if let Some((at, n)) = &strikes
+                    && *n >= RECORD_STRIKES
+                {
+                    tracing::error!(dataset = dataset.name(), record = %at, error = %e, "A record failed every attempt; it goes to the dead-letter topic");
+                    if let Ok(mut poison) = shared.poison.lock() {
+                        poison.insert(at.clone(), e.to_string());
+                    }
+                    strikes = None;
+                }
                 if !matches!(e, EngineError::Kafka(KafkaError::MessageProduction(_))) {
                     health.delivered();
                 } else if health.failed(&shared.cfg.kafka, "labeler").await {
@@ -234,6 +299,7 @@ pub(crate) async fn session(
     dataset: &Dataset,
     shutdown: &CancellationToken,
     ready: &AtomicBool,
+    failed_at: &mut Option<String>,
 ) -> Result<(), EngineError> {
     let name = dataset.name().to_owned();
     // One writer per dataset: a session-level advisory lock on its own connection.
@@ -287,7 +353,10 @@ pub(crate) async fn session(
         match item {
             Some((i, Ok(msg))) => {
                 let (topic, table, _) = &consumers[i];
-                p.handle(topic, table.as_deref(), &msg).await?;
+                if let Err(e) = p.handle(topic, table.as_deref(), &msg).await {
+                    *failed_at = Some(format!("{topic}/{}/{}", msg.partition(), msg.offset()));
+                    return Err(e);
+                }
                 since_advance += 1;
                 if let Mode::Replay { records } = &shared.mode {
                     records.fetch_add(1, Ordering::Relaxed);
@@ -635,6 +704,23 @@ impl Pipeline {
             observability::record(&self.name, "other");
             return Ok(());
         };
+        let poisoned = self
+            .shared
+            .poison
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(&format!("{topic}/{partition}/{offset}")));
+        if let Some(error) = poisoned {
+            let source = SourceRef {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+            };
+            let detail = format!("failed {RECORD_STRIKES} times in a row: {error}");
+            return self
+                .dead_letter(DeadLetterReason::ProcessingFailure, &detail, bytes, &source)
+                .await;
+        }
         let source = SourceRef {
             topic: topic.to_owned(),
             partition,
@@ -665,13 +751,30 @@ impl Pipeline {
                     example_id: stored.example_id,
                 };
                 if at <= self.emitted {
-                    // Its close has passed already: emit it now with what is known.
-                    observability::late_impression(&self.name);
+                    // Its close has passed already: emit it now with what is known, unless
+                    // another record of the same impression is in the state (a client's retry
+                    // published twice, at-least-once delivery): that one was emitted already.
+                    // The same record read again after a restart is emitted again: its first
+                    // emission was not committed, or the log would not be read from before it.
                     self.flush().await?;
+                    let keys = stored.impression.keys();
+                    let known = self
+                        .shared
+                        .state
+                        .impressions_by_keys(&self.name, &keys)
+                        .await?;
+                    if known.iter().any(|k| {
+                        k.example_id == stored.example_id
+                            && k.impression.source != stored.impression.source
+                    }) {
+                        observability::duplicate_impression(&self.name);
+                        return Ok(());
+                    }
+                    observability::late_impression(&self.name);
                     let outcomes = self
                         .shared
                         .state
-                        .outcomes_by_keys(&self.name, &stored.impression.keys())
+                        .outcomes_by_keys(&self.name, &keys)
                         .await?;
                     let labeled = spec.label(&stored.impression, &outcomes, true);
                     self.rows.push(Example {
@@ -681,9 +784,8 @@ impl Pipeline {
                         labeled,
                     });
                     observability::examples(&self.name, "first", 1);
-                    if spec.spec.late_outcomes == LatePolicy::Correct {
-                        self.pending_impressions.push(stored);
-                    }
+                    // Kept in the state whatever the late policy: its copies are known by it.
+                    self.pending_impressions.push(stored);
                 } else {
                     self.pending_impressions.push(stored);
                 }
@@ -734,7 +836,9 @@ impl Pipeline {
                 input::change(spec, table, &schema, key, frame.body, &origin, watermark)
             }
         };
-        Ok(decoded.map_err(|e| (DeadLetterReason::DecodeFailure, e.to_string())))
+        Ok(decoded
+            .and_then(input::Decoded::checked)
+            .map_err(|e| (DeadLetterReason::DecodeFailure, e.to_string())))
     }
 
     /// An outcome read after its partition passed the close of impressions it joins.
@@ -940,14 +1044,35 @@ impl Pipeline {
         }
 
         tracing::debug!(dataset = %self.name, files = manifests.len(), "Commit: files written");
-        let recorded = self.record(&by_partition, &manifests, users, &shared).await;
-        if let Err(e) = recorded {
-            // Nothing of this commit is recorded: its files go now, not at the next start (an
-            // eraser rewriting the same partitions may be writing files of its own meanwhile).
-            for rel in &written {
-                let _ = root.delete(rel).await;
+        match self.record(&by_partition, &manifests, users, &shared).await {
+            Ok(()) => {}
+            Err(Recorded::Not(e)) => {
+                // Nothing of this commit is recorded: its files go now, not at the next start
+                // (an eraser rewriting the same partitions may be writing files of its own
+                // meanwhile).
+                for rel in &written {
+                    let _ = root.delete(rel).await;
+                }
+                return Err(e);
             }
-            return Err(e);
+            Err(Recorded::Unknown(e)) => {
+                // COMMIT itself failed: Postgres may have committed and lost the reply. Its
+                // files stay unless the position says it did not; files of a version that did
+                // not commit are removed by a later start, once older than ORPHAN_GRACE_MS.
+                match committed_seq(&shared.control, &self.name).await {
+                    Ok(Some(seq)) if seq == self.seq + 1 => {
+                        tracing::warn!(dataset = %self.name, error = %e, "The reply to COMMIT was lost, but the commit went through");
+                    }
+                    Ok(_) => {
+                        tracing::warn!(dataset = %self.name, error = %e, "COMMIT failed and did not go through; its files are left for the start-up clean-up");
+                        return Err(e);
+                    }
+                    Err(lookup) => {
+                        tracing::warn!(dataset = %self.name, error = %e, lookup = %lookup, "COMMIT failed and its outcome cannot be looked up; its files are kept");
+                        return Err(e);
+                    }
+                }
+            }
         }
         // The manifests' JSON copies, once their versions are committed (a start writes any
         // that a crash left out).
@@ -995,7 +1120,23 @@ impl Pipeline {
         manifests: &[Manifest],
         users: Vec<(String, String)>,
         shared: &Shared,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Recorded> {
+        self.record_until_commit(by_partition, manifests, users, shared)
+            .await
+            .map_err(Recorded::Not)?
+            .commit()
+            .await
+            .map_err(|e| Recorded::Unknown(e.into()))
+    }
+
+    /// [`record`](Self::record) up to the COMMIT, which it leaves to the caller.
+    async fn record_until_commit(
+        &self,
+        by_partition: &BTreeMap<String, Vec<Example>>,
+        manifests: &[Manifest],
+        users: Vec<(String, String)>,
+        shared: &Shared,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, EngineError> {
         let spec = &self.dataset.spec;
         // 2. The labels topic, acknowledged.
         if shared.mode.publishes() {
@@ -1064,8 +1205,7 @@ impl Pipeline {
         .bind(self.emitted.example_id.to_string())
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        Ok(())
+        Ok(tx)
     }
 
     async fn publish_examples(

@@ -233,21 +233,41 @@ pub async fn rewrite_partition(
             .unwrap_or(0),
         ..before.clone()
     };
-    let recorded = record_rewrite(&mut tx, dataset, partition, users, &after).await;
-    let committed = match recorded {
-        Ok(()) => tx.commit().await.map_err(ErasureError::from),
-        Err(e) => Err(e),
+    let new_files = || {
+        after
+            .files
+            .iter()
+            .filter(|f| !before.files.iter().any(|b| b.uri == f.uri))
+            .filter_map(|f| root.rel_of(&f.uri))
+            .collect::<Vec<_>>()
     };
-    if let Err(e) = committed {
+    if let Err(e) = record_rewrite(&mut tx, dataset, partition, users, &after).await {
         // A labeler commit took this version first: the new files go now; the eraser retries.
-        for f in &after.files {
-            if !before.files.iter().any(|b| b.uri == f.uri)
-                && let Some(rel) = root.rel_of(&f.uri)
-            {
-                let _ = root.delete(&rel).await;
-            }
+        drop(tx);
+        for rel in new_files() {
+            let _ = root.delete(&rel).await;
         }
         return Err(e);
+    }
+    if let Err(e) = tx.commit().await {
+        // COMMIT itself failed: Postgres may have committed and lost the reply. Unless the
+        // version is known not to be there, its files stay (a labeler start removes them
+        // once unreferenced and older than its grace period).
+        let committed: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT manifest_uri FROM labeler.partitions
+             WHERE dataset = $1 AND partition = $2 AND version = $3",
+        )
+        .bind(dataset)
+        .bind(partition)
+        .bind(version)
+        .fetch_optional(control)
+        .await;
+        match committed {
+            Ok(Some(uri)) if uri == after.manifest_uri => {
+                tracing::warn!(dataset, partition, version, error = %e, "The reply to COMMIT was lost, but the rewrite went through");
+            }
+            _ => return Err(e.into()),
+        }
     }
     // The JSON copy of the manifest, once the version is committed.
     root.put(

@@ -36,6 +36,31 @@ pub enum InputError {
     Event(#[from] EventDecodeError),
     #[error("cdc change event: {0}")]
     Change(String),
+    #[error("a {0} contains a NUL character, which the join state cannot store")]
+    Nul(&'static str),
+}
+
+impl Decoded {
+    /// Refuses text the join state keys on but cannot store (Postgres text holds no NUL): such
+    /// a record is dead-lettered here rather than failing every commit after it.
+    pub fn checked(self) -> Result<Self, InputError> {
+        let nul = |s: &String| s.contains('\0');
+        match &self.input {
+            Input::Impression(i) => {
+                if i.keys().iter().any(nul) || i.users().iter().any(nul) {
+                    return Err(InputError::Nul("user or match id"));
+                }
+            }
+            Input::Outcomes(outcomes) => {
+                for o in outcomes {
+                    if nul(&o.join_key) || nul(&o.id) || o.users.iter().any(nul) {
+                        return Err(InputError::Nul("join key, outcome id or user id"));
+                    }
+                }
+            }
+        }
+        Ok(self)
+    }
 }
 
 /// A cdc change event, read loosely: only what outcomes need.

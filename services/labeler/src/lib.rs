@@ -140,6 +140,7 @@ async fn prepare(config: &Config, mode: Mode) -> Result<(Shared, Vec<Dataset>), 
         deadletter,
         partitions_schema,
         mode,
+        poison: Arc::default(),
     };
     let mut datasets = Vec::new();
     for spec in specs {
@@ -203,7 +204,7 @@ pub async fn replay(
         });
     };
     let done = Arc::new(AtomicBool::new(false));
-    engine::session(&shared, &d, &CancellationToken::new(), &done).await?;
+    engine::session(&shared, &d, &CancellationToken::new(), &done, &mut None).await?;
     let (rows, partitions): (i64, i64) = sqlx::query_as(
         "SELECT COALESCE(SUM(row_count), 0)::bigint, count(*) FROM (
            SELECT DISTINCT ON (partition) row_count FROM labeler.partitions

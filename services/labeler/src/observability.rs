@@ -8,6 +8,7 @@ pub const EXAMPLES: &str = "feedloop_labeler_examples_total";
 pub const ERASED_EXAMPLES: &str = "feedloop_labeler_erased_examples_total";
 pub const LATE_OUTCOMES: &str = "feedloop_labeler_late_outcomes_total";
 pub const LATE_IMPRESSIONS: &str = "feedloop_labeler_late_impressions_total";
+pub const DUPLICATE_IMPRESSIONS: &str = "feedloop_labeler_duplicate_impressions_total";
 pub const DEAD_LETTERS: &str = "feedloop_labeler_dead_letters_total";
 pub const COMMITS: &str = "feedloop_labeler_commits_total";
 pub const COMMIT_DURATION: &str = "feedloop_labeler_commit_duration_seconds";
@@ -39,6 +40,10 @@ pub fn describe() {
     describe_counter!(
         LATE_OUTCOMES,
         "Outcomes that arrived after their example closed, by dataset and policy."
+    );
+    describe_counter!(
+        DUPLICATE_IMPRESSIONS,
+        "Impressions read again under another record after their example was emitted (a client retry, at-least-once delivery): not emitted twice."
     );
     describe_counter!(
         LATE_IMPRESSIONS,
@@ -112,6 +117,10 @@ pub fn late_outcome(dataset: &str, policy: &'static str) {
 
 pub fn late_impression(dataset: &str) {
     counter!(LATE_IMPRESSIONS, "dataset" => dataset.to_owned()).increment(1);
+}
+
+pub fn duplicate_impression(dataset: &str) {
+    counter!(DUPLICATE_IMPRESSIONS, "dataset" => dataset.to_owned()).increment(1);
 }
 
 pub fn dead_letter(dataset: &str, reason: &'static str) {

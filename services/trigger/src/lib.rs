@@ -112,7 +112,7 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
         producer.clone(),
         deadletter,
     )?
-    .counting_dead_letters(observability::DEAD_LETTERS);
+    .counting(observability::DEAD_LETTERS, observability::INTAKE_RETRIES);
     let deliverer = Arc::new(deliver::Deliverer {
         cfg: cfg.clone(),
         control: control.clone(),
@@ -154,7 +154,7 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
                         Ok(Handled::Done)
                     }
                     Ok(false) => Ok(Handled::Done),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e.into()),
                 }
             }
         }))

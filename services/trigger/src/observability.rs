@@ -8,6 +8,7 @@ pub const DECISIONS: &str = "feedloop_trigger_decisions_total";
 pub const DELIVERIES: &str = "feedloop_trigger_deliveries_total";
 pub const PENDING_ROWS: &str = "feedloop_trigger_pending_rows";
 pub const DEAD_LETTERS: &str = "feedloop_trigger_dead_letters_total";
+pub const INTAKE_RETRIES: &str = "feedloop_trigger_intake_retries_total";
 
 pub const PRODUCER_RESETS: &str = "feedloop_trigger_producer_resets_total";
 
@@ -26,6 +27,10 @@ pub fn describe() {
     describe_gauge!(
         PENDING_ROWS,
         "Rows committed since the dataset's last trigger."
+    );
+    describe_counter!(
+        INTAKE_RETRIES,
+        "Failed attempts to take in partition records from the log, by the failure's class (bad_input, unavailable, internal); a record that keeps failing is dead-lettered."
     );
     describe_counter!(
         DEAD_LETTERS,

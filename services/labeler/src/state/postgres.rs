@@ -59,6 +59,15 @@ impl StateStore for PostgresStore {
         if items.is_empty() {
             return Ok(());
         }
+        // ON CONFLICT cannot touch one row twice in a statement: the last copy of each wins.
+        let mut unique: Vec<&StoredImpression> = Vec::with_capacity(items.len());
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        for i in items.iter().rev() {
+            if seen.insert(i.example_id) {
+                unique.push(i);
+            }
+        }
+        let items = unique;
         let mut ids = Vec::with_capacity(items.len());
         let mut closes = Vec::with_capacity(items.len());
         let mut keys = Vec::with_capacity(items.len());

@@ -1,0 +1,172 @@
+//! The intake every catalogue consumer uses (eraser, trigger): a record that keeps failing is
+//! retried a bounded number of times, by its failure's class, then dead-lettered with its
+//! topic, partition, offset and the error; the records after it are taken in.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use feedloop_core::{
+    catalogue::{Catalogue, DEADLETTER_TOPIC},
+    error::ErrorClass,
+    intake::{Failure, Handled, Intake, Retries},
+    kafka::{HealingProducer, create_missing},
+    model::{DeadLetter, ErasureOrigin, ErasureRequest},
+};
+use feedloop_integration_tests::{TestRegistry, infra, kafka, log::read_all};
+use rdkafka::producer::FutureRecord;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const RECORD: &str = "io.feedloop.erasure.ErasureRequest";
+
+fn request(user: &str) -> ErasureRequest {
+    ErasureRequest {
+        request_id: Uuid::now_v7(),
+        user_ids: vec![user.to_owned()],
+        reason: "test".into(),
+        requested_by: "test".into(),
+        origin: ErasureOrigin::Api,
+        idempotency_key: None,
+        requested_at: 0,
+        deadline_at: 0,
+    }
+}
+
+#[tokio::test]
+async fn records_that_keep_failing_are_dead_lettered_with_their_offset_and_the_rest_go_on() {
+    let registry = TestRegistry::start().await;
+    let client = Arc::new(registry.client());
+    let catalogue = Catalogue::embedded().expect("catalogue");
+    let topic: &'static str = Box::leak(format!("test.intake.{}", Uuid::now_v7()).into_boxed_str());
+    create_missing(&kafka(), &[(topic, 1, false), (DEADLETTER_TOPIC, 1, false)])
+        .await
+        .expect("topics");
+    let schema = client
+        .register_compiled(
+            &format!("{topic}-value"),
+            &catalogue.composed(RECORD).expect("schema"),
+        )
+        .await
+        .expect("register");
+    let deadletter = client
+        .register_compiled(
+            &format!("{DEADLETTER_TOPIC}-value"),
+            &catalogue
+                .composed("io.feedloop.deadletter.DeadLetter")
+                .expect("schema"),
+        )
+        .await
+        .expect("register");
+    let producer = Arc::new(
+        HealingProducer::new(
+            &kafka(),
+            "test-intake",
+            &BTreeMap::new(),
+            "test_resets_total",
+        )
+        .expect("producer"),
+    );
+    // Offsets 0..=4: one of each failure, then a poison record, then one that succeeds.
+    for user in ["bad-input", "internal", "unavailable", "poison", "fine"] {
+        let mut value = Vec::new();
+        schema.encode(&request(user), &mut value).expect("encode");
+        producer
+            .get()
+            .send(
+                FutureRecord::<(), _>::to(topic).payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("send");
+    }
+
+    let attempts: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
+    let shutdown = CancellationToken::new();
+    let intake = Intake::new(
+        &kafka(),
+        &format!("test-intake-{}", Uuid::now_v7()),
+        topic,
+        "test",
+        client.clone(),
+        producer.clone(),
+        deadletter,
+    )
+    .expect("intake")
+    .with_retries(Retries {
+        attempts: 3,
+        max_wait: Duration::from_millis(600),
+        first_pause: Duration::from_millis(50),
+    });
+    let seen = attempts.clone();
+    let done = shutdown.clone();
+    let run = tokio::spawn(intake.run(shutdown.clone(), move |r: ErasureRequest| {
+        let seen = seen.clone();
+        let done = done.clone();
+        async move {
+            let user = r.user_ids[0].clone();
+            *seen.lock().expect("lock").entry(user.clone()).or_default() += 1;
+            let fail = |class| {
+                Err(Failure {
+                    class,
+                    message: format!("{user} failed"),
+                })
+            };
+            match user.as_str() {
+                "bad-input" => fail(ErrorClass::BadInput),
+                "internal" => fail(ErrorClass::Internal),
+                "unavailable" => fail(ErrorClass::Unavailable),
+                "poison" => Ok(Handled::Poison("no good".into())),
+                _ => {
+                    done.cancel();
+                    Ok(Handled::Done)
+                }
+            }
+        }
+    }));
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the intake must get past every failing record")
+        .expect("intake task");
+
+    let attempts = attempts.lock().expect("lock").clone();
+    assert_eq!(attempts.get("bad-input"), Some(&1), "{attempts:?}");
+    assert_eq!(attempts.get("internal"), Some(&3), "{attempts:?}");
+    assert!(
+        attempts
+            .get("unavailable")
+            .is_some_and(|n| (3..=6).contains(n)),
+        "a dependency that is down is waited for, up to max_wait: {attempts:?}"
+    );
+    assert_eq!(attempts.get("fine"), Some(&1), "{attempts:?}");
+
+    let mut letters: Vec<DeadLetter> = Vec::new();
+    for r in read_all(&infra().kafka_bootstrap, DEADLETTER_TOPIC).await {
+        if let Ok(dl) = client.decode::<DeadLetter>(&r.value).await
+            && dl.source_topic.as_deref() == Some(topic)
+        {
+            letters.push(dl);
+        }
+    }
+    letters.sort_by_key(|d| d.source_offset);
+    let offsets: Vec<Option<i64>> = letters.iter().map(|d| d.source_offset).collect();
+    assert_eq!(offsets, [Some(0), Some(1), Some(2), Some(3)]);
+    for (dl, needle) in letters.iter().zip([
+        "bad-input failed",
+        "internal failed",
+        "unavailable failed",
+        "no good",
+    ]) {
+        assert_eq!(dl.source_partition, Some(0));
+        assert_eq!(dl.service, "test");
+        assert!(dl.detail.contains(needle), "{}", dl.detail);
+        assert!(!dl.original.is_empty());
+    }
+    assert!(
+        letters[1].detail.contains("3 attempts"),
+        "{}",
+        letters[1].detail
+    );
+}
