@@ -387,6 +387,7 @@ pub mod events {
 }
 
 pub mod labeler;
+pub mod pg_proxy;
 pub mod service;
 pub mod tls;
 

@@ -465,3 +465,137 @@ async fn late_outcomes_follow_the_policy_and_poison_records_are_dead_lettered() 
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }
+
+/// The same impression three times in the log (twice in one flush, once after its example
+/// was committed) yields one row, and an impression whose user id holds a NUL (which
+/// Postgres text refuses) is dead-lettered: neither stops the dataset, whose next example
+/// commits. Without the fixes the repeated pair fails every flush (ON CONFLICT cannot touch a
+/// row twice), the NUL fails every flush, and the late copy is emitted a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_impression_is_labeled_once_and_a_nul_id_is_dead_lettered() {
+    use feedloop_integration_tests::{TestRegistry, kafka, labeler::T0};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let registry = TestRegistry::start().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("l{}", &id[..8]);
+    let events_topic = format!("{prefix}.events");
+    feedloop_core::kafka::create_missing(
+        &kafka(),
+        &[
+            (events_topic.as_str(), 1, false),
+            (&format!("{prefix}.app.reports"), 1, true),
+            (&format!("{prefix}.app.blocks"), 1, true),
+        ],
+    )
+    .await
+    .expect("topics");
+    let schemas = labeler::event_schemas(&registry.client(), &events_topic).await;
+    let imp = |viewer: &str, time: i64| labeler::Imp {
+        event_id: uuid::Uuid::new_v4(),
+        match_id: uuid::Uuid::new_v4(),
+        viewer: viewer.into(),
+        candidate: "bob".into(),
+        time,
+    };
+    let first = imp("ann", T0);
+    let nul = imp("ann\0evil", T0 + 1_000);
+    let probe = imp("cy", T0 + 2 * 86_400_000 + 1_000);
+    let clock = |time| labeler::Ev::Clock {
+        id: uuid::Uuid::new_v4(),
+        time,
+    };
+    let producer: FutureProducer = kafka()
+        .client_config("dup-test")
+        .create()
+        .expect("producer");
+    let publish = |events: Vec<labeler::Ev>| {
+        let producer = producer.clone();
+        let schemas = schemas.clone();
+        let topic = events_topic.clone();
+        async move {
+            let scenario = Scenario {
+                events,
+                rows: Vec::new(),
+                impressions: Vec::new(),
+            };
+            for (_, value) in labeler::encoded(&scenario, &schemas) {
+                producer
+                    .send(
+                        FutureRecord::to(&topic).key("k").payload(&value),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+            }
+        }
+    };
+    publish(vec![
+        labeler::Ev::Impression(first.clone()),
+        labeler::Ev::Impression(first.clone()),
+        labeler::Ev::Impression(nul.clone()),
+        clock(T0 + 2 * 86_400_000),
+    ])
+    .await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = format!("u_{}", &id[8..16]);
+    let spec = labeler::spec_file(dir.path(), &dataset);
+    let root = dir.path().join("datasets");
+    let cfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    let control = PgPool::connect(cfg.control.url.expose())
+        .await
+        .expect("control");
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg, shutdown.clone())
+        .await
+        .expect("start");
+    labeler::wait_rows(&control, &dataset, 1, Duration::from_secs(60)).await;
+    // The third copy arrives once its example was emitted and committed: late.
+    publish(vec![
+        labeler::Ev::Impression(first.clone()),
+        labeler::Ev::Impression(probe.clone()),
+        clock(T0 + 4 * 86_400_000),
+    ])
+    .await;
+    labeler::wait_rows(&control, &dataset, 2, Duration::from_secs(60)).await;
+    // Room for a second copy to be committed, were it emitted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let data = labeler::read_dataset(&root, &dataset);
+    let mut rows: Vec<(String, i64)> = data["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["viewer_id"].as_str().unwrap_or("").to_owned(),
+                r["version"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(rows, vec![("ann".into(), 1), ("cy".into(), 1)], "{data}");
+
+    let client = registry.client();
+    let mut letters = Vec::new();
+    for r in read_all(
+        &infra().kafka_bootstrap,
+        feedloop_core::catalogue::DEADLETTER_TOPIC,
+    )
+    .await
+    {
+        if let Ok(dl) = client
+            .decode::<feedloop_core::model::DeadLetter>(&r.value)
+            .await
+            && dl.service == "labeler"
+            && dl.source_topic.as_deref() == Some(events_topic.as_str())
+        {
+            letters.push(dl);
+        }
+    }
+    assert_eq!(letters.len(), 1, "the NUL impression, dead-lettered once");
+    assert_eq!(letters[0].source_offset, Some(2));
+    assert!(letters[0].detail.contains("NUL"), "{}", letters[0].detail);
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}

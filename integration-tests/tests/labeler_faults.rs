@@ -185,3 +185,117 @@ async fn labeler_killed_mid_run_writes_the_same_dataset_as_an_uninterrupted_run(
     );
     cdc.cleanup().await;
 }
+
+/// The reply to the COMMIT of a dataset commit is lost (a proxy lets the COMMIT reach Postgres
+/// and drops the answer): the commit went through, so its files must stay. The labeler looks
+/// the position up before deleting anything; without that it deleted the files the committed
+/// manifest lists, and the dataset became unreadable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_reply_is_lost_keeps_its_files() {
+    use feedloop_integration_tests::{
+        TestRegistry, kafka, labeler::T0, pg_proxy::CommitReplyDropper,
+    };
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let registry = TestRegistry::start().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("l{}", &id[..8]);
+    let events_topic = format!("{prefix}.events");
+    feedloop_core::kafka::create_missing(
+        &kafka(),
+        &[
+            (events_topic.as_str(), 1, false),
+            (&format!("{prefix}.app.reports"), 1, true),
+            (&format!("{prefix}.app.blocks"), 1, true),
+        ],
+    )
+    .await
+    .expect("topics");
+    let schemas = labeler::event_schemas(&registry.client(), &events_topic).await;
+    let producer: FutureProducer = kafka()
+        .client_config("ambiguous-commit-test")
+        .create()
+        .expect("producer");
+    let publish = |events: Vec<labeler::Ev>| {
+        let producer = producer.clone();
+        let schemas = schemas.clone();
+        let topic = events_topic.clone();
+        async move {
+            let scenario = Scenario {
+                events,
+                rows: Vec::new(),
+                impressions: Vec::new(),
+            };
+            for (key, value) in labeler::encoded(&scenario, &schemas) {
+                producer
+                    .send(
+                        FutureRecord::to(&topic).key(&key).payload(&value),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+            }
+        }
+    };
+    let example = |viewer: &str, time: i64| {
+        vec![
+            labeler::Ev::Impression(labeler::Imp {
+                event_id: uuid::Uuid::new_v4(),
+                match_id: uuid::Uuid::new_v4(),
+                viewer: viewer.into(),
+                candidate: "bob".into(),
+                time,
+            }),
+            labeler::Ev::Clock {
+                id: uuid::Uuid::new_v4(),
+                time: time + 2 * 86_400_000,
+            },
+        ]
+    };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = format!("a_{}", &id[8..16]);
+    let spec = labeler::spec_file(dir.path(), &dataset);
+    let root = dir.path().join("datasets");
+    let mut cfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    let direct = cfg.control.url.expose().to_owned();
+    let upstream = {
+        let u = url::Url::parse(&direct).expect("url");
+        tokio::net::lookup_host((u.host_str().expect("host"), u.port().unwrap_or(5432)))
+            .await
+            .expect("resolve")
+            .next()
+            .expect("address")
+    };
+    let proxy = CommitReplyDropper::start(upstream).await;
+    cfg.control.url = feedloop_core::config::Secret::new(proxy.url(&direct));
+    let control = PgPool::connect(&direct).await.expect("control");
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg, shutdown.clone())
+        .await
+        .expect("start");
+
+    publish(example("ann", T0)).await;
+    labeler::wait_rows(&control, &dataset, 1, Duration::from_secs(60)).await;
+    proxy.arm();
+    publish(example("cy", T0 + 3 * 86_400_000)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.dropped() == 0 {
+        assert!(Instant::now() < deadline, "no COMMIT reply was dropped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    labeler::wait_rows(&control, &dataset, 2, Duration::from_secs(60)).await;
+    // Whatever the labeler does after the lost reply (a restart included) has time to happen.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let data = labeler::read_dataset(&root, &dataset);
+    let mut viewers: Vec<&str> = data["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["viewer_id"].as_str())
+        .collect();
+    viewers.sort_unstable();
+    assert_eq!(viewers, ["ann", "cy"], "{data}");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}
