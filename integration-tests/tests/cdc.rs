@@ -542,6 +542,79 @@ async fn an_incompatible_change_dead_letters_that_table_and_the_rest_goes_on() {
     cdc.cleanup().await;
 }
 
+/// A row larger than the producer's message.max.bytes allows (a 1.3 MB bio) is dead-lettered
+/// about itself (its first 64 KiB, size and digest) instead of being retried from the slot
+/// forever while WAL piles up; the changes after it flow.
+#[tokio::test]
+async fn an_oversized_row_is_dead_lettered_and_the_changes_after_it_flow() {
+    let cdc = TestCdc::start_with(|_| async {}, |_| {}).await;
+    let db = &cdc.source;
+    sqlx::query(
+        "INSERT INTO app.users (id, email, display_name, bio)
+         SELECT 'huge', 'h@example.com', 'H', string_agg(md5(random()::text), '')
+         FROM generate_series(1, 40000)",
+    )
+    .execute(db)
+    .await
+    .expect("huge row");
+    sqlx::query(
+        "INSERT INTO app.users (id, email, display_name) VALUES ('next', 'n@example.com', 'N')",
+    )
+    .execute(db)
+    .await
+    .expect("next row");
+    let client = cdc.registry.client();
+    let changes = wait_changes(
+        &client,
+        &cdc.topic("app.users"),
+        Duration::from_secs(60),
+        |c| {
+            c.iter().any(|c| {
+                c.key
+                    .as_ref()
+                    .is_some_and(|k| k.to_string().contains("next"))
+            })
+        },
+    )
+    .await;
+    assert!(
+        !changes.iter().any(|c| c
+            .key
+            .as_ref()
+            .is_some_and(|k| k.to_string().contains("huge"))),
+        "the oversized change itself must not be published"
+    );
+    let mut letters = Vec::new();
+    for r in read_all(
+        &infra().kafka_bootstrap,
+        feedloop_core::catalogue::DEADLETTER_TOPIC,
+    )
+    .await
+    {
+        if let Ok(dl) = client
+            .decode::<feedloop_core::model::DeadLetter>(&r.value)
+            .await
+            && dl.service == "cdc"
+            && dl.detail.contains(&cdc.topic("app.users"))
+        {
+            letters.push(dl);
+        }
+    }
+    assert_eq!(letters.len(), 1, "one dead letter about the oversized row");
+    let dl = &letters[0];
+    assert_eq!(
+        dl.reason,
+        feedloop_core::model::DeadLetterReason::SizeViolation
+    );
+    assert!(
+        dl.original_size.is_some_and(|n| n > 1_000_000),
+        "{:?}",
+        dl.original_size
+    );
+    assert_eq!(dl.original.len(), 64 * 1024);
+    cdc.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_decoder_reads_real_captured_messages_and_rejects_mangled_ones() {
     use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
