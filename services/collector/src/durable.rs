@@ -487,7 +487,12 @@ impl Durable {
         if self.spool.is_empty() {
             self.progress_at.store(now, Ordering::Release);
         }
-        let oldest = self.spool.read(None, 1)?.first().map(|(_, r)| r.at_ms);
+        let oldest = self
+            .spool
+            .read(None, 1)?
+            .records
+            .first()
+            .map(|(_, r)| r.at_ms);
         let since = if self.is_rebuilt() {
             oldest.unwrap_or(now)
         } else {
@@ -507,8 +512,10 @@ impl Durable {
         let producer = self.producer();
         let mut from = None;
         loop {
-            let batch = self.spool.read(from, DRAIN_BATCH)?;
-            let Some((last, _)) = batch.last().map(|(p, r)| (*p, r.id)) else {
+            let read = self.spool.read(from, DRAIN_BATCH)?;
+            let last = read.end;
+            let batch = read.records;
+            if batch.is_empty() && !read.skipped {
                 let guard = self.switch.lock().await;
                 if self.spool.is_empty() {
                     self.progress_at.store(now_ms(), Ordering::Release);
@@ -517,7 +524,7 @@ impl Durable {
                 }
                 drop(guard);
                 return Ok(());
-            };
+            }
             let n = batch.len() as u64;
             let mut futures = Vec::new();
             let mut refused = Vec::new();

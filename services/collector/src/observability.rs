@@ -14,6 +14,8 @@ pub const SHED: &str = "feedloop_collector_shed_requests_total";
 pub const SPOOL_DEPTH: &str = "feedloop_collector_spool_depth_records";
 pub const SPOOL_BYTES: &str = "feedloop_collector_spool_used_bytes";
 pub const SPOOLED: &str = "feedloop_collector_spooled_records_total";
+pub const SPOOL_QUARANTINED: &str = "feedloop_collector_spool_quarantined_segments_total";
+pub const SPOOL_SKIPPED: &str = "feedloop_collector_spool_skipped_bytes_total";
 pub const DISCARDED: &str = "feedloop_collector_discarded_records_total";
 pub const DRAINED: &str = "feedloop_collector_drained_records_total";
 pub const DRAIN_SKIPPED: &str = "feedloop_collector_drain_skipped_records_total";
@@ -68,6 +70,14 @@ pub fn describe() {
         "Bytes in the local spool waiting for the broker."
     );
     describe_counter!(SPOOLED, "Records written to the local spool.");
+    describe_counter!(
+        SPOOL_QUARANTINED,
+        "Spool segments with a corrupt frame, copied to the spool's quarantine/ directory (alerted on)."
+    );
+    describe_counter!(
+        SPOOL_SKIPPED,
+        "Bytes of corrupt spool frames skipped to reach the next valid frame."
+    );
     describe_counter!(
         REFUSED,
         "Records the broker refused for what they are (size, format); a dead letter about each was published instead."
@@ -128,6 +138,11 @@ pub fn discarded(n: usize) {
 
 pub fn spooled(n: usize) {
     counter!(SPOOLED).increment(n as u64);
+}
+
+pub fn spool_quarantined(skipped_bytes: u64) {
+    counter!(SPOOL_QUARANTINED).increment(1);
+    counter!(SPOOL_SKIPPED).increment(skipped_bytes);
 }
 
 pub fn refused(n: u64) {

@@ -4,6 +4,15 @@
 //!
 //! Segment files `seg-<seq>.spool` hold frames `[len u32][crc32 u32][payload]`; a torn frame
 //! at the end of the last segment (a crash mid-write) is cut off when the spool opens.
+//!
+//! Acknowledged records are never given up for a neighbour's damage:
+//! - a corrupt frame inside a segment (a flipped bit on disk) is skipped by scanning for the
+//!   next frame whose header and CRC are valid, and the frames after it are read and drained;
+//!   a copy of the segment goes to `quarantine/` for inspection, counted in
+//!   `feedloop_collector_spool_quarantined_segments_total` (alerted on);
+//! - a read that fails for another reason (EIO) fails the open or the drain: nothing is cut;
+//! - a write that fails (ENOSPC, a short write) truncates the segment back to its last durable
+//!   length before the client hears the error, so later frames are never written after garbage.
 
 use std::{
     borrow::Cow,
@@ -103,6 +112,82 @@ fn decode(payload: &[u8]) -> Option<Record> {
     })
 }
 
+/// The file operations of the spool's writer: a port, so that tests can make them fail.
+pub trait SegmentIo: Send + Sync + std::fmt::Debug {
+    fn write_all(&self, f: &mut File, buf: &[u8]) -> io::Result<()> {
+        f.write_all(buf)
+    }
+
+    fn sync(&self, f: &File) -> io::Result<()> {
+        f.sync_data()
+    }
+}
+
+/// The real disk.
+#[derive(Debug)]
+pub struct Disk;
+
+impl SegmentIo for Disk {}
+
+/// Records read from the spool, and how far the read got.
+#[derive(Debug)]
+pub struct Batch {
+    /// Records, each with the position just past it.
+    pub records: Vec<(Position, Record)>,
+    /// Just past the last record, or past a corrupt stretch that ends the spool.
+    pub end: Position,
+    /// A corrupt stretch was skipped.
+    pub skipped: bool,
+}
+
+/// Whether a read error means the bytes are damaged (rather than the device failing).
+fn damaged(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// The offset of the first valid frame in `bytes` after position 0 (a frame whose header
+/// fits, whose CRC matches and whose payload decodes), or `None`.
+fn next_valid_frame(bytes: &[u8]) -> Option<usize> {
+    (1..bytes.len().saturating_sub(FRAME_HEADER as usize - 1)).find(|&at| {
+        let mut r = &bytes[at..];
+        matches!(read_frame(&mut r), Ok(Some(_)))
+    })
+}
+
+/// Copies segment `seq` into `dir/quarantine/` (once per segment and run) and counts it.
+fn quarantine(dir: &Path, seq: u64, at: u64, skipped: u64) {
+    let target = dir.join("quarantine");
+    let name = format!(
+        "seg-{seq:020}-{}.spool",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    );
+    let copied = fs::create_dir_all(&target)
+        .and_then(|()| fs::copy(segment_path(dir, seq), target.join(&name)));
+    match copied {
+        Ok(_) => tracing::error!(
+            segment = seq,
+            offset = at,
+            skipped_bytes = skipped,
+            copy = %target.join(&name).display(),
+            "Corrupt spool frame skipped; the segment was copied to quarantine"
+        ),
+        Err(e) => tracing::error!(
+            segment = seq,
+            offset = at,
+            skipped_bytes = skipped,
+            error = %e,
+            "Corrupt spool frame skipped; the segment could not be copied to quarantine"
+        ),
+    }
+    crate::observability::spool_quarantined(skipped);
+}
+
 /// Reads the frame at the reader's position: `Ok(None)` at a clean end, `Err` on a torn or
 /// corrupt frame.
 fn read_frame(r: &mut impl Read) -> io::Result<Option<(Record, u64)>> {
@@ -179,6 +264,7 @@ struct Inner {
     max_bytes: u64,
     state: Mutex<State>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    io: Arc<dyn SegmentIo>,
 }
 
 impl Spool {
@@ -188,6 +274,16 @@ impl Spool {
         dir: &Path,
         max_bytes: u64,
         segment_bytes: u64,
+    ) -> Result<(Self, Vec<Record>), SpoolError> {
+        Self::open_with(dir, max_bytes, segment_bytes, Arc::new(Disk))
+    }
+
+    /// [`open`](Self::open), writing through `io`.
+    pub fn open_with(
+        dir: &Path,
+        max_bytes: u64,
+        segment_bytes: u64,
+        io: Arc<dyn SegmentIo>,
     ) -> Result<(Self, Vec<Record>), SpoolError> {
         fs::create_dir_all(dir)?;
         let cursor = read_cursor(dir)?;
@@ -221,7 +317,26 @@ impl Spool {
                         }
                     }
                     Ok(None) => break,
+                    // The device failed, not the bytes: cutting would drop acknowledged records.
+                    Err(e) if !damaged(&e) => return Err(e.into()),
                     Err(e) => {
+                        let rest = {
+                            let mut f = File::open(&path)?;
+                            f.seek(SeekFrom::Start(offset))?;
+                            let mut rest = Vec::new();
+                            f.read_to_end(&mut rest)?;
+                            rest
+                        };
+                        if let Some(next) = next_valid_frame(&rest) {
+                            // Damage inside the segment: skip it, keep what follows.
+                            quarantine(dir, seq, offset, next as u64);
+                            offset += next as u64;
+                            reader.seek(SeekFrom::Start(offset))?;
+                            continue;
+                        }
+                        if e.kind() == io::ErrorKind::InvalidData {
+                            quarantine(dir, seq, offset, rest.len() as u64);
+                        }
                         tracing::warn!(segment = seq, offset, error = %e, "Cutting a torn spool frame");
                         let f = OpenOptions::new().write(true).open(&path)?;
                         f.set_len(offset)?;
@@ -259,6 +374,7 @@ impl Spool {
                 max_bytes,
                 state: Mutex::new(state),
                 jobs: Mutex::new(Some(tx)),
+                io,
             }),
         };
         let writer = spool.clone();
@@ -331,7 +447,45 @@ impl Spool {
         }
     }
 
+    /// Writes a group of appends durably; on failure nothing of it stays on disk.
     fn write_group(
+        &self,
+        file: &mut Option<File>,
+        seq: &mut u64,
+        segment_bytes: u64,
+        jobs: &[Job],
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let (first, durable) = (*seq, self.state().segments.get(seq).copied().unwrap_or(0));
+        let result = self.write_frames(file, seq, segment_bytes, jobs, buf);
+        if let Err(e) = &result {
+            // Back to the last durable length (and no new segment), so that the frames
+            // written after this failure are not preceded by a torn one.
+            *file = None;
+            for s in first + 1..=*seq {
+                let _ = fs::remove_file(segment_path(&self.inner.dir, s));
+            }
+            *seq = first;
+            let undone = OpenOptions::new()
+                .write(true)
+                .open(segment_path(&self.inner.dir, first))
+                .and_then(|f| {
+                    f.set_len(durable)?;
+                    f.sync_all()
+                });
+            match undone {
+                Ok(()) => {
+                    tracing::warn!(segment = first, error = %e, "Spool write failed; truncated back to its durable length")
+                }
+                Err(u) => {
+                    tracing::error!(segment = first, error = %e, truncate = %u, "Spool write failed and could not be undone; the next open skips what it left")
+                }
+            }
+        }
+        result
+    }
+
+    fn write_frames(
         &self,
         file: &mut Option<File>,
         seq: &mut u64,
@@ -349,7 +503,7 @@ impl Spool {
                 encode(r, buf);
                 if len > 0 && len + buf.len() as u64 > segment_bytes {
                     if let Some(f) = file.as_mut() {
-                        f.sync_data()?;
+                        self.inner.io.sync(f)?;
                     }
                     durable.push((*seq, len));
                     *seq += 1;
@@ -363,14 +517,14 @@ impl Spool {
                     *file = Some(f);
                 }
                 if let Some(f) = file.as_mut() {
-                    f.write_all(buf)?;
+                    self.inner.io.write_all(f, buf)?;
                 }
                 len += buf.len() as u64;
                 count += 1;
             }
         }
         if let Some(f) = file.as_mut() {
-            f.sync_data()?;
+            self.inner.io.sync(f)?;
         }
         durable.push((*seq, len));
         let mut st = self.state();
@@ -381,17 +535,18 @@ impl Spool {
         Ok(())
     }
 
-    /// Reads up to `max` records starting after `from` (the committed cursor when `None`).
-    pub fn read(
-        &self,
-        from: Option<Position>,
-        max: usize,
-    ) -> Result<Vec<(Position, Record)>, SpoolError> {
+    /// Reads up to `max` records starting after `from` (the committed cursor when `None`),
+    /// skipping corrupt stretches of the durable part (see the module's documentation).
+    pub fn read(&self, from: Option<Position>, max: usize) -> Result<Batch, SpoolError> {
         let (start, segments) = {
             let st = self.state();
             (from.unwrap_or(st.cursor), st.segments.clone())
         };
-        let mut out = Vec::new();
+        let mut batch = Batch {
+            records: Vec::new(),
+            end: start,
+            skipped: false,
+        };
         for (&seq, &durable) in segments.range(start.segment..) {
             let mut offset = if seq == start.segment {
                 start.offset
@@ -401,29 +556,48 @@ impl Spool {
             if offset >= durable {
                 continue;
             }
-            let mut f = File::open(segment_path(&self.inner.dir, seq))?;
+            let path = segment_path(&self.inner.dir, seq);
+            let mut f = File::open(&path)?;
             f.seek(SeekFrom::Start(offset))?;
             let mut reader = BufReader::new(f.take(durable - offset));
-            while out.len() < max {
-                match read_frame(&mut reader)? {
-                    Some((record, len)) => {
+            while batch.records.len() < max {
+                match read_frame(&mut reader) {
+                    Ok(Some((record, len))) => {
                         offset += len;
-                        out.push((
-                            Position {
-                                segment: seq,
-                                offset,
-                            },
-                            record,
-                        ));
+                        let pos = Position {
+                            segment: seq,
+                            offset,
+                        };
+                        batch.end = pos;
+                        batch.records.push((pos, record));
                     }
-                    None => break,
+                    Ok(None) => break,
+                    Err(e) if !damaged(&e) => return Err(e.into()),
+                    Err(_) => {
+                        // Durable bytes that do not read back: skip to the next valid frame.
+                        let mut rest = Vec::new();
+                        let mut f = File::open(&path)?;
+                        f.seek(SeekFrom::Start(offset))?;
+                        f.take(durable - offset).read_to_end(&mut rest)?;
+                        let skip = next_valid_frame(&rest).unwrap_or(rest.len()) as u64;
+                        quarantine(&self.inner.dir, seq, offset, skip);
+                        offset += skip;
+                        batch.skipped = true;
+                        batch.end = Position {
+                            segment: seq,
+                            offset,
+                        };
+                        let mut f = File::open(&path)?;
+                        f.seek(SeekFrom::Start(offset))?;
+                        reader = BufReader::new(f.take(durable - offset));
+                    }
                 }
             }
-            if out.len() >= max {
+            if batch.records.len() >= max {
                 break;
             }
         }
-        Ok(out)
+        Ok(batch)
     }
 
     /// Marks everything up to `pos` drained (durably), deleting finished segments.
@@ -449,6 +623,11 @@ impl Spool {
         for seq in finished {
             st.segments.remove(&seq);
             let _ = fs::remove_file(segment_path(&self.inner.dir, seq));
+        }
+        // Records lost to a skipped corrupt stretch were never drained: once the cursor is at
+        // the durable end, nothing waits.
+        if st.used() == 0 {
+            st.records = 0;
         }
         Ok(())
     }
@@ -540,7 +719,7 @@ mod tests {
             .await
             .expect("append");
         assert_eq!(spool.depth(), 10);
-        let first = spool.read(None, 4).expect("read");
+        let first = spool.read(None, 4).expect("read").records;
         assert_eq!(
             first.iter().map(|(_, r)| r.id).collect::<Vec<_>>(),
             vec![0, 1, 2, 3]
@@ -554,7 +733,7 @@ mod tests {
             pending.iter().map(|r| r.id).collect::<Vec<_>>(),
             (4..10).collect::<Vec<_>>()
         );
-        let rest = spool.read(None, 100).expect("read");
+        let rest = spool.read(None, 100).expect("read").records;
         assert_eq!(
             rest.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
             (4..10).map(record).collect::<Vec<_>>()
@@ -600,7 +779,7 @@ mod tests {
             .append(vec![record(3)])
             .await
             .expect("append after repair");
-        assert_eq!(spool.read(None, 10).expect("read").len(), 4);
+        assert_eq!(spool.read(None, 10).expect("read").records.len(), 4);
     }
 
     #[tokio::test]
@@ -613,5 +792,125 @@ mod tests {
             .await
             .expect_err("full");
         assert!(matches!(err, SpoolError::Full { .. }), "{err}");
+    }
+
+    fn segment(dir: &Path) -> PathBuf {
+        fs::read_dir(dir)
+            .expect("ls")
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+            .expect("segment")
+            .path()
+    }
+
+    fn quarantined(dir: &Path) -> usize {
+        fs::read_dir(dir.join("quarantine")).map_or(0, Iterator::count)
+    }
+
+    /// Flips one byte of the second of three one-record frames.
+    async fn three_frames_second_corrupt(spool: &Spool, dir: &Path) {
+        for i in 0..3 {
+            spool.append(vec![record(i)]).await.expect("append");
+        }
+        let mut frame = Vec::new();
+        encode(&record(0), &mut frame);
+        let path = segment(dir);
+        let mut bytes = fs::read(&path).expect("read");
+        bytes[frame.len() + 20] ^= 0x40;
+        fs::write(&path, bytes).expect("write");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_frame_mid_segment_is_quarantined_and_the_frames_after_it_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (spool, _) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("open");
+        three_frames_second_corrupt(&spool, dir.path()).await;
+        spool.close();
+        drop(spool);
+        let (spool, pending) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("reopen");
+        assert_eq!(pending.iter().map(|r| r.id).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(quarantined(dir.path()), 1);
+        let batch = spool.read(None, 10).expect("read");
+        assert_eq!(
+            batch.records.iter().map(|(_, r)| r.id).collect::<Vec<_>>(),
+            [0, 2]
+        );
+        spool.commit(batch.end, 2).expect("commit");
+        assert!(spool.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_frame_corrupted_while_running_is_skipped_by_the_drain() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (spool, _) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("open");
+        three_frames_second_corrupt(&spool, dir.path()).await;
+        let batch = spool.read(None, 10).expect("read");
+        assert!(batch.skipped);
+        assert_eq!(
+            batch.records.iter().map(|(_, r)| r.id).collect::<Vec<_>>(),
+            [0, 2]
+        );
+        assert_eq!(quarantined(dir.path()), 1);
+        spool.commit(batch.end, 2).expect("commit");
+        assert!(spool.is_empty(), "the lost record does not hold the spool");
+    }
+
+    /// Writes at most `budget` more bytes, then fails like a full disk (a short write).
+    #[derive(Debug)]
+    struct FullDisk {
+        budget: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SegmentIo for FullDisk {
+        fn write_all(&self, f: &mut File, buf: &[u8]) -> io::Result<()> {
+            use std::sync::atomic::Ordering;
+            let budget = self.budget.load(Ordering::Acquire);
+            if buf.len() <= budget {
+                self.budget.fetch_sub(buf.len(), Ordering::AcqRel);
+                return f.write_all(buf);
+            }
+            f.write_all(&buf[..budget])?;
+            self.budget.store(0, Ordering::Release);
+            Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "No space left on device",
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_truncated_back_before_the_error_is_returned() {
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = Arc::new(FullDisk {
+            budget: std::sync::atomic::AtomicUsize::new(1 << 20),
+        });
+        let (spool, _) =
+            Spool::open_with(dir.path(), 1 << 20, 1 << 20, disk.clone()).expect("open");
+        spool.append(vec![record(0)]).await.expect("append");
+        let durable = fs::metadata(segment(dir.path())).expect("stat").len();
+        disk.budget.store(10, std::sync::atomic::Ordering::Release);
+        let err = spool
+            .append(vec![record(1), record(2)])
+            .await
+            .expect_err("the disk is full");
+        assert!(matches!(err, SpoolError::Io(_)), "{err}");
+        assert_eq!(
+            fs::metadata(segment(dir.path())).expect("stat").len(),
+            durable,
+            "the short write was truncated away"
+        );
+        assert_eq!(spool.depth(), 1);
+        disk.budget
+            .store(1 << 20, std::sync::atomic::Ordering::Release);
+        spool.append(vec![record(3)]).await.expect("append after");
+        spool.close();
+        drop(spool);
+        let (_, pending) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("reopen");
+        assert_eq!(pending.iter().map(|r| r.id).collect::<Vec<_>>(), [0, 3]);
+        assert_eq!(
+            quarantined(dir.path()),
+            0,
+            "nothing corrupt was left behind"
+        );
     }
 }
