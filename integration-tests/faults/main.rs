@@ -11,6 +11,7 @@
 //! A broker restarted from empty is its own test: it loses the log, which no reconciliation
 //! survives; what is lost and how feedloop reports it is asserted there.
 
+mod bad_input;
 mod stack;
 mod webhook;
 

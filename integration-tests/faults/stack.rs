@@ -126,12 +126,11 @@ impl ProcessStack {
         // A stable instance id: the eraser's and the trigger's consumer groups take a restarted
         // replica back at once (static membership).
         let kafka = format!("[kafka]\nbootstrap = \"{bootstrap}\"\ninstance_id = \"faults\"\n");
-        // One record a batch: tansu 0.6 drops the rest of a record batch that a consumer
-        // fetches from its middle, which a consumer restarted at its committed offset does
-        // (docs/reliability.md). Not a feedloop setting: Kafka needs none of it.
+        // The services' own batching (linger, batch size, lz4): consumers restarted at their
+        // committed offsets land inside record batches, which the embedded broker answers by
+        // skipping the rest of the batch; they must notice (docs/reliability.md).
         // A 10 s delivery timeout: a broker that lost its state is noticed sooner.
-        let producer = "[producer]\n\"linger.ms\" = \"0\"\n\"batch.num.messages\" = \"1\"\n\
-                        \"message.timeout.ms\" = \"10000\"\n";
+        let producer = "[producer]\n\"message.timeout.ms\" = \"10000\"\n";
         let log = "[log]\njson = true\n";
         let datasets = self.datasets_root.display();
         match service {

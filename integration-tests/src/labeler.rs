@@ -552,15 +552,15 @@ pub async fn publish_events(client: &RegistryClient, topic: &str, scenario: &Sce
         .await
         .expect("create events topic");
     let schemas = event_schemas(client, topic).await;
-    // One record per batch: tansu 0.6 answers a fetch that starts inside a record batch with
-    // the batches after it, skipping the rest of that batch, so a consumer resuming from a
-    // committed offset in the middle of a batch loses records (or, at the end of the log,
-    // waits forever). Kafka returns the whole batch and the client skips what it does not want.
+    // Batched as the services batch (linger, lz4): a consumer restarted at a committed offset
+    // lands inside a record batch, which the embedded broker answers by skipping the rest of
+    // the batch; the labeler must notice and read again from further back.
     let producer: FutureProducer = kafka()
         .client_config("labeler-test")
         .set("enable.idempotence", "true")
-        .set("linger.ms", "0")
-        .set("batch.num.messages", "1")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("batch.size", "1000000")
         .create()
         .expect("producer");
     let mut pending = Vec::new();

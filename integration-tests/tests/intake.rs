@@ -170,3 +170,138 @@ async fn records_that_keep_failing_are_dead_lettered_with_their_offset_and_the_r
         letters[1].detail
     );
 }
+
+/// Records published in one batch, an intake stopped after the first of them, and started
+/// again: it must take in the rest. The embedded broker answers a fetch from inside a batch
+/// with the batches after it (here: none), so without reading again from further back the
+/// rest of the batch is skipped silently.
+#[tokio::test]
+async fn an_intake_restarted_inside_a_record_batch_takes_in_the_rest_of_it() {
+    let registry = TestRegistry::start().await;
+    let client = Arc::new(registry.client());
+    let catalogue = Catalogue::embedded().expect("catalogue");
+    let topic: &'static str = Box::leak(format!("test.intake.{}", Uuid::now_v7()).into_boxed_str());
+    create_missing(&kafka(), &[(topic, 1, false), (DEADLETTER_TOPIC, 1, false)])
+        .await
+        .expect("topics");
+    let schema = client
+        .register_compiled(
+            &format!("{topic}-value"),
+            &catalogue.composed(RECORD).expect("schema"),
+        )
+        .await
+        .expect("register");
+    let deadletter = client
+        .register_compiled(
+            &format!("{DEADLETTER_TOPIC}-value"),
+            &catalogue
+                .composed("io.feedloop.deadletter.DeadLetter")
+                .expect("schema"),
+        )
+        .await
+        .expect("register");
+    let batching = BTreeMap::from([
+        ("linger.ms".to_owned(), "500".to_owned()),
+        ("compression.type".to_owned(), "lz4".to_owned()),
+    ]);
+    let producer = Arc::new(
+        HealingProducer::new(&kafka(), "test-intake", &batching, "test_resets_total")
+            .expect("producer"),
+    );
+    let mut sends = Vec::new();
+    for i in 0..6 {
+        let mut value = Vec::new();
+        schema
+            .encode(&request(&format!("u{i}")), &mut value)
+            .expect("encode");
+        sends.push(
+            producer
+                .get()
+                .send_result(FutureRecord::<(), _>::to(topic).payload(&value))
+                .expect("enqueue"),
+        );
+    }
+    for s in sends {
+        s.await.expect("delivered").expect("acked");
+    }
+    let group = format!("test-intake-{}", Uuid::now_v7());
+    let taken: Arc<Mutex<Vec<String>>> = Arc::default();
+    let run = |stop_after: Option<usize>| {
+        let taken = taken.clone();
+        let shutdown = CancellationToken::new();
+        let done = shutdown.clone();
+        let intake = Intake::new(
+            &kafka(),
+            &group,
+            topic,
+            "test",
+            client.clone(),
+            producer.clone(),
+            deadletter.clone(),
+        )
+        .expect("intake");
+        let task = tokio::spawn(intake.run(shutdown.clone(), move |r: ErasureRequest| {
+            let taken = taken.clone();
+            let done = done.clone();
+            async move {
+                let mut t = taken.lock().expect("lock");
+                t.push(r.user_ids[0].clone());
+                if stop_after.is_some_and(|n| t.len() >= n) || t.len() >= 6 {
+                    done.cancel();
+                }
+                Ok(Handled::Done)
+            }
+        }));
+        (shutdown, task)
+    };
+    // The first run takes two records in and commits them.
+    let (_, task) = run(Some(2));
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("first run")
+        .expect("task");
+    let committed = {
+        use rdkafka::{
+            Offset, TopicPartitionList,
+            consumer::{BaseConsumer, Consumer},
+        };
+        let c: BaseConsumer = kafka().group_config(&group).create().expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = c
+                .committed_offsets(tpl.clone(), Duration::from_secs(10))
+                .expect("committed");
+            let at = got.find_partition(topic, 0).map(|p| p.offset());
+            if let Some(Offset::Offset(o)) = at
+                && o >= 1
+            {
+                break o;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing committed: {at:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!((1..=2).contains(&committed), "{committed}");
+    // The second run starts inside the batch, and must take the rest of it in.
+    let (shutdown, task) = run(None);
+    let finished = tokio::time::timeout(Duration::from_secs(60), task).await;
+    shutdown.cancel();
+    let taken = taken.lock().expect("lock").clone();
+    assert!(
+        finished.is_ok(),
+        "the rest of the batch never came: {taken:?}"
+    );
+    let mut unique = taken.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique,
+        (0..6).map(|i| format!("u{i}")).collect::<Vec<_>>(),
+        "{taken:?}"
+    );
+}

@@ -53,16 +53,9 @@ fn parquet_files(dir: &Path) -> usize {
 
 async fn prepared(seed: u64, matches: usize) -> (Scenario, TestCdc, String) {
     let scenario = labeler::scenario(seed, matches);
-    // Single-record batches, so that the restarted labeler never resumes inside a batch: tansu
-    // 0.6 skips the rest of a batch fetched from the middle (see `labeler::publish_events`).
-    let cdc = TestCdc::start_with(
-        |_| async {},
-        |c| {
-            c.producer.insert("linger.ms".into(), "0".into());
-            c.producer.insert("batch.num.messages".into(), "1".into());
-        },
-    )
-    .await;
+    // cdc and the events batch as in production: the restarted labeler resumes inside
+    // record batches (see `labeler::publish_events`).
+    let cdc = TestCdc::start_with(|_| async {}, |_| {}).await;
     labeler::insert_rows(&cdc.source, &scenario).await;
     let events_topic = format!("{}.events", cdc.config.topics.prefix);
     labeler::publish_events(&cdc.registry.client(), &events_topic, &scenario).await;
@@ -296,6 +289,118 @@ async fn a_commit_whose_reply_is_lost_keeps_its_files() {
         .collect();
     viewers.sort_unstable();
     assert_eq!(viewers, ["ann", "cy"], "{data}");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}
+
+/// A labeler whose committed position is inside a record batch (a restart after a commit
+/// made mid-batch): the embedded broker answers a fetch from there with the batches after it,
+/// here none, so without reading again from further back the rest of the batch is never read
+/// and its examples never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
+    use feedloop_integration_tests::{TestRegistry, kafka, labeler::T0};
+    use feedloop_labeler::{spec::LabelSpec, window::Compiled};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let registry = TestRegistry::start().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("l{}", &id[..8]);
+    let events_topic = format!("{prefix}.events");
+    feedloop_core::kafka::create_missing(
+        &kafka(),
+        &[
+            (events_topic.as_str(), 1, false),
+            (&format!("{prefix}.app.reports"), 1, true),
+            (&format!("{prefix}.app.blocks"), 1, true),
+        ],
+    )
+    .await
+    .expect("topics");
+    let schemas = labeler::event_schemas(&registry.client(), &events_topic).await;
+    let mut events: Vec<labeler::Ev> = (0..6)
+        .map(|i| {
+            labeler::Ev::Impression(labeler::Imp {
+                event_id: uuid::Uuid::new_v4(),
+                match_id: uuid::Uuid::new_v4(),
+                viewer: format!("v{i}"),
+                candidate: "bob".into(),
+                time: T0 + i * 1_000,
+            })
+        })
+        .collect();
+    events.push(labeler::Ev::Clock {
+        id: uuid::Uuid::new_v4(),
+        time: T0 + 2 * 86_400_000,
+    });
+    let scenario = Scenario {
+        events,
+        rows: Vec::new(),
+        impressions: Vec::new(),
+    };
+    // One batch of seven records.
+    let producer: FutureProducer = kafka()
+        .client_config("mid-batch-test")
+        .set("linger.ms", "500")
+        .set("compression.type", "lz4")
+        .create()
+        .expect("producer");
+    let mut sends = Vec::new();
+    for (_, value) in labeler::encoded(&scenario, &schemas) {
+        sends.push(
+            producer
+                .send_result(FutureRecord::to(&events_topic).key("k").payload(&value))
+                .unwrap_or_else(|(e, _)| panic!("enqueue: {e}")),
+        );
+    }
+    for s in sends {
+        s.await
+            .expect("delivered")
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = format!("m_{}", &id[8..16]);
+    let spec = labeler::spec_file(dir.path(), &dataset);
+    let root = dir.path().join("datasets");
+    let cfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    let control = PgPool::connect(cfg.control.url.expose())
+        .await
+        .expect("control");
+    feedloop_core::postgres::migrate(&control)
+        .await
+        .expect("migrate");
+    // As a run that committed after the first three records left it.
+    let hash = Compiled::new(
+        LabelSpec::parse(&spec, &std::fs::read_to_string(&spec).expect("spec")).expect("parse"),
+    )
+    .hash;
+    sqlx::query(
+        "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, starts, watermarks,
+                                        emitted_through_ms, emitted_through_id)
+         VALUES ($1, $2, 0, $3, '{}', '{}', $4, 'ffffffff-ffff-ffff-ffff-ffffffffffff')",
+    )
+    .bind(&dataset)
+    .bind(&hash)
+    .bind(format!("{{\"{events_topic}/0\": 3}}"))
+    .bind(i64::MIN)
+    .execute(&control)
+    .await
+    .expect("position");
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg, shutdown.clone())
+        .await
+        .expect("start");
+    labeler::wait_rows(&control, &dataset, 3, Duration::from_secs(60)).await;
+    let data = labeler::read_dataset(&root, &dataset);
+    let mut viewers: Vec<&str> = data["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["viewer_id"].as_str())
+        .collect();
+    viewers.sort_unstable();
+    assert_eq!(viewers, ["v3", "v4", "v5"], "{data}");
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }

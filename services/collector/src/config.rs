@@ -19,8 +19,6 @@ pub use feedloop_core::{
 
 pub const DEFAULTS: &str = include_str!("../default.toml");
 
-/// librdkafka's default `message.max.bytes`.
-
 /// What a record adds to its event or dead-letter input, at most: the Avro envelope, the
 /// dead letter's detail and identifiers, sealed fields' nonces and tags, headers and key.
 const RECORD_OVERHEAD_BYTES: usize = 16 * 1024;

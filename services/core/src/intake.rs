@@ -10,12 +10,12 @@
 //! to the dead-letter topic with its topic, partition, offset and the last error, and the
 //! intake moves on: no record holds it up for longer.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use rdkafka::{
-    Message,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
     producer::FutureRecord,
 };
@@ -29,7 +29,23 @@ use crate::{
     kafka::{HealingProducer, KafkaConfig},
     model::{DeadLetter, DeadLetterReason},
     registry_client::{RegistryClient, RegistryClientError},
+    resume::{Resume, STALL, Step},
 };
+
+/// Notes that the group's assignment changed: reading positions are looked up again.
+#[derive(Debug, Default)]
+struct Assignments {
+    changed: std::sync::atomic::AtomicBool,
+}
+
+impl ClientContext for Assignments {}
+
+impl ConsumerContext for Assignments {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        self.changed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
 
 /// What a handler made of a record.
 #[derive(Debug)]
@@ -61,6 +77,17 @@ impl From<sqlx::Error> for Failure {
     }
 }
 
+/// The counters an intake keeps, named for its service.
+#[derive(Debug, Clone, Copy)]
+pub struct IntakeMetrics {
+    /// `feedloop_<service>_dead_letters_total`.
+    pub dead_letters: &'static str,
+    /// `feedloop_<service>_intake_retries_total`, by the failure's class.
+    pub retries: &'static str,
+    /// `feedloop_<service>_intake_gap_records_total`: records missing from the log.
+    pub gap_records: &'static str,
+}
+
 /// How long a record may fail before it is dead-lettered.
 #[derive(Debug, Clone, Copy)]
 pub struct Retries {
@@ -83,14 +110,15 @@ impl Default for Retries {
 }
 
 pub struct Intake {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<Assignments>,
     topic: &'static str,
     service: &'static str,
     registry: Arc<RegistryClient>,
     producer: Arc<HealingProducer>,
     deadletter: Arc<CompiledSchema>,
-    /// The service's counters of dead-lettered records and of failed attempts.
-    metrics: Option<(&'static str, &'static str)>,
+    /// The service's counters of dead-lettered records, of failed attempts, and of records
+    /// missing from the log.
+    metrics: Option<IntakeMetrics>,
     retries: Retries,
 }
 
@@ -124,10 +152,11 @@ impl Intake {
         // With the replica's instance id (static membership), a replica killed and started
         // again takes its partitions back at once; without one, after the session timeout.
         let mut cfg = kafka.group_config(group);
-        let consumer: StreamConsumer = cfg
+        let consumer: StreamConsumer<Assignments> = cfg
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .create()?;
+            .set("enable.partition.eof", "true")
+            .create_with_context(Assignments::default())?;
         consumer.subscribe(&[topic])?;
         Ok(Self {
             consumer,
@@ -141,12 +170,111 @@ impl Intake {
         })
     }
 
-    /// Counts dead-lettered records in the counter `dead_letters` (the service's
-    /// `feedloop_<service>_dead_letters_total`), and failed attempts to take a record in, by
-    /// the failure's class, in `retries` (`feedloop_<service>_intake_retries_total`).
-    pub fn counting(mut self, dead_letters: &'static str, retries: &'static str) -> Self {
-        self.metrics = Some((dead_letters, retries));
+    /// Counts in the service's metrics.
+    pub fn counting(mut self, metrics: IntakeMetrics) -> Self {
+        self.metrics = Some(metrics);
         self
+    }
+
+    /// Where a record stands in its partition's read: a record after the offset needed means
+    /// records were skipped ([`Resume`]). The position starts at the group's committed offset.
+    fn step(&self, resume: &mut HashMap<i32, Resume>, partition: i32, offset: i64) -> Step {
+        if self
+            .consumer
+            .context()
+            .changed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            resume.clear();
+        }
+        resume
+            .entry(partition)
+            .or_insert_with(|| Resume::at(self.committed(partition).unwrap_or(offset)))
+            .step(offset)
+    }
+
+    /// The end of `partition` was reached: `Some(offset)` to read again from, when it came
+    /// before any record since the read started at the committed offset ([`Resume::ended`]).
+    fn ended(&self, resume: &mut HashMap<i32, Resume>, partition: i32) -> Option<i64> {
+        if self
+            .consumer
+            .context()
+            .changed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            resume.clear();
+        }
+        let r = match resume.entry(partition) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Resume::at(self.committed(partition)?))
+            }
+        };
+        match r.ended() {
+            Some(Step::Rewind(to)) => Some(to),
+            _ => None,
+        }
+    }
+
+    /// Reads again from further back the assigned partitions whose read got nothing for
+    /// [`STALL`] (see [`Resume::stalled`]).
+    fn unstall(&self, resume: &mut HashMap<i32, Resume>) {
+        if self
+            .consumer
+            .context()
+            .changed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            resume.clear();
+        }
+        let Ok(assigned) = self.consumer.assignment() else {
+            return;
+        };
+        for elem in assigned.elements_for_topic(self.topic) {
+            let partition = elem.partition();
+            if !resume.contains_key(&partition)
+                && let Some(committed) = self.committed(partition)
+            {
+                resume.insert(partition, Resume::at(committed));
+            }
+            let to = match resume.get_mut(&partition).and_then(|r| r.stalled(STALL)) {
+                Some(Step::Rewind(to)) => to,
+                _ => continue,
+            };
+            tracing::debug!(
+                topic = self.topic,
+                partition,
+                rewind_to = to,
+                "A read got nothing; reading again from further back"
+            );
+            self.seek(resume, partition, to);
+        }
+    }
+
+    fn seek(&self, resume: &mut HashMap<i32, Resume>, partition: i32, to: i64) {
+        if let Err(e) = self.consumer.seek(
+            self.topic,
+            partition,
+            Offset::Offset(to),
+            Duration::from_secs(10),
+        ) {
+            tracing::warn!(topic = self.topic, error = %e, "Cannot seek back; reading the partition again from the committed offset");
+            resume.remove(&partition);
+        }
+    }
+
+    /// The group's committed offset of `partition`, if any.
+    fn committed(&self, partition: i32) -> Option<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(self.topic, partition);
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .ok()?;
+        match committed.find_partition(self.topic, partition)?.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
     }
 
     /// Retries failing records by `retries` instead of the default.
@@ -164,20 +292,70 @@ impl Intake {
         Fut: Future<Output = Result<Handled, Failure>>,
     {
         let mut stream = self.consumer.stream();
+        let mut resume: HashMap<i32, Resume> = HashMap::new();
+        let mut check = tokio::time::Instant::now() + STALL;
         loop {
+            if tokio::time::Instant::now() >= check {
+                check = tokio::time::Instant::now() + STALL / 2;
+                self.unstall(&mut resume);
+            }
             let msg = tokio::select! {
                 () = shutdown.cancelled() => return,
                 m = stream.next() => m,
+                () = tokio::time::sleep_until(check) => continue,
             };
             let Some(msg) = msg else { return };
             let msg = match msg {
                 Ok(m) => m,
+                Err(KafkaError::PartitionEOF(partition)) => {
+                    if let Some(to) = self.ended(&mut resume, partition) {
+                        self.seek(&mut resume, partition, to);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(topic = self.topic, error = %e, "Intake: Kafka error");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
+            match self.step(&mut resume, msg.partition(), msg.offset()) {
+                Step::Take => {}
+                Step::Skip => continue,
+                Step::Rewind(to) => {
+                    tracing::debug!(
+                        topic = self.topic,
+                        partition = msg.partition(),
+                        got = msg.offset(),
+                        rewind_to = to,
+                        "A read skipped records; reading again from further back"
+                    );
+                    self.seek(&mut resume, msg.partition(), to);
+                    continue;
+                }
+                Step::Gap { expected, got } => {
+                    tracing::error!(
+                        topic = self.topic,
+                        partition = msg.partition(),
+                        expected,
+                        got,
+                        "Records are missing from the log (retention, a truncated log)"
+                    );
+                    if let Some(m) = self.metrics {
+                        metrics::counter!(m.gap_records)
+                            .increment(u64::try_from(got - expected).unwrap_or(0));
+                    }
+                }
+                Step::Reset { expected, got } => {
+                    tracing::error!(
+                        topic = self.topic,
+                        partition = msg.partition(),
+                        expected,
+                        got,
+                        "The partition went back behind the committed offset: the broker lost its log"
+                    );
+                }
+            }
             // Tombstones carry nothing to take in.
             if let Some(payload) = msg.payload() {
                 let verdict = tokio::select! {
@@ -252,7 +430,10 @@ impl Intake {
                 Err(f) => f,
             };
             attempts += 1;
-            if let Some((_, metric)) = self.metrics {
+            if let Some(IntakeMetrics {
+                retries: metric, ..
+            }) = self.metrics
+            {
                 let class = match failure.class {
                     ErrorClass::BadInput => "bad_input",
                     ErrorClass::Unavailable => "unavailable",
@@ -312,8 +493,8 @@ impl Intake {
             .encode(&dl, &mut value)
             .map_err(|e| e.to_string())?;
         let key = format!("{}/{partition}", self.topic);
-        if let Some((metric, _)) = self.metrics {
-            metrics::counter!(metric).increment(1);
+        if let Some(m) = self.metrics {
+            metrics::counter!(m.dead_letters).increment(1);
         }
         let sent = self
             .producer

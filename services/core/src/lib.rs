@@ -27,6 +27,7 @@ pub mod kafka;
 pub mod model;
 pub mod postgres;
 pub mod registry_client;
+pub mod resume;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

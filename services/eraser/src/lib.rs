@@ -126,7 +126,11 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
         producer,
         deadletter,
     )?
-    .counting(observability::DEAD_LETTERS, observability::INTAKE_RETRIES);
+    .counting(feedloop_core::intake::IntakeMetrics {
+        dead_letters: observability::DEAD_LETTERS,
+        retries: observability::INTAKE_RETRIES,
+        gap_records: observability::INTAKE_GAPS,
+    });
     let (listener, addr) = feedloop_core::http::bind(&cfg.http.listen, &cfg.http.tls).await?;
     let app = api::routes(api::Api {
         cfg: cfg.clone(),

@@ -10,6 +10,7 @@ pub const OVERDUE: &str = "feedloop_eraser_overdue_requests";
 pub const NEXT_DEADLINE: &str = "feedloop_eraser_next_deadline_seconds";
 pub const DEAD_LETTERS: &str = "feedloop_eraser_dead_letters_total";
 pub const INTAKE_RETRIES: &str = "feedloop_eraser_intake_retries_total";
+pub const INTAKE_GAPS: &str = "feedloop_eraser_intake_gap_records_total";
 pub const TARGET_FAILURES: &str = "feedloop_eraser_target_failures_total";
 pub const REQUESTS: &str = "feedloop_eraser_requests_total";
 
@@ -24,6 +25,10 @@ pub fn describe() {
     describe_gauge!(OPEN_REQUESTS, "Erasure requests pending or running.");
     describe_gauge!(OLDEST_OPEN, "Age of the oldest open erasure request.");
     describe_gauge!(OVERDUE, "Open erasure requests past their deadline.");
+    describe_counter!(
+        INTAKE_GAPS,
+        "Erasure requests missing from the log (retention, a truncated log): never taken in (alerted on)."
+    );
     describe_counter!(
         INTAKE_RETRIES,
         "Failed attempts to take in erasure requests from the log, by the failure's class (bad_input, unavailable, internal); a record that keeps failing is dead-lettered."

@@ -33,6 +33,7 @@ use feedloop_core::{
     kafka::{KafkaConfig, QuietEof},
     model::{DeadLetter, DeadLetterReason, FeatureValue},
     registry_client::{RegistryClient, RegistryClientError},
+    resume::{Resume, STALL, Step},
 };
 use futures_util::{StreamExt, stream::select_all};
 use rdkafka::{
@@ -113,6 +114,13 @@ impl Classify for EngineError {
             | Self::SpecChanged { .. } => ErrorClass::Internal,
         }
     }
+}
+
+/// What the session does after a record.
+enum Flow {
+    Next,
+    /// Read the record's partition again from this offset.
+    Seek(i64),
 }
 
 /// How a commit's transaction failed.
@@ -338,7 +346,22 @@ pub(crate) async fn session(
     let interval = shared.cfg.commit_interval();
     let mut next_commit = tokio::time::Instant::now() + interval;
     let mut since_advance = 0usize;
+    let mut stall_check = tokio::time::Instant::now() + STALL;
     loop {
+        if tokio::time::Instant::now() >= stall_check {
+            stall_check = tokio::time::Instant::now() + STALL / 2;
+            for (topic, partition, to) in p.stalled() {
+                tracing::debug!(dataset = %name, topic, partition, rewind_to = to, "A read got nothing; reading again from further back");
+                if let Some((_, _, c)) = consumers.iter().find(|(t, _, _)| *t == topic) {
+                    c.seek(
+                        &topic,
+                        partition,
+                        Offset::Offset(to),
+                        Duration::from_secs(10),
+                    )?;
+                }
+            }
+        }
         let item = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
@@ -348,14 +371,26 @@ pub(crate) async fn session(
                 return Ok(());
             }
             item = merged.next() => item,
-            () = tokio::time::sleep_until(next_commit) => None,
+            () = tokio::time::sleep_until(next_commit.min(stall_check)) => None,
         };
         match item {
             Some((i, Ok(msg))) => {
                 let (topic, table, _) = &consumers[i];
-                if let Err(e) = p.handle(topic, table.as_deref(), &msg).await {
-                    *failed_at = Some(format!("{topic}/{}/{}", msg.partition(), msg.offset()));
-                    return Err(e);
+                match p.handle(topic, table.as_deref(), &msg).await {
+                    Ok(Flow::Next) => {}
+                    Ok(Flow::Seek(to)) => {
+                        consumers[i].2.seek(
+                            topic,
+                            msg.partition(),
+                            Offset::Offset(to),
+                            Duration::from_secs(10),
+                        )?;
+                        continue;
+                    }
+                    Err(e) => {
+                        *failed_at = Some(format!("{topic}/{}/{}", msg.partition(), msg.offset()));
+                        return Err(e);
+                    }
                 }
                 since_advance += 1;
                 if let Mode::Replay { records } = &shared.mode {
@@ -363,6 +398,16 @@ pub(crate) async fn session(
                 }
             }
             Some((i, Err(KafkaError::PartitionEOF(partition)))) => {
+                let (topic, table, consumer) = &consumers[i];
+                if let Some(to) = p.ended(topic, table.as_deref(), partition) {
+                    consumer.seek(
+                        topic,
+                        partition,
+                        Offset::Offset(to),
+                        Duration::from_secs(10),
+                    )?;
+                    continue;
+                }
                 tracing::debug!(dataset = %name, topic = %consumers[i].0, partition, "Reached the end of a partition");
                 p.watermarks.reached_end(&consumers[i].0, partition);
                 since_advance = usize::MAX;
@@ -419,6 +464,8 @@ struct Pipeline {
     starts: BTreeMap<String, (i64, i64)>,
     /// Partitions read from their start in this session: their first record is their `starts`.
     from_start: HashSet<String>,
+    /// The reading position of each events partition, to catch skipped records.
+    resume: HashMap<(String, i32), Resume>,
 
     /// First offset read since the last commit, per `topic/partition`.
     batch_start: BTreeMap<String, i64>,
@@ -497,6 +544,7 @@ impl Pipeline {
             offsets: position.offsets,
             starts: position.starts,
             from_start: HashSet::new(),
+            resume: HashMap::new(),
             batch_start: BTreeMap::new(),
             emitted: position.emitted,
             seq: position.seq,
@@ -601,7 +649,12 @@ impl Pipeline {
             for p in partitions {
                 let key = tp(&topic, p);
                 let offset = match self.offsets.get(&key).copied() {
-                    Some(next) if self.same_log(&probe, &topic, p).await? => Offset::Offset(next),
+                    Some(next) if self.same_log(&probe, &topic, p).await? => {
+                        if table.is_none() {
+                            self.resume.insert((topic.clone(), p), Resume::at(next));
+                        }
+                        Offset::Offset(next)
+                    }
                     _ => {
                         self.offsets.remove(&key);
                         self.from_start.insert(key);
@@ -678,20 +731,93 @@ impl Pipeline {
         );
     }
 
+    /// The end of an input partition was reached; `Some(offset)` when it came before any
+    /// record since the read started, to read again from there (see [`Resume::ended`]).
+    fn ended(&mut self, topic: &str, table: Option<&str>, partition: i32) -> Option<i64> {
+        if table.is_some() {
+            return None;
+        }
+        let expected = self.offsets.get(&tp(topic, partition)).copied()?;
+        match self
+            .resume
+            .entry((topic.to_owned(), partition))
+            .or_insert_with(|| Resume::at(expected))
+            .ended()
+        {
+            Some(Step::Rewind(to)) => {
+                observability::rewind(&self.name, topic);
+                Some(to)
+            }
+            _ => None,
+        }
+    }
+
+    /// Events partitions whose read got nothing for [`STALL`], with the offset to read them
+    /// again from (see [`Resume::stalled`]).
+    fn stalled(&mut self) -> Vec<(String, i32, i64)> {
+        let mut out = Vec::new();
+        for ((topic, partition), r) in &mut self.resume {
+            if let Some(Step::Rewind(to)) = r.stalled(STALL) {
+                observability::rewind(&self.name, topic);
+                out.push((topic.clone(), *partition, to));
+            }
+        }
+        out
+    }
+
+    /// Handles one input record; [`Flow::Seek`] asks the caller to read the partition again
+    /// from an earlier offset (see [`Resume`]).
     async fn handle(
         &mut self,
         topic: &str,
         table: Option<&str>,
         msg: &BorrowedMessage<'_>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Flow, EngineError> {
         let partition = msg.partition();
         let offset = msg.offset();
         let key = tp(topic, partition);
-        if let Some(expected) = self.offsets.get(&key).copied()
-            && offset < expected
-        {
-            self.log_reset(topic, partition, expected, offset);
+        if let Some(expected) = self.offsets.get(&key).copied() {
+            if table.is_some() {
+                // Compacted (cdc): gaps are expected; only going back is news.
+                if offset < expected {
+                    self.log_reset(topic, partition, expected, offset);
+                }
+            } else {
+                let step = self
+                    .resume
+                    .entry((topic.to_owned(), partition))
+                    .or_insert_with(|| Resume::at(expected))
+                    .step(offset);
+                match step {
+                    Step::Take => {}
+                    Step::Skip => return Ok(Flow::Next),
+                    Step::Rewind(to) => {
+                        observability::rewind(&self.name, topic);
+                        tracing::debug!(dataset = %self.name, topic, partition, expected, got = offset, rewind_to = to, "A read skipped records; reading again from further back");
+                        return Ok(Flow::Seek(to));
+                    }
+                    Step::Gap { expected, got } => {
+                        observability::offset_gap(&self.name, topic, got - expected);
+                        tracing::error!(dataset = %self.name, topic, partition, expected, got, "Input records are missing from the log (retention, a truncated log): the dataset lacks them");
+                    }
+                    Step::Reset { expected, got } => {
+                        self.log_reset(topic, partition, expected, got);
+                    }
+                }
+            }
         }
+        self.take(topic, table, msg, key).await.map(|()| Flow::Next)
+    }
+
+    async fn take(
+        &mut self,
+        topic: &str,
+        table: Option<&str>,
+        msg: &BorrowedMessage<'_>,
+        key: String,
+    ) -> Result<(), EngineError> {
+        let partition = msg.partition();
+        let offset = msg.offset();
         self.offsets.insert(key.clone(), offset + 1);
         if self.from_start.remove(&key)
             && let Some(ts) = msg.timestamp().to_millis()

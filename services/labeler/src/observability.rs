@@ -8,6 +8,8 @@ pub const EXAMPLES: &str = "feedloop_labeler_examples_total";
 pub const ERASED_EXAMPLES: &str = "feedloop_labeler_erased_examples_total";
 pub const LATE_OUTCOMES: &str = "feedloop_labeler_late_outcomes_total";
 pub const LATE_IMPRESSIONS: &str = "feedloop_labeler_late_impressions_total";
+pub const OFFSET_REWINDS: &str = "feedloop_labeler_offset_rewinds_total";
+pub const OFFSET_GAPS: &str = "feedloop_labeler_offset_gap_records_total";
 pub const DUPLICATE_IMPRESSIONS: &str = "feedloop_labeler_duplicate_impressions_total";
 pub const DEAD_LETTERS: &str = "feedloop_labeler_dead_letters_total";
 pub const COMMITS: &str = "feedloop_labeler_commits_total";
@@ -40,6 +42,14 @@ pub fn describe() {
     describe_counter!(
         LATE_OUTCOMES,
         "Outcomes that arrived after their example closed, by dataset and policy."
+    );
+    describe_counter!(
+        OFFSET_REWINDS,
+        "Reads of an input partition started again further back because records were skipped (the embedded broker skips the rest of a batch when a fetch starts inside it)."
+    );
+    describe_counter!(
+        OFFSET_GAPS,
+        "Input records missing from the log (retention, a truncated log), by dataset and topic (alerted on)."
     );
     describe_counter!(
         DUPLICATE_IMPRESSIONS,
@@ -117,6 +127,16 @@ pub fn late_outcome(dataset: &str, policy: &'static str) {
 
 pub fn late_impression(dataset: &str) {
     counter!(LATE_IMPRESSIONS, "dataset" => dataset.to_owned()).increment(1);
+}
+
+pub fn rewind(dataset: &str, topic: &str) {
+    counter!(OFFSET_REWINDS, "dataset" => dataset.to_owned(), "topic" => topic.to_owned())
+        .increment(1);
+}
+
+pub fn offset_gap(dataset: &str, topic: &str, records: i64) {
+    counter!(OFFSET_GAPS, "dataset" => dataset.to_owned(), "topic" => topic.to_owned())
+        .increment(u64::try_from(records).unwrap_or(0));
 }
 
 pub fn duplicate_impression(dataset: &str) {

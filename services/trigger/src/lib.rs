@@ -112,7 +112,11 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
         producer.clone(),
         deadletter,
     )?
-    .counting(observability::DEAD_LETTERS, observability::INTAKE_RETRIES);
+    .counting(feedloop_core::intake::IntakeMetrics {
+        dead_letters: observability::DEAD_LETTERS,
+        retries: observability::INTAKE_RETRIES,
+        gap_records: observability::INTAKE_GAPS,
+    });
     let deliverer = Arc::new(deliver::Deliverer {
         cfg: cfg.clone(),
         control: control.clone(),

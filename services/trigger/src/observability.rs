@@ -9,6 +9,7 @@ pub const DELIVERIES: &str = "feedloop_trigger_deliveries_total";
 pub const PENDING_ROWS: &str = "feedloop_trigger_pending_rows";
 pub const DEAD_LETTERS: &str = "feedloop_trigger_dead_letters_total";
 pub const INTAKE_RETRIES: &str = "feedloop_trigger_intake_retries_total";
+pub const INTAKE_GAPS: &str = "feedloop_trigger_intake_gap_records_total";
 
 pub const PRODUCER_RESETS: &str = "feedloop_trigger_producer_resets_total";
 
@@ -27,6 +28,10 @@ pub fn describe() {
     describe_gauge!(
         PENDING_ROWS,
         "Rows committed since the dataset's last trigger."
+    );
+    describe_counter!(
+        INTAKE_GAPS,
+        "Partition records missing from the log (retention, a truncated log): never taken in (alerted on)."
     );
     describe_counter!(
         INTAKE_RETRIES,
