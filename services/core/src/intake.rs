@@ -38,7 +38,11 @@ struct Assignments {
     changed: std::sync::atomic::AtomicBool,
 }
 
-impl ClientContext for Assignments {}
+impl ClientContext for Assignments {
+    fn error(&self, error: KafkaError, reason: &str) {
+        crate::kafka::QuietEof.error(error, reason);
+    }
+}
 
 impl ConsumerContext for Assignments {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {

@@ -154,6 +154,15 @@ fn check_id(value: &str, path: &str, original: &[u8]) -> Result<(), Reject> {
         )
         .at(path));
     }
+    // Ids are keys downstream (Postgres text holds no NUL; logs and file names no controls).
+    if value.chars().any(char::is_control) {
+        return Err(Reject::new(
+            DeadLetterReason::SchemaViolation,
+            "must not contain control characters (U+0000 to U+001F, U+007F to U+009F)",
+            original,
+        )
+        .at(path));
+    }
     Ok(())
 }
 
@@ -550,6 +559,19 @@ mod tests {
         let err = envelope(raw(2_000_000, None), EventType::ChatEnded, &ctx, b"{}")
             .expect_err("rejected");
         assert_eq!(err.path.as_deref(), Some("/timestamp"));
+    }
+
+    #[test]
+    fn ids_with_control_characters_are_rejected_and_other_unicode_is_not() {
+        for (id, ok) in [
+            ("u\u{0}x", false),
+            ("u\nx", false),
+            ("u\u{7f}", false),
+            ("\u{202e}lve", true),
+            ("😀👩\u{200d}👩", true),
+        ] {
+            assert_eq!(check_id(id, "/user_id", b"").is_ok(), ok, "{id:?}");
+        }
     }
 
     #[test]
