@@ -362,9 +362,58 @@ async fn no_bad_input_wedges_a_service() {
             .await
             .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
     }
+    // And a second impression three times in one producer batch, so that the copies are read
+    // (and stored) together.
+    let burst = format!("burst-{}", Uuid::now_v7().simple());
+    let registry = feedloop_core::registry_client::RegistryClient::new(
+        &fx.stack.url("registry"),
+        Some((
+            "feedloop".into(),
+            feedloop_core::config::Secret::new(fx.stack.token.clone()),
+        )),
+        "",
+        Duration::from_secs(10),
+    )
+    .expect("registry client");
+    let schemas = feedloop_integration_tests::labeler::event_schemas(&registry, EVENTS_TOPIC).await;
+    let scenario = feedloop_integration_tests::labeler::Scenario {
+        events: vec![feedloop_integration_tests::labeler::Ev::Impression(
+            feedloop_integration_tests::labeler::Imp {
+                event_id: Uuid::now_v7(),
+                match_id: Uuid::now_v7(),
+                viewer: burst.clone(),
+                candidate: "c-burst".into(),
+                time: now_ms() - 2 * DAY,
+            },
+        )],
+        rows: Vec::new(),
+        impressions: Vec::new(),
+    };
+    let (key, value) = feedloop_integration_tests::labeler::encoded(&scenario, &schemas)
+        .pop()
+        .expect("encoded");
+    let batching: FutureProducer = fx
+        .stack
+        .kafka()
+        .client_config("battery-burst")
+        .set("linger.ms", "200")
+        .create()
+        .expect("producer");
+    let sends: Vec<_> = (0..3)
+        .map(|_| {
+            batching
+                .send_result(FutureRecord::to(EVENTS_TOPIC).key(&key).payload(&value))
+                .unwrap_or_else(|(e, _)| panic!("enqueue: {e}"))
+        })
+        .collect();
+    for s in sends {
+        s.await
+            .expect("delivered")
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
     b.rows.push((
-        "the same impression record three times in the log".into(),
-        "one row (checked at the end)".into(),
+        "the same impression record three times in the log (once through the collector and twice after its example was emitted; and another three times in one batch)".into(),
+        "one row each (checked at the end)".into(),
     ));
     b.probe("the same impression three times").await;
 
@@ -486,6 +535,16 @@ async fn no_bad_input_wedges_a_service() {
         .filter(|r| r["viewer_id"] == triple.as_str())
         .count();
     assert_eq!(rows, 1, "the impression three times in the log is one row");
+    let rows = data["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["viewer_id"] == burst.as_str())
+        .count();
+    assert_eq!(
+        rows, 1,
+        "the impression three times in one batch is one row"
+    );
 
     let services_exited = fx.stack.exits.clone();
     assert!(
