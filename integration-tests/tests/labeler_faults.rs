@@ -404,3 +404,134 @@ async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }
+
+/// The join state refuses one impression (a trigger raises SQLSTATE 22023 for its user), which
+/// fails every flush of the batch it is in: no single record is to blame, so the labeler used to
+/// restart from the last commit forever. After two such failures it flushes after every record,
+/// pins the failure on that impression, dead-letters it after three strikes, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_join_state_refuses_is_found_and_dead_lettered() {
+    use feedloop_integration_tests::{TestRegistry, kafka, labeler::T0};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let registry = TestRegistry::start().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("l{}", &id[..8]);
+    let events_topic = format!("{prefix}.events");
+    feedloop_core::kafka::create_missing(
+        &kafka(),
+        &[
+            (events_topic.as_str(), 1, false),
+            (&format!("{prefix}.app.reports"), 1, true),
+            (&format!("{prefix}.app.blocks"), 1, true),
+        ],
+    )
+    .await
+    .expect("topics");
+    let schemas = labeler::event_schemas(&registry.client(), &events_topic).await;
+    let mut events: Vec<labeler::Ev> = ["a", "refused-user", "b"]
+        .iter()
+        .enumerate()
+        .map(|(i, viewer)| {
+            labeler::Ev::Impression(labeler::Imp {
+                event_id: uuid::Uuid::new_v4(),
+                match_id: uuid::Uuid::new_v4(),
+                viewer: (*viewer).into(),
+                candidate: "bob".into(),
+                time: T0 + i as i64 * 1_000,
+            })
+        })
+        .collect();
+    events.push(labeler::Ev::Clock {
+        id: uuid::Uuid::new_v4(),
+        time: T0 + 2 * 86_400_000,
+    });
+    let scenario = Scenario {
+        events,
+        rows: Vec::new(),
+        impressions: Vec::new(),
+    };
+    let producer: FutureProducer = kafka()
+        .client_config("refused-test")
+        .create()
+        .expect("producer");
+    for (_, value) in labeler::encoded(&scenario, &schemas) {
+        producer
+            .send(
+                FutureRecord::to(&events_topic).key("k").payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = format!("r_{}", &id[8..16]);
+    let spec = labeler::spec_file(dir.path(), &dataset);
+    let root = dir.path().join("datasets");
+    let cfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    let control = PgPool::connect(cfg.control.url.expose())
+        .await
+        .expect("control");
+    feedloop_core::postgres::migrate(&control)
+        .await
+        .expect("migrate");
+    sqlx::raw_sql(
+        "CREATE FUNCTION labeler.refuse_one() RETURNS trigger AS $$
+         BEGIN
+           IF 'refused-user' = ANY(NEW.users) THEN
+             RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023';
+           END IF;
+           RETURN NEW;
+         END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER refuse_one BEFORE INSERT OR UPDATE ON labeler.impressions
+           FOR EACH ROW EXECUTE FUNCTION labeler.refuse_one();",
+    )
+    .execute(&control)
+    .await
+    .expect("trigger");
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg, shutdown.clone())
+        .await
+        .expect("start");
+    labeler::wait_rows(&control, &dataset, 2, Duration::from_secs(90)).await;
+    let data = labeler::read_dataset(&root, &dataset);
+    let mut viewers: Vec<&str> = data["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["viewer_id"].as_str())
+        .collect();
+    viewers.sort_unstable();
+    assert_eq!(viewers, ["a", "b"], "{data}");
+    let client = registry.client();
+    let mut letters = Vec::new();
+    for r in read_all(
+        &infra().kafka_bootstrap,
+        feedloop_core::catalogue::DEADLETTER_TOPIC,
+    )
+    .await
+    {
+        if let Ok(dl) = client
+            .decode::<feedloop_core::model::DeadLetter>(&r.value)
+            .await
+            && dl.service == "labeler"
+            && dl.source_topic.as_deref() == Some(events_topic.as_str())
+        {
+            letters.push(dl);
+        }
+    }
+    assert_eq!(
+        letters.len(),
+        1,
+        "the refused impression, dead-lettered once"
+    );
+    assert_eq!(letters[0].source_offset, Some(1));
+    assert!(
+        letters[0].detail.contains("refused by the test"),
+        "{}",
+        letters[0].detail
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}

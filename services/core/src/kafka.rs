@@ -20,6 +20,10 @@ use crate::{
 /// librdkafka's default `message.max.bytes`.
 pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
+/// `max.message.bytes` of the topics feedloop creates: Kafka's default, above the producers'
+/// [`LIBRDKAFKA_MESSAGE_MAX_BYTES`], so that every record a producer sends fits its topic.
+pub const TOPIC_MAX_MESSAGE_BYTES: &str = "1048588";
+
 /// Where the brokers are and how to talk to them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -424,6 +428,9 @@ pub async fn create_missing(
                 *partitions,
                 TopicReplication::Fixed(config.replication_factor),
             );
+            // Explicit, not the broker's default: a cluster configured lower would refuse
+            // records the producers send (their message.max.bytes is librdkafka's 1,000,000).
+            let topic = topic.set("max.message.bytes", TOPIC_MAX_MESSAGE_BYTES);
             if *compacted {
                 topic.set("cleanup.policy", "compact")
             } else {

@@ -252,8 +252,15 @@ pub async fn run(
     let mut health = feedloop_core::kafka::ProducerHealth::new(2);
     // The record the last sessions failed on, and how many times in a row.
     let mut strikes: Option<(String, u32)> = None;
+    // Sessions in a row that failed, their dependencies answering, on no record in particular
+    // (in a flush of the join state), and how carefully the next one goes.
+    let mut unblamed = 0u32;
+    let mut careful = 0u64;
     loop {
-        let mut failed_at = None;
+        let mut failed_at = Failed {
+            careful,
+            ..Failed::default()
+        };
         match session(&shared, &dataset, &shutdown, &ready, &mut failed_at).await {
             Ok(()) => return,
             Err(e) => {
@@ -262,7 +269,23 @@ pub async fn run(
                 tracing::warn!(dataset = dataset.name(), error = %e, "Labeler pipeline failed; restarting from the last commit");
                 // A record that fails every session while its dependencies answer would stop
                 // the dataset for good: after RECORD_STRIKES, it is dead-lettered instead.
-                strikes = match (failed_at, strikes.take()) {
+                // A flush that fails with no record to blame, twice: the next session flushes
+                // after each of the records the failed one read, so that the failure is
+                // pinned on one and the strikes below can set it aside.
+                if failed_at.at.is_none() && e.class() != ErrorClass::Unavailable {
+                    unblamed += 1;
+                    if unblamed >= 2 && careful == 0 {
+                        careful = failed_at.handled.saturating_add(1);
+                        tracing::warn!(
+                            dataset = dataset.name(),
+                            records = careful,
+                            "Failing twice on no record in particular; the next sessions flush after every record to find it"
+                        );
+                    }
+                } else {
+                    unblamed = 0;
+                }
+                strikes = match (failed_at.at, strikes.take()) {
                     (Some(at), _) if e.class() == ErrorClass::Unavailable => Some((at, 0)),
                     (Some(at), Some((last, n))) if at == last => Some((at, n + 1)),
                     (Some(at), _) => Some((at, 1)),
@@ -275,6 +298,8 @@ pub async fn run(
                     if let Ok(mut poison) = shared.poison.lock() {
                         poison.insert(at.clone(), e.to_string());
                     }
+                    careful = 0;
+                    unblamed = 0;
                     strikes = None;
                 }
                 if !matches!(e, EngineError::Kafka(KafkaError::MessageProduction(_))) {
@@ -302,12 +327,23 @@ pub async fn run(
     }
 }
 
+/// Where a session failed, and how far it got.
+#[derive(Debug, Default)]
+pub(crate) struct Failed {
+    /// The input record (`topic/partition/offset`) it failed on, when one is to blame.
+    at: Option<String>,
+    /// Input records it handled.
+    handled: u64,
+    /// Flush the join state after each of the first this many records (0: as usual).
+    careful: u64,
+}
+
 pub(crate) async fn session(
     shared: &Shared,
     dataset: &Dataset,
     shutdown: &CancellationToken,
     ready: &AtomicBool,
-    failed_at: &mut Option<String>,
+    failed_at: &mut Failed,
 ) -> Result<(), EngineError> {
     let name = dataset.name().to_owned();
     // One writer per dataset: a session-level advisory lock on its own connection.
@@ -376,7 +412,14 @@ pub(crate) async fn session(
         match item {
             Some((i, Ok(msg))) => {
                 let (topic, table, _) = &consumers[i];
-                match p.handle(topic, table.as_deref(), &msg).await {
+                failed_at.handled += 1;
+                let handled = match p.handle(topic, table.as_deref(), &msg).await {
+                    Ok(Flow::Next) if failed_at.handled <= failed_at.careful => {
+                        p.flush().await.map(|()| Flow::Next)
+                    }
+                    other => other,
+                };
+                match handled {
                     Ok(Flow::Next) => {}
                     Ok(Flow::Seek(to)) => {
                         consumers[i].2.seek(
@@ -388,7 +431,8 @@ pub(crate) async fn session(
                         continue;
                     }
                     Err(e) => {
-                        *failed_at = Some(format!("{topic}/{}/{}", msg.partition(), msg.offset()));
+                        failed_at.at =
+                            Some(format!("{topic}/{}/{}", msg.partition(), msg.offset()));
                         return Err(e);
                     }
                 }

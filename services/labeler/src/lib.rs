@@ -204,7 +204,14 @@ pub async fn replay(
         });
     };
     let done = Arc::new(AtomicBool::new(false));
-    engine::session(&shared, &d, &CancellationToken::new(), &done, &mut None).await?;
+    engine::session(
+        &shared,
+        &d,
+        &CancellationToken::new(),
+        &done,
+        &mut engine::Failed::default(),
+    )
+    .await?;
     let (rows, partitions): (i64, i64) = sqlx::query_as(
         "SELECT COALESCE(SUM(row_count), 0)::bigint, count(*) FROM (
            SELECT DISTINCT ON (partition) row_count FROM labeler.partitions
