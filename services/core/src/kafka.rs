@@ -17,6 +17,17 @@ use crate::{
     config::{ConfigError, Secret},
 };
 
+/// How long a delivery report may take with `producer` properties: `message.timeout.ms`
+/// (librdkafka's default, 5 minutes, when unset) and 15 s more. Awaiting a delivery for longer
+/// means librdkafka lost track of it; the caller fails instead of waiting.
+pub fn delivery_limit(producer: &BTreeMap<String, String>) -> Duration {
+    let ms = producer
+        .get("message.timeout.ms")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(300_000);
+    Duration::from_millis(ms.saturating_add(15_000))
+}
+
 /// librdkafka's default `message.max.bytes`.
 pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 

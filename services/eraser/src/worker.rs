@@ -224,6 +224,7 @@ impl Worker {
                 &self.producer.get(),
                 &self.partitions_schema,
                 Some(d),
+                feedloop_core::kafka::delivery_limit(&self.cfg.producer),
             )
             .await;
             let kafka_failed = matches!(

@@ -1407,10 +1407,9 @@ impl Pipeline {
                 .headers(headers);
             futures.push(send(&self.shared.producer, record).await?);
         }
+        let limit = delivery_limit(&self.shared.cfg);
         for f in futures {
-            f.await
-                .map_err(|_| KafkaError::Canceled)?
-                .map_err(|(e, _)| e)?;
+            delivered(f, limit).await?;
         }
         Ok(())
     }
@@ -1437,14 +1436,30 @@ impl Pipeline {
         let record: FutureRecord<'_, String, Vec<u8>> =
             FutureRecord::to(DEADLETTER_TOPIC).key(&key).payload(&value);
         let f = send(&self.shared.producer, record).await?;
-        f.await
-            .map_err(|_| KafkaError::Canceled)?
-            .map_err(|(e, _)| e)?;
+        delivered(f, delivery_limit(&self.shared.cfg)).await?;
         Ok(())
     }
 }
 
 type Delivery = rdkafka::producer::DeliveryFuture;
+
+fn delivery_limit(cfg: &Config) -> Duration {
+    feedloop_core::kafka::delivery_limit(&cfg.producer)
+}
+
+/// Awaits a delivery for at most `limit`: a report that never comes (seen once after the
+/// broker restarted from empty) fails the commit, and the session starts again, instead of
+/// holding the pipeline.
+async fn delivered(f: Delivery, limit: Duration) -> Result<(), KafkaError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err((e, _)))) => Err(e),
+        Ok(Err(_)) => Err(KafkaError::Canceled),
+        Err(_) => Err(KafkaError::MessageProduction(
+            rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+        )),
+    }
+}
 
 /// Enqueues a record, waiting while the producer queue is full.
 async fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
@@ -1663,17 +1678,20 @@ async fn publish_pending(shared: &Shared, dataset: Option<&str>) -> Result<(), E
         &shared.producer,
         &shared.partitions_schema,
         dataset,
+        delivery_limit(&shared.cfg),
     )
     .await
 }
 
 /// Publishes every committed partition version of `dataset` (or of all datasets) that was not
 /// announced yet on `feedloop.datasets.partitions`, then marks them announced.
+/// Each announcement's delivery may take `limit`.
 pub async fn announce(
     control: &PgPool,
     producer: &FutureProducer,
     schema: &CompiledSchema,
     dataset: Option<&str>,
+    limit: Duration,
 ) -> Result<(), EngineError> {
     let rows = sqlx::query(
         "SELECT dataset, partition, version, manifest FROM labeler.partitions
@@ -1704,9 +1722,7 @@ pub async fn announce(
         ));
     }
     for f in futures {
-        f.await
-            .map_err(|_| KafkaError::Canceled)?
-            .map_err(|(e, _)| e)?;
+        delivered(f, limit).await?;
     }
     let (datasets, rest): (Vec<String>, Vec<(String, i32)>) =
         done.into_iter().map(|(d, p, v)| (d, (p, v))).unzip();
