@@ -199,6 +199,7 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
                         offset: 0,
                     },
                 },
+                emitted: None,
             }],
         )
         .await

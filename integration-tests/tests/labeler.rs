@@ -287,8 +287,8 @@ async fn scylla_state_store_passes_the_contract() {
         .expect("contract");
 }
 
-/// Two specs side by side on the same log, differing only in their late policy: a report that
-/// arrives after its example closed corrects it (version 2) under `correct` and is only counted
+/// Two specs side by side on the same log, differing only in their late policy: a report read
+/// after its example was emitted corrects it (version 2) under `correct` and is only counted
 /// under `drop`. Records that are not Avro go to the dead-letter topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_outcomes_follow_the_policy_and_poison_records_are_dead_lettered() {
@@ -338,15 +338,6 @@ async fn late_outcomes_follow_the_policy_and_poison_records_are_dead_lettered() 
             labeler::Ev::Clock {
                 id: uuid::Uuid::new_v4(),
                 time: T0 + 2 * 86_400_000,
-            },
-            // Two hours after the impression: inside the 24 h window, but read after the
-            // partition passed the example's close.
-            labeler::Ev::Report {
-                id: uuid::Uuid::new_v4(),
-                match_id: m,
-                user: "bob".into(),
-                other: "ann".into(),
-                time: T0 + 7_200_000,
             },
         ],
         rows: Vec::new(),
@@ -399,8 +390,57 @@ async fn late_outcomes_follow_the_policy_and_poison_records_are_dead_lettered() 
     let running = feedloop_labeler::start(cfg, shutdown.clone())
         .await
         .expect("start");
-    labeler::wait_rows(&control, &correct, 2, Duration::from_secs(60)).await;
+    labeler::wait_rows(&control, &correct, 1, Duration::from_secs(60)).await;
     labeler::wait_rows(&control, &drop, 1, Duration::from_secs(60)).await;
+    // Two hours after the impression: inside the 24 h window, but read once the example was
+    // emitted and committed.
+    let report = Scenario {
+        events: vec![labeler::Ev::Report {
+            id: uuid::Uuid::new_v4(),
+            match_id: m,
+            user: "bob".into(),
+            other: "ann".into(),
+            time: T0 + 7_200_000,
+        }],
+        rows: Vec::new(),
+        impressions: Vec::new(),
+    };
+    for (_, value) in labeler::encoded(&report, &schemas) {
+        producer
+            .send(
+                FutureRecord::to(&events_topic).key(&key).payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+    labeler::wait_rows(&control, &correct, 2, Duration::from_secs(60)).await;
+    let late = |dataset: String| {
+        let control = control.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let late: String =
+                    sqlx::query_scalar("SELECT late FROM labeler.positions WHERE dataset = $1")
+                        .bind(&dataset)
+                        .fetch_one(&control)
+                        .await
+                        .expect("position");
+                let late: Value = serde_json::from_str(&late).expect("json");
+                if late.as_object().is_some_and(|m| !m.is_empty())
+                    || std::time::Instant::now() > deadline
+                {
+                    return late;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(
+        late(correct.clone()).await,
+        serde_json::json!({"corrected": 1})
+    );
+    assert_eq!(late(drop.clone()).await, serde_json::json!({"dropped": 1}));
 
     let rows = |data: &Value| -> Vec<(i64, String, bool)> {
         let mut v: Vec<(i64, String, bool)> = data["rows"]

@@ -191,6 +191,8 @@ impl Partitions {
                 ("positive".to_owned(), positive),
                 ("negative".to_owned(), rows - positive),
             ]),
+            examples: rows,
+            late_data: Default::default(),
             erasure_epoch: 0,
             supersedes_version: (version > 1).then_some(version - 1),
             committed_at: feedloop_integration_tests::events::now_ms(),

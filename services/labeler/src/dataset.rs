@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::{
-    spec::{LabelSpec, ValueType},
+    spec::{Label, LabelSpec, ValueType},
     window::{Impression, Labeled, Scalar},
 };
 
@@ -58,6 +58,18 @@ pub struct Example {
     pub version: i32,
     pub impression: Impression,
     pub labeled: Labeled,
+    pub revision: Revision,
+}
+
+/// Why a row was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revision {
+    /// Version 1, when the dataset's watermark passed the example's close.
+    First,
+    /// Version 1 of an impression read after its example's close.
+    Late,
+    /// A later version; `replaces` is the label of the version before it, when known.
+    Correction { replaces: Option<Label> },
 }
 
 impl Example {
@@ -327,10 +339,29 @@ pub struct Manifest {
     pub event_time_max: i64,
     pub sources: Vec<SourceRange>,
     pub label_spec_hash: String,
+    /// Labels of the latest version of each example in the partition.
     pub label_counts: BTreeMap<String, i64>,
+    /// Examples in the partition (rows count every version of each).
+    #[serde(default)]
+    pub examples: i64,
+    #[serde(default)]
+    pub late_data: LateData,
     pub erasure_epoch: i64,
     pub supersedes_version: Option<i32>,
     pub committed_at: i64,
+}
+
+/// Late data behind a partition version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LateData {
+    /// Rows written to this partition as corrections (version 2 and later), over all its
+    /// versions.
+    pub correction_rows: i64,
+    /// Rows written to this partition for impressions read after their example's close.
+    pub late_impression_rows: i64,
+    /// The dataset's late outcomes when this version was committed, by reason (`corrected`,
+    /// `unchanged`, `beyond_horizon`, `dropped`; see `feedloop_labeler_late_outcomes_total`).
+    pub dataset_late_outcomes: BTreeMap<String, i64>,
 }
 
 /// Where datasets live: a URL (`file:///abs/path`, `s3://bucket/prefix`) or a filesystem path

@@ -51,15 +51,15 @@ use uuid::Uuid;
 use crate::{
     config::Config,
     dataset::{
-        self, DataFile, DatasetError, Example, Manifest, Root, SourceRange, data_file_rel,
-        manifest_rel,
+        self, DataFile, DatasetError, Example, Manifest, Revision, Root, SourceRange,
+        data_file_rel, manifest_rel,
     },
     erasure,
     input::{self, Decoded, Input},
     observability,
     spec::{Label, LatePolicy, TYPED_OUTCOMES},
-    state::{CloseCursor, StateError, StateStore, StoredImpression},
-    window::{Compiled, Outcome, Scalar, SourceRef, Watermarks, tp},
+    state::{CloseCursor, Emission, Emitted, StateError, StateStore, StoredImpression},
+    window::{Compiled, Outcome, Scalar, SourceRef, Watermarks, match_key, tp},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -402,7 +402,7 @@ pub(crate) async fn session(
             biased;
             () = shutdown.cancelled() => {
                 p.advance().await?;
-                p.commit().await?;
+                p.commit(true).await?;
                 tracing::info!(dataset = %name, "Labeler pipeline stopped after a final commit");
                 return Ok(());
             }
@@ -465,20 +465,20 @@ pub(crate) async fn session(
         }
         if matches!(shared.mode, Mode::Replay { .. }) && p.watermarks.all_at_end() {
             p.advance().await?;
-            p.commit().await?;
+            p.commit(true).await?;
             tracing::info!(dataset = %name, "Replay reached the end of the log");
             return Ok(());
         }
         let due = tokio::time::Instant::now() >= next_commit;
         // Caught up with every input: commit now rather than at the next interval, so that a
         // quiet log does not hold finished examples back.
-        let caught_up = since_advance == 0 && p.watermarks.all_at_end() && !p.rows.is_empty();
-        if p.rows.len() >= shared.cfg.datasets.commit_max_rows
+        let caught_up = since_advance == 0 && p.watermarks.all_at_end() && p.has_work();
+        if p.due.len() >= shared.cfg.datasets.commit_max_rows
             || (due && p.has_progress())
             || caught_up
         {
             p.advance().await?;
-            p.commit().await?;
+            p.commit(false).await?;
         }
         if due {
             next_commit = tokio::time::Instant::now() + interval;
@@ -494,7 +494,35 @@ struct Position {
     starts: BTreeMap<String, (i64, i64)>,
     watermarks: BTreeMap<String, i64>,
     emitted: CloseCursor,
+    held: Vec<Held>,
+    late: BTreeMap<String, i64>,
 }
+
+/// Records read past a late impression before it is emitted: the outcomes a phone sent with
+/// it (the same batch, published together) are read by then. Its partition read to its end
+/// releases it earlier.
+pub const LATE_HOLD_RECORDS: i64 = 1000;
+
+/// A late impression waiting for the outcomes read with it (committed with the position; the
+/// impression itself is in the join state).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+struct Held {
+    example_id: Uuid,
+    match_id: Uuid,
+    close_ms: i64,
+    time_ms: i64,
+    topic: String,
+    partition: i32,
+    /// Released once the partition's next offset to read is here.
+    release_at: i64,
+}
+
+/// Reasons a late outcome is counted for (`feedloop_labeler_late_outcomes_total{reason}`).
+const CORRECTED: &str = "corrected";
+const UNCHANGED: &str = "unchanged";
+const BEYOND_HORIZON: &str = "beyond_horizon";
+const DROPPED: &str = "dropped";
+const LATE_IMPRESSIONS_KEY: &str = "late_impressions";
 
 struct Pipeline {
     shared: Shared,
@@ -513,12 +541,21 @@ struct Pipeline {
 
     /// First offset read since the last commit, per `topic/partition`.
     batch_start: BTreeMap<String, i64>,
-    /// Examples up to this (close, id) were emitted.
+    /// Examples up to this (close, id) were emitted, or are in `due`.
     emitted: CloseCursor,
     seq: i64,
     pending_impressions: Vec<StoredImpression>,
     pending_outcomes: Vec<Outcome>,
-    rows: Vec<Example>,
+    /// Examples the watermark passed since the last commit: labeled at the next commit, with
+    /// every outcome read by then.
+    due: Vec<StoredImpression>,
+    due_ids: HashSet<Uuid>,
+    /// Late impressions waiting for the outcomes read with them.
+    held: BTreeMap<Uuid, Held>,
+    /// Outcomes read since the last commit that may join emitted examples.
+    touched: Vec<Outcome>,
+    /// The dataset's late-data counts (committed with the position).
+    late: BTreeMap<String, i64>,
 }
 
 impl Pipeline {
@@ -526,7 +563,7 @@ impl Pipeline {
         let name = dataset.name().to_owned();
         let row = sqlx::query(
             "SELECT spec_hash, seq, offsets, starts, watermarks, emitted_through_ms,
-                    emitted_through_id::text AS emitted_through_id
+                    emitted_through_id::text AS emitted_through_id, held, late
              FROM labeler.positions WHERE dataset = $1",
         )
         .bind(&name)
@@ -539,6 +576,8 @@ impl Pipeline {
                 starts: BTreeMap::new(),
                 watermarks: BTreeMap::new(),
                 emitted: CloseCursor::after(i64::MIN),
+                held: Vec::new(),
+                late: BTreeMap::new(),
             },
             Some(r) => {
                 let committed: String = r.try_get("spec_hash")?;
@@ -549,13 +588,12 @@ impl Pipeline {
                         configured: dataset.spec.hash.clone(),
                     });
                 }
+                let position_err = |e: serde_json::Error| EngineError::Position {
+                    dataset: name.clone(),
+                    message: e.to_string(),
+                };
                 let parse = |text: String| {
-                    serde_json::from_str::<BTreeMap<String, i64>>(&text).map_err(|e| {
-                        EngineError::Position {
-                            dataset: name.clone(),
-                            message: e.to_string(),
-                        }
-                    })
+                    serde_json::from_str::<BTreeMap<String, i64>>(&text).map_err(position_err)
                 };
                 Position {
                     seq: r.try_get("seq")?,
@@ -567,6 +605,9 @@ impl Pipeline {
                         },
                     )?,
                     watermarks: parse(r.try_get("watermarks")?)?,
+                    held: serde_json::from_str(&r.try_get::<String, _>("held")?)
+                        .map_err(position_err)?,
+                    late: parse(r.try_get("late")?)?,
                     emitted: CloseCursor {
                         close_ms: r.try_get("emitted_through_ms")?,
                         example_id: Uuid::parse_str(&r.try_get::<String, _>("emitted_through_id")?)
@@ -594,9 +635,18 @@ impl Pipeline {
             seq: position.seq,
             pending_impressions: Vec::new(),
             pending_outcomes: Vec::new(),
-            rows: Vec::new(),
+            due: Vec::new(),
+            due_ids: HashSet::new(),
+            held: position
+                .held
+                .into_iter()
+                .map(|h| (h.example_id, h))
+                .collect(),
+            touched: Vec::new(),
+            late: position.late,
         };
         p.clean_uncommitted().await?;
+        p.apply_outbox().await?;
         if p.shared.mode.publishes() {
             publish_pending(&p.shared, Some(&p.name)).await?;
         }
@@ -665,6 +715,42 @@ impl Pipeline {
         if removed > 0 {
             tracing::info!(dataset = %self.name, files = removed, "Removed files of an unfinished commit");
         }
+        Ok(())
+    }
+
+    /// Records in the join state the versions committed by commits whose outbox is still there
+    /// (the process stopped between a commit and its state write).
+    async fn apply_outbox(&self) -> Result<(), EngineError> {
+        let rows = sqlx::query(
+            "SELECT seq, emissions FROM labeler.emission_outbox WHERE dataset = $1 ORDER BY seq",
+        )
+        .bind(&self.name)
+        .fetch_all(&self.shared.control)
+        .await?;
+        for r in rows {
+            let seq: i64 = r.try_get("seq")?;
+            let emitted: Vec<Emitted> =
+                serde_json::from_slice(&r.try_get::<Vec<u8>, _>("emissions")?).map_err(|e| {
+                    EngineError::Position {
+                        dataset: self.name.clone(),
+                        message: format!("emission outbox {seq}: {e}"),
+                    }
+                })?;
+            self.emitted_recorded(seq, &emitted).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a committed commit's versions to the join state, then drops its outbox entry.
+    async fn emitted_recorded(&self, seq: i64, emitted: &[Emitted]) -> Result<(), EngineError> {
+        for chunk in emitted.chunks(2000) {
+            self.shared.state.put_emitted(&self.name, chunk).await?;
+        }
+        sqlx::query("DELETE FROM labeler.emission_outbox WHERE dataset = $1 AND seq <= $2")
+            .bind(&self.name)
+            .bind(seq)
+            .execute(&self.shared.control)
+            .await?;
         Ok(())
     }
 
@@ -755,8 +841,13 @@ impl Pipeline {
         Ok(same)
     }
 
+    /// Whether a commit now would write rows (or may: held impressions and touched outcomes).
+    fn has_work(&self) -> bool {
+        !self.due.is_empty() || !self.touched.is_empty() || !self.held.is_empty()
+    }
+
     fn has_progress(&self) -> bool {
-        !self.rows.is_empty() || !self.batch_start.is_empty()
+        self.has_work() || !self.batch_start.is_empty()
     }
 
     /// Reports an input partition that went back behind the committed position: a log lost
@@ -896,11 +987,7 @@ impl Pipeline {
             partition,
             offset,
         };
-        let watermark = self.watermarks.partition(topic, partition);
-        let decoded = match self
-            .decode(table, msg.key(), bytes, source.clone(), watermark)
-            .await?
-        {
+        let decoded = match self.decode(table, msg.key(), bytes, source.clone()).await? {
             Ok(d) => d,
             Err((reason, detail)) => {
                 return self.dead_letter(reason, &detail, bytes, &source).await;
@@ -910,52 +997,19 @@ impl Pipeline {
         match decoded.input {
             Input::Impression(impression) => {
                 observability::record(&self.name, "impression");
-                let spec = self.dataset.spec.clone();
+                let spec = &self.dataset.spec;
                 let stored = StoredImpression {
                     example_id: spec.example_id(&impression),
                     close_ms: spec.close_ms(&impression),
                     impression: *impression,
+                    emitted: None,
                 };
                 let at = CloseCursor {
                     close_ms: stored.close_ms,
                     example_id: stored.example_id,
                 };
                 if at <= self.emitted {
-                    // Its close has passed already: emit it now with what is known, unless
-                    // another record of the same impression is in the state (a client's retry
-                    // published twice, at-least-once delivery): that one was emitted already.
-                    // The same record read again after a restart is emitted again: its first
-                    // emission was not committed, or the log would not be read from before it.
-                    self.flush().await?;
-                    let keys = stored.impression.keys();
-                    let known = self
-                        .shared
-                        .state
-                        .impressions_by_keys(&self.name, &keys)
-                        .await?;
-                    if known.iter().any(|k| {
-                        k.example_id == stored.example_id
-                            && k.impression.source != stored.impression.source
-                    }) {
-                        observability::duplicate_impression(&self.name);
-                        return Ok(());
-                    }
-                    observability::late_impression(&self.name);
-                    let outcomes = self
-                        .shared
-                        .state
-                        .outcomes_by_keys(&self.name, &keys)
-                        .await?;
-                    let labeled = spec.label(&stored.impression, &outcomes, true);
-                    self.rows.push(Example {
-                        example_id: stored.example_id,
-                        version: 1,
-                        impression: stored.impression.clone(),
-                        labeled,
-                    });
-                    observability::examples(&self.name, "first", 1);
-                    // Kept in the state whatever the late policy: its copies are known by it.
-                    self.pending_impressions.push(stored);
+                    self.late_impression(stored, offset).await?;
                 } else {
                     self.pending_impressions.push(stored);
                 }
@@ -965,17 +1019,90 @@ impl Pipeline {
             }
             Input::Outcomes(outcomes) => {
                 observability::record(&self.name, "outcome");
+                let spec = self.dataset.spec.clone();
+                let emitted_ms = self.emitted.close_ms;
                 for o in outcomes {
-                    // Most outcomes are on time for every impression they can join; only the
-                    // others need the join state now.
-                    if self.dataset.spec.may_be_late(&o) {
-                        self.late_outcome(&o).await?;
+                    // Most outcomes can join no emitted example; the others are looked at at
+                    // the next commit, all together.
+                    if spec.may_join_emitted(&o, emitted_ms) {
+                        if spec.beyond_horizon(&o, emitted_ms) {
+                            let reason = match spec.spec.late_outcomes {
+                                LatePolicy::Correct => BEYOND_HORIZON,
+                                LatePolicy::Drop => DROPPED,
+                            };
+                            self.count_late(reason, 1);
+                        } else {
+                            self.touched.push(o.clone());
+                        }
                     }
                     self.pending_outcomes.push(o);
                 }
             }
         }
         Ok(())
+    }
+
+    /// An impression read after its example's close. A copy of one already emitted (a
+    /// client's retry, at-least-once delivery) is dropped; otherwise it is held until the
+    /// records read with it are in (see [`LATE_HOLD_RECORDS`]) and emitted at the next commit
+    /// after that, with every outcome known then.
+    async fn late_impression(
+        &mut self,
+        stored: StoredImpression,
+        offset: i64,
+    ) -> Result<(), EngineError> {
+        let id = stored.example_id;
+        if self.due_ids.contains(&id) || self.held.contains_key(&id) {
+            observability::duplicate_impression(&self.name);
+            return Ok(());
+        }
+        self.flush().await?;
+        let known = self
+            .shared
+            .state
+            .impressions_by_keys(&self.name, &[match_key(&stored.impression.match_id)])
+            .await?;
+        if known
+            .iter()
+            .any(|k| k.example_id == id && k.emitted.is_some())
+        {
+            observability::duplicate_impression(&self.name);
+            return Ok(());
+        }
+        let spec = &self.dataset.spec;
+        let horizon = if spec.correctable(stored.close_ms, self.emitted.close_ms) {
+            "within"
+        } else {
+            "beyond"
+        };
+        observability::late_impression(&self.name, horizon);
+        self.count_late(LATE_IMPRESSIONS_KEY, 1);
+        let source = &stored.impression.source;
+        self.held.insert(
+            id,
+            Held {
+                example_id: id,
+                match_id: stored.impression.match_id,
+                close_ms: stored.close_ms,
+                time_ms: stored.impression.time_ms,
+                topic: source.topic.clone(),
+                partition: source.partition,
+                release_at: offset.saturating_add(1 + LATE_HOLD_RECORDS),
+            },
+        );
+        observability::held_impressions(&self.name, self.held.len());
+        self.pending_impressions.push(stored);
+        Ok(())
+    }
+
+    fn count_late(&mut self, reason: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if reason != LATE_IMPRESSIONS_KEY {
+            observability::late_outcomes(&self.name, reason, n);
+        }
+        *self.late.entry(reason.to_owned()).or_insert(0) += i64::try_from(n).unwrap_or(i64::MAX);
     }
 
     /// Decodes a record; `Ok(Err(..))` is a poison record for the dead-letter topic.
@@ -985,7 +1112,6 @@ impl Pipeline {
         key: Option<&[u8]>,
         bytes: &[u8],
         source: SourceRef,
-        watermark: i64,
     ) -> Result<Result<Decoded, (DeadLetterReason, String)>, EngineError> {
         let frame = match wire::split(bytes) {
             Ok(f) => f,
@@ -1000,62 +1126,15 @@ impl Pipeline {
         };
         let spec = &self.dataset.spec;
         let decoded = match table {
-            None => input::event(spec, &schema, frame.body, source, watermark),
+            None => input::event(spec, &schema, frame.body, source),
             Some(table) => {
                 let origin = format!("{}/{}/{}", source.topic, source.partition, source.offset);
-                input::change(spec, table, &schema, key, frame.body, &origin, watermark)
+                input::change(spec, table, &schema, key, frame.body, &origin)
             }
         };
         Ok(decoded
             .and_then(input::Decoded::checked)
             .map_err(|e| (DeadLetterReason::DecodeFailure, e.to_string())))
-    }
-
-    /// An outcome read after its partition passed the close of impressions it joins.
-    async fn late_outcome(&mut self, o: &Outcome) -> Result<(), EngineError> {
-        self.flush().await?;
-        let spec = self.dataset.spec.clone();
-        let state = self.shared.state.clone();
-        let impressions = state
-            .impressions_by_keys(&self.name, std::slice::from_ref(&o.join_key))
-            .await?;
-        for imp in impressions {
-            let keys = imp.impression.keys();
-            if !spec.joins(&imp.impression, &keys, o) || Compiled::on_time(o, imp.close_ms) {
-                continue;
-            }
-            let policy = spec.spec.late_outcomes;
-            let mut outcomes = state.outcomes_by_keys(&self.name, &keys).await?;
-            // A client's duplicate (same record id, another origin) changes nothing; a replay
-            // of this very record after a crash is corrected again.
-            if outcomes
-                .iter()
-                .any(|x| x.name == o.name && x.id == o.id && x.origin != o.origin)
-            {
-                continue;
-            }
-            observability::late_outcome(
-                &self.name,
-                match policy {
-                    LatePolicy::Drop => "drop",
-                    LatePolicy::Correct => "correct",
-                },
-            );
-            if policy == LatePolicy::Drop {
-                continue;
-            }
-            outcomes.push(o.clone());
-            let labeled = spec.label(&imp.impression, &outcomes, true);
-            let version = 1 + i32::try_from(labeled.late_outcomes).unwrap_or(i32::MAX - 1);
-            self.rows.push(Example {
-                example_id: imp.example_id,
-                version,
-                impression: imp.impression,
-                labeled,
-            });
-            observability::examples(&self.name, "correction", 1);
-        }
-        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), EngineError> {
@@ -1076,7 +1155,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Emits every example whose close the global watermark has reached.
+    /// Emits every example whose close the global watermark has reached: they are labeled at
+    /// the next commit.
     async fn advance(&mut self) -> Result<(), EngineError> {
         let w = self.watermarks.global();
         observability::watermark(&self.name, w, now_ms());
@@ -1085,7 +1165,6 @@ impl Pipeline {
             return Ok(());
         }
         self.flush().await?;
-        let spec = self.dataset.spec.clone();
         let state = self.shared.state.clone();
         let max_rows = self.shared.cfg.datasets.commit_max_rows;
         loop {
@@ -1093,13 +1172,133 @@ impl Pipeline {
                 .due_impressions(&self.name, self.emitted, w, max_rows.clamp(1, 2000))
                 .await?;
             let Some(last) = page.last() else { break };
-            let cursor = CloseCursor {
+            self.emitted = CloseCursor {
                 close_ms: last.close_ms,
                 example_id: last.example_id,
             };
+            self.due_ids.extend(page.iter().map(|i| i.example_id));
+            self.due.extend(page);
+            // A long catch-up commits as it goes, so that a crash does not redo it all.
+            if self.due.len() >= max_rows {
+                self.commit(false).await?;
+            }
+        }
+        self.emitted = target;
+        Ok(())
+    }
+
+    /// The rows of the next commit, each counting every outcome known now: version 1 of the
+    /// examples the watermark passed and of late impressions whose hold is over (all of them
+    /// when `release_all`), and the next version of emitted examples that outcomes read since
+    /// the last commit join, when it says something new (at most one per example).
+    async fn label_rows(&mut self, release_all: bool) -> Result<Vec<Example>, EngineError> {
+        self.flush().await?;
+        let spec = self.dataset.spec.clone();
+        let state = self.shared.state.clone();
+        let emitted_ms = self.emitted.close_ms;
+
+        let mut work: Vec<(StoredImpression, Revision)> =
+            self.due.drain(..).map(|i| (i, Revision::First)).collect();
+        self.due_ids.clear();
+        let released: Vec<Held> = self
+            .held
+            .values()
+            .filter(|h| {
+                release_all
+                    || self
+                        .offsets
+                        .get(&tp(&h.topic, h.partition))
+                        .copied()
+                        .unwrap_or(0)
+                        >= h.release_at
+                    || self.watermarks.at_end(&h.topic, h.partition)
+            })
+            .cloned()
+            .collect();
+        if !released.is_empty() {
+            let keys: Vec<String> = released
+                .iter()
+                .map(|h| match_key(&h.match_id))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let found = state.impressions_by_keys(&self.name, &keys).await?;
+            for h in &released {
+                self.held.remove(&h.example_id);
+                match found.iter().find(|i| i.example_id == h.example_id) {
+                    Some(i) if i.emitted.is_none() => work.push((i.clone(), Revision::Late)),
+                    Some(_) => {}
+                    None => {
+                        // Purged by an erasure while it was held.
+                        tracing::debug!(dataset = %self.name, "A held late impression left the join state");
+                    }
+                }
+            }
+            observability::held_impressions(&self.name, self.held.len());
+        }
+        let firsts: HashSet<Uuid> = work.iter().map(|(i, _)| i.example_id).collect();
+
+        // Emitted examples the touched outcomes join, and which outcomes join each.
+        let touched = std::mem::take(&mut self.touched);
+        let mut joining: HashMap<Uuid, Vec<usize>> = HashMap::new();
+        let mut fate: Vec<Option<&'static str>> = vec![None; touched.len()];
+        if !touched.is_empty() {
+            let keys: Vec<String> = touched
+                .iter()
+                .map(|o| o.join_key.clone())
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            for chunk in keys.chunks(1000) {
+                for imp in state.impressions_by_keys(&self.name, chunk).await? {
+                    let emitted = CloseCursor {
+                        close_ms: imp.close_ms,
+                        example_id: imp.example_id,
+                    } <= self.emitted;
+                    if !emitted
+                        || firsts.contains(&imp.example_id)
+                        || self.held.contains_key(&imp.example_id)
+                        || joining.contains_key(&imp.example_id)
+                    {
+                        continue;
+                    }
+                    let ikeys = imp.impression.keys();
+                    let by: Vec<usize> = touched
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, o)| spec.joins(&imp.impression, &ikeys, o))
+                        .map(|(n, _)| n)
+                        .collect();
+                    if by.is_empty() {
+                        continue;
+                    }
+                    let outcome_fate = match spec.spec.late_outcomes {
+                        LatePolicy::Drop => Some(DROPPED),
+                        LatePolicy::Correct if !spec.correctable(imp.close_ms, emitted_ms) => {
+                            Some(BEYOND_HORIZON)
+                        }
+                        LatePolicy::Correct => None,
+                    };
+                    if let Some(f) = outcome_fate {
+                        for n in by {
+                            fate[n].get_or_insert(f);
+                        }
+                        continue;
+                    }
+                    joining.insert(imp.example_id, by);
+                    let previous = imp.emitted.map(|e| e.label);
+                    work.push((imp, Revision::Correction { replaces: previous }));
+                }
+            }
+        }
+
+        // Label, a page at a time.
+        let mut rows = Vec::with_capacity(work.len());
+        let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for page in work.chunks(2000) {
             let keys: Vec<String> = page
                 .iter()
-                .flat_map(|i| i.impression.keys())
+                .flat_map(|(i, _)| i.impression.keys())
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
@@ -1107,8 +1306,7 @@ impl Pipeline {
             for o in state.outcomes_by_keys(&self.name, &keys).await? {
                 by_key.entry(o.join_key.clone()).or_default().push(o);
             }
-            let n = page.len();
-            for imp in page {
+            for (imp, revision) in page {
                 let outcomes: Vec<Outcome> = imp
                     .impression
                     .keys()
@@ -1117,32 +1315,60 @@ impl Pipeline {
                     .flatten()
                     .cloned()
                     .collect();
-                let labeled = spec.label(&imp.impression, &outcomes, false);
-                self.rows.push(Example {
+                let labeled = spec.label(&imp.impression, &outcomes);
+                let version = match revision {
+                    Revision::First | Revision::Late => 1,
+                    Revision::Correction { .. } => {
+                        let by = joining.get(&imp.example_id).map_or(&[][..], Vec::as_slice);
+                        let same = imp.emitted.is_some_and(|e| e.digest == labeled.digest());
+                        for n in by {
+                            let f = &mut fate[*n];
+                            if same {
+                                f.get_or_insert(UNCHANGED);
+                            } else {
+                                *f = Some(CORRECTED);
+                            }
+                        }
+                        if same {
+                            continue;
+                        }
+                        imp.emitted.map_or(2, |e| e.version.saturating_add(1))
+                    }
+                };
+                *kinds
+                    .entry(match revision {
+                        Revision::First => "first",
+                        Revision::Late => "late",
+                        Revision::Correction { .. } => "correction",
+                    })
+                    .or_insert(0) += 1;
+                rows.push(Example {
                     example_id: imp.example_id,
-                    version: 1,
-                    impression: imp.impression,
+                    version,
+                    impression: imp.impression.clone(),
                     labeled,
+                    revision: *revision,
                 });
             }
-            observability::examples(&self.name, "first", n as u64);
-            self.emitted = cursor;
-            // A long catch-up commits as it goes, so that a crash does not redo it all.
-            if self.rows.len() >= max_rows {
-                self.commit().await?;
-            }
         }
-        self.emitted = target;
-        Ok(())
+        for (kind, n) in kinds {
+            observability::examples(&self.name, kind, n);
+        }
+        for reason in [CORRECTED, UNCHANGED, BEYOND_HORIZON, DROPPED] {
+            let n = fate.iter().filter(|f| **f == Some(reason)).count() as u64;
+            self.count_late(reason, n);
+        }
+        Ok(rows)
     }
 
-    /// Writes the waiting examples and commits them with the position they cover.
-    async fn commit(&mut self) -> Result<(), EngineError> {
+    /// Writes the waiting examples and commits them with the position they cover;
+    /// `release_all` emits every held late impression (the last commit of a session).
+    async fn commit(&mut self, release_all: bool) -> Result<(), EngineError> {
         if !self.has_progress() {
             return Ok(());
         }
         let started = Instant::now();
-        self.flush().await?;
+        let mut rows = self.label_rows(release_all).await?;
         let shared = self.shared.clone();
         let root = &shared.root;
         let spec = &self.dataset.spec;
@@ -1150,7 +1376,6 @@ impl Pipeline {
         // 0. Erased users never reach a dataset again: their rows are dropped here, whether
         // their events were still in the log or the state when the erasure happened, or are
         // replayed later.
-        let mut rows: Vec<Example> = self.rows.drain(..).collect();
         let erased = erasure::erased_among(&shared.control, &row_users(&rows)).await?;
         if !erased.is_empty() {
             let before = rows.len();
@@ -1201,6 +1426,7 @@ impl Pipeline {
                 spec_hash: &spec.hash,
                 epoch,
                 committed_at,
+                late_outcomes: &self.late,
             });
             let mut seen = HashSet::new();
             for r in rows {
@@ -1214,7 +1440,23 @@ impl Pipeline {
         }
 
         tracing::debug!(dataset = %self.name, files = manifests.len(), "Commit: files written");
-        match self.record(&by_partition, &manifests, users, &shared).await {
+        let emitted: Vec<Emitted> = by_partition
+            .values()
+            .flatten()
+            .map(|r| Emitted {
+                example_id: r.example_id,
+                close_ms: r.labeled.close_ms,
+                emission: Emission {
+                    version: r.version,
+                    digest: r.labeled.digest(),
+                    label: r.labeled.label,
+                },
+            })
+            .collect();
+        match self
+            .record(&by_partition, &manifests, users, &emitted, &shared)
+            .await
+        {
             Ok(()) => {}
             Err(Recorded::Not(e)) => {
                 // Nothing of this commit is recorded: its files go now, not at the next start
@@ -1256,6 +1498,9 @@ impl Pipeline {
         self.seq += 1;
         self.batch_start.clear();
         let rows: usize = by_partition.values().map(Vec::len).sum();
+        if !emitted.is_empty() {
+            self.emitted_recorded(self.seq, &emitted).await?;
+        }
 
         // 4. Announce, then forget state committed examples no longer need.
         if shared.mode.publishes() {
@@ -1265,15 +1510,16 @@ impl Pipeline {
         let emitted_ms = self.emitted.close_ms;
         if emitted_ms > i64::MIN {
             let keep_after_close = spec.retention_after_close_ms;
+            let mut impressions_before = emitted_ms.saturating_sub(keep_after_close);
+            let mut outcomes_before = impressions_before.saturating_sub(spec.close_after_ms);
+            // Held late impressions, and the outcomes they join, stay until emitted.
+            for h in self.held.values() {
+                impressions_before = impressions_before.min(h.close_ms);
+                outcomes_before = outcomes_before.min(h.time_ms);
+            }
             let expired = shared
                 .state
-                .expire(
-                    &self.name,
-                    emitted_ms.saturating_sub(keep_after_close),
-                    emitted_ms
-                        .saturating_sub(keep_after_close)
-                        .saturating_sub(spec.close_after_ms),
-                )
+                .expire(&self.name, impressions_before, outcomes_before)
                 .await?;
             observability::expired(&self.name, expired);
         }
@@ -1289,9 +1535,10 @@ impl Pipeline {
         by_partition: &BTreeMap<String, Vec<Example>>,
         manifests: &[Manifest],
         users: Vec<(String, String)>,
+        emitted: &[Emitted],
         shared: &Shared,
     ) -> Result<(), Recorded> {
-        self.record_until_commit(by_partition, manifests, users, shared)
+        self.record_until_commit(by_partition, manifests, users, emitted, shared)
             .await
             .map_err(Recorded::Not)?
             .commit()
@@ -1305,6 +1552,7 @@ impl Pipeline {
         by_partition: &BTreeMap<String, Vec<Example>>,
         manifests: &[Manifest],
         users: Vec<(String, String)>,
+        emitted: &[Emitted],
         shared: &Shared,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, EngineError> {
         let spec = &self.dataset.spec;
@@ -1355,15 +1603,27 @@ impl Pipeline {
             .execute(&mut *tx)
             .await?;
         }
+        if !emitted.is_empty() {
+            sqlx::query(
+                "INSERT INTO labeler.emission_outbox (dataset, seq, emissions) VALUES ($1, $2, $3)",
+            )
+            .bind(&self.name)
+            .bind(self.seq + 1)
+            .bind(serde_json::to_vec(emitted).map_err(DatasetError::from)?)
+            .execute(&mut *tx)
+            .await?;
+        }
         let json =
             |m: &BTreeMap<String, i64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
+        let held: Vec<&Held> = self.held.values().collect();
         sqlx::query(
-            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, starts, watermarks, emitted_through_ms, emitted_through_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::uuid)
+            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, starts, watermarks, emitted_through_ms, emitted_through_id, held, late)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::uuid, $9, $10)
              ON CONFLICT (dataset) DO UPDATE SET spec_hash = EXCLUDED.spec_hash, seq = EXCLUDED.seq,
                offsets = EXCLUDED.offsets, starts = EXCLUDED.starts, watermarks = EXCLUDED.watermarks,
                emitted_through_ms = EXCLUDED.emitted_through_ms,
-               emitted_through_id = EXCLUDED.emitted_through_id, committed_at = now()",
+               emitted_through_id = EXCLUDED.emitted_through_id, held = EXCLUDED.held,
+               late = EXCLUDED.late, committed_at = now()",
         )
         .bind(&self.name)
         .bind(&spec.hash)
@@ -1373,6 +1633,8 @@ impl Pipeline {
         .bind(json(&self.watermarks.snapshot()))
         .bind(self.emitted.close_ms)
         .bind(self.emitted.example_id.to_string())
+        .bind(serde_json::to_string(&held).map_err(DatasetError::from)?)
+        .bind(json(&self.late))
         .execute(&mut *tx)
         .await?;
         Ok(tx)
@@ -1589,6 +1851,7 @@ struct NextManifest<'a> {
     spec_hash: &'a str,
     epoch: i64,
     committed_at: i64,
+    late_outcomes: &'a BTreeMap<String, i64>,
 }
 
 /// The partition's next version: the previous files plus the new one.
@@ -1596,15 +1859,35 @@ fn next_manifest(n: NextManifest<'_>) -> Manifest {
     let version = n.previous.map_or(1, |p| p.version + 1);
     let mut files = n.previous.map(|p| p.files.clone()).unwrap_or_default();
     files.push(n.file);
+    // Labels of the latest versions: a correction moves its example from the label it
+    // replaces to its own.
     let mut counts = n
         .previous
         .map(|p| p.label_counts.clone())
         .unwrap_or_default();
+    let mut examples = n.previous.map_or(0, |p| p.examples);
+    let mut late = n.previous.map(|p| p.late_data.clone()).unwrap_or_default();
     for r in n.rows {
         *counts
             .entry(r.labeled.label.as_str().to_owned())
             .or_insert(0) += 1;
+        match r.revision {
+            Revision::First => examples += 1,
+            Revision::Late => {
+                examples += 1;
+                late.late_impression_rows += 1;
+            }
+            Revision::Correction { replaces } => {
+                late.correction_rows += 1;
+                if let Some(c) = replaces.and_then(|l| counts.get_mut(l.as_str())) {
+                    *c -= 1;
+                }
+            }
+        }
     }
+    counts.retain(|_, c| *c > 0);
+    late.dataset_late_outcomes = n.late_outcomes.clone();
+    late.dataset_late_outcomes.remove(LATE_IMPRESSIONS_KEY);
     let times = n.rows.iter().map(|r| r.impression.time_ms);
     let (mut lo, mut hi) = n.previous.map_or((i64::MAX, i64::MIN), |p| {
         (p.event_time_min, p.event_time_max)
@@ -1665,6 +1948,8 @@ fn next_manifest(n: NextManifest<'_>) -> Manifest {
             .collect(),
         label_spec_hash: n.spec_hash.to_owned(),
         label_counts: counts,
+        examples,
+        late_data: late,
         erasure_epoch: n.epoch,
         supersedes_version: n.previous.map(|p| p.version),
         committed_at: n.committed_at,

@@ -10,11 +10,11 @@
 //! partition loses on the (dataset, partition, version) key and retries from its last commit.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use arrow_array::{Array, BooleanArray, RecordBatch, StringArray};
+use arrow_array::{Array, BooleanArray, Int32Array, RecordBatch, StringArray};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sqlx::{PgPool, Row};
@@ -151,7 +151,8 @@ pub async fn rewrite_partition(
     let mut files = Vec::with_capacity(before.files.len());
     let mut replaced = Vec::new();
     let mut removed = 0i64;
-    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    // The latest version of each example kept: (version, label).
+    let mut latest: HashMap<String, (i32, String)> = HashMap::new();
     for f in &before.files {
         let rel = root.rel_of_listed(&f.uri)?;
         let bytes: Bytes = root.get(&rel).await?;
@@ -167,12 +168,20 @@ pub async fn rewrite_partition(
             dropped += mask.iter().filter(|k| *k == Some(false)).count() as i64;
             let filtered = arrow_select::filter::filter_record_batch(&batch, &mask)
                 .map_err(DatasetError::from)?;
-            if let Some(labels) = filtered
-                .column_by_name("label")
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            {
-                for l in labels.iter().flatten() {
-                    *counts.entry(l.to_owned()).or_insert(0) += 1;
+            let column = |name: &str| filtered.column_by_name(name);
+            if let (Some(ids), Some(versions), Some(labels)) = (
+                column("example_id").and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+                column("version").and_then(|c| c.as_any().downcast_ref::<Int32Array>()),
+                column("label").and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+            ) {
+                for i in 0..filtered.num_rows() {
+                    let version = versions.value(i);
+                    let e = latest
+                        .entry(ids.value(i).to_owned())
+                        .or_insert((version, labels.value(i).to_owned()));
+                    if version > e.0 {
+                        *e = (version, labels.value(i).to_owned());
+                    }
                 }
             }
             kept.push(filtered);
@@ -218,6 +227,10 @@ pub async fn rewrite_partition(
     .fetch_one(&mut *tx)
     .await?;
     let version = before.version + 1;
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for (_, label) in latest.values() {
+        *counts.entry(label.clone()).or_insert(0) += 1;
+    }
     let after = Manifest {
         version,
         manifest_uri: root.uri_of(&manifest_rel(dataset, partition, version)),
@@ -225,6 +238,7 @@ pub async fn rewrite_partition(
         byte_size: files.iter().map(|f| f.byte_size).sum(),
         files,
         label_counts: counts,
+        examples: latest.len() as i64,
         erasure_epoch: epoch,
         supersedes_version: Some(before.version),
         committed_at: SystemTime::now()

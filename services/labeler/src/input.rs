@@ -141,13 +141,12 @@ fn event_kind(event: &Event) -> Option<EventKind> {
     })
 }
 
-/// Reads an event record for `spec`. `watermark` is its partition's watermark before it.
+/// Reads an event record for `spec`.
 pub fn event(
     spec: &Compiled,
     schema: &CompiledSchema,
     body: &[u8],
     source: SourceRef,
-    watermark: i64,
 ) -> Result<Decoded, InputError> {
     let event = Event::decode(schema, body)?;
     let origin = format!("{}/{}/{}", source.topic, source.partition, source.offset);
@@ -200,7 +199,6 @@ pub fn event(
                 join_key,
                 time_ms,
                 value: value_of(s, |f| event_field(&event, f)),
-                arrival_watermark_ms: watermark,
                 users: users.clone(),
                 origin: origin.clone(),
             });
@@ -221,7 +219,6 @@ pub fn change(
     key: Option<&[u8]>,
     body: &[u8],
     origin: &str,
-    watermark: i64,
 ) -> Result<Decoded, InputError> {
     let change: Change = schema
         .decode_body(body)
@@ -284,7 +281,6 @@ pub fn change(
                 join_key,
                 time_ms: t,
                 value: value_of(s, |f| json_scalar(row.get(f))),
-                arrival_watermark_ms: watermark,
                 users,
                 origin: origin.to_owned(),
             });

@@ -8,6 +8,7 @@ pub const EXAMPLES: &str = "feedloop_labeler_examples_total";
 pub const ERASED_EXAMPLES: &str = "feedloop_labeler_erased_examples_total";
 pub const LATE_OUTCOMES: &str = "feedloop_labeler_late_outcomes_total";
 pub const LATE_IMPRESSIONS: &str = "feedloop_labeler_late_impressions_total";
+pub const HELD_IMPRESSIONS: &str = "feedloop_labeler_held_impressions";
 pub const OFFSET_REWINDS: &str = "feedloop_labeler_offset_rewinds_total";
 pub const OFFSET_GAPS: &str = "feedloop_labeler_offset_gap_records_total";
 pub const DUPLICATE_IMPRESSIONS: &str = "feedloop_labeler_duplicate_impressions_total";
@@ -37,11 +38,20 @@ pub fn describe() {
     );
     describe_counter!(
         EXAMPLES,
-        "Labeled examples written, by dataset and kind (first, correction)."
+        "Labeled examples written, by dataset and kind (first: version 1 when the watermark \
+         passed its close; late: version 1 of an impression read after its close; correction: \
+         a later version)."
     );
     describe_counter!(
         LATE_OUTCOMES,
-        "Outcomes that arrived after their example closed, by dataset and policy."
+        "Outcomes read after an example they join was emitted, by dataset and reason: \
+         corrected (a new version), unchanged (the example said the same with it), \
+         beyond_horizon (every example it can join is past close + correction_horizon: not \
+         applied), dropped (late_outcomes = \"drop\")."
+    );
+    describe_gauge!(
+        HELD_IMPRESSIONS,
+        "Late impressions held for the outcomes read with them, by dataset."
     );
     describe_counter!(
         OFFSET_REWINDS,
@@ -57,7 +67,9 @@ pub fn describe() {
     );
     describe_counter!(
         LATE_IMPRESSIONS,
-        "Impressions read after their own example had closed, by dataset."
+        "Impressions read after their own example had closed (held, then emitted with the \
+         outcomes read with them), by dataset and whether within the correction horizon \
+         (horizon = within, beyond)."
     );
     describe_counter!(
         DEAD_LETTERS,
@@ -121,12 +133,16 @@ pub fn examples(dataset: &str, kind: &'static str, n: u64) {
     counter!(EXAMPLES, "dataset" => dataset.to_owned(), "kind" => kind).increment(n);
 }
 
-pub fn late_outcome(dataset: &str, policy: &'static str) {
-    counter!(LATE_OUTCOMES, "dataset" => dataset.to_owned(), "policy" => policy).increment(1);
+pub fn late_outcomes(dataset: &str, reason: &'static str, n: u64) {
+    counter!(LATE_OUTCOMES, "dataset" => dataset.to_owned(), "reason" => reason).increment(n);
 }
 
-pub fn late_impression(dataset: &str) {
-    counter!(LATE_IMPRESSIONS, "dataset" => dataset.to_owned()).increment(1);
+pub fn late_impression(dataset: &str, horizon: &'static str) {
+    counter!(LATE_IMPRESSIONS, "dataset" => dataset.to_owned(), "horizon" => horizon).increment(1);
+}
+
+pub fn held_impressions(dataset: &str, n: usize) {
+    gauge!(HELD_IMPRESSIONS, "dataset" => dataset.to_owned()).set(n as f64);
 }
 
 pub fn rewind(dataset: &str, topic: &str) {

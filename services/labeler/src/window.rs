@@ -1,17 +1,20 @@
 //! The label window logic, pure: join keys, which outcomes count for an impression, how they
-//! fold into values and a label, and per-partition watermarks. No IO here; the engine feeds it
-//! records and the state store holds what it needs between them.
+//! fold into values and a label, when a late record still changes an example, and
+//! per-partition watermarks. No IO here; the engine feeds it records and the state store holds
+//! what it needs between them.
 //!
 //! Time: an outcome counts for an impression when its event time is in
 //! `[impression, impression + window)`. An example *closes* at
-//! `impression + longest window + allowed_lateness` and is emitted once the watermark reaches
-//! its close. Each input partition's watermark is the highest event time read from it; the
-//! global watermark is the lowest over the partitions that still have records to read.
+//! `impression + longest window + allowed_lateness` and is emitted once the dataset's watermark
+//! reaches its close. Each input partition's watermark is the highest event time read from it;
+//! the dataset's watermark is the lowest over the partitions that still have records to read.
 //!
-//! Lateness is decided per record, from its own partition only, so that a replay decides the
-//! same: an outcome is *on time* for an example if its partition's watermark, just before the
-//! outcome was read, was below the example's close. The first version of an example holds the
-//! on-time outcomes; late ones are dropped or produce corrections, by the spec's policy.
+//! Lateness has one rule, whatever partition a record lives in: an outcome read after an
+//! example it joins was emitted corrects that example (the next version, at the next commit),
+//! as long as the dataset's watermark has not passed the example's close plus the correction
+//! horizon; past the horizon it is counted, not applied. Every version holds every outcome
+//! known when it was committed, so the latest version of an example does not depend on when
+//! its outcomes arrived, only on whether they arrived within the horizon.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -92,8 +95,6 @@ pub struct Outcome {
     pub join_key: String,
     pub time_ms: i64,
     pub value: Scalar,
-    /// The watermark of the outcome's partition just before it was read.
-    pub arrival_watermark_ms: i64,
     /// Users the record is about (for erasure).
     pub users: Vec<String>,
     /// Where the record was read (`topic/partition/offset`): a replay of the same record has
@@ -189,50 +190,57 @@ impl Compiled {
             && outcome.time_ms < impression.time_ms.saturating_add(*window)
     }
 
-    /// Whether `outcome` can be late for any impression it joins: only then is the join state
-    /// consulted on arrival.
-    pub fn may_be_late(&self, outcome: &Outcome) -> bool {
+    /// The earliest close of any example `outcome` can join: impressions at most one window
+    /// before it.
+    fn earliest_close(&self, outcome: &Outcome) -> i64 {
         let window = self.windows.get(&outcome.name).copied().unwrap_or(0);
-        outcome.arrival_watermark_ms
-            >= outcome
-                .time_ms
-                .saturating_sub(window)
-                .saturating_add(self.close_after_ms)
+        outcome
+            .time_ms
+            .saturating_sub(window)
+            .saturating_add(1)
+            .saturating_add(self.close_after_ms)
     }
 
-    /// Whether `outcome` was on time for an example closing at `close_ms`.
-    pub fn on_time(outcome: &Outcome, close_ms: i64) -> bool {
-        outcome.arrival_watermark_ms < close_ms
+    /// The latest close of any example `outcome` can join: an impression at its own time.
+    fn latest_close(&self, outcome: &Outcome) -> i64 {
+        outcome.time_ms.saturating_add(self.close_after_ms)
     }
 
-    /// The example for `impression` from the joined `outcomes` (any order, duplicates allowed).
-    /// `late_included` says whether late outcomes count (corrections) or not (first version).
-    pub fn label(
-        &self,
-        impression: &Impression,
-        outcomes: &[Outcome],
-        late_included: bool,
-    ) -> Labeled {
+    /// Whether `outcome` may join an example already emitted, when examples closing up to
+    /// `emitted_ms` were: only then is the join state consulted for a correction.
+    pub fn may_join_emitted(&self, outcome: &Outcome, emitted_ms: i64) -> bool {
+        self.earliest_close(outcome) <= emitted_ms
+    }
+
+    /// Whether every example `outcome` can join is past the correction horizon when the
+    /// dataset's examples are emitted up to `emitted_ms` (their join state is gone): the
+    /// outcome is counted, and changes nothing.
+    pub fn beyond_horizon(&self, outcome: &Outcome, emitted_ms: i64) -> bool {
+        self.latest_close(outcome)
+            .saturating_add(self.retention_after_close_ms)
+            < emitted_ms
+    }
+
+    /// Whether the example of an impression closing at `close_ms` can still be corrected when
+    /// examples are emitted up to `emitted_ms`.
+    pub fn correctable(&self, close_ms: i64, emitted_ms: i64) -> bool {
+        self.spec.late_outcomes == crate::spec::LatePolicy::Correct
+            && close_ms.saturating_add(self.retention_after_close_ms) >= emitted_ms
+    }
+
+    /// The example for `impression` from the joined `outcomes` (any order, duplicates allowed):
+    /// every outcome that joins it counts.
+    pub fn label(&self, impression: &Impression, outcomes: &[Outcome]) -> Labeled {
         let close = self.close_ms(impression);
         let keys = impression.keys();
         let mut joined: BTreeMap<(&str, i64, &str), &Outcome> = BTreeMap::new();
-        let mut late = 0;
-        let mut late_seen = std::collections::BTreeSet::new();
         for o in outcomes {
-            if !self.joins(impression, &keys, o) {
-                continue;
-            }
-            let on_time = Self::on_time(o, close);
-            if on_time || late_included {
-                let key = (o.name.as_str(), o.time_ms, o.id.as_str());
-                if joined.insert(key, o).is_none() && !on_time {
-                    late += 1;
-                }
-            } else if !joined.contains_key(&(o.name.as_str(), o.time_ms, o.id.as_str())) {
-                late_seen.insert((o.name.as_str(), o.time_ms, o.id.as_str()));
+            if self.joins(impression, &keys, o) {
+                joined
+                    .entry((o.name.as_str(), o.time_ms, o.id.as_str()))
+                    .or_insert(o);
             }
         }
-        late += late_seen.len();
         let mut values = Vec::with_capacity(self.spec.outcomes.len());
         for spec in &self.spec.outcomes {
             let mine: Vec<&Outcome> = joined
@@ -260,7 +268,6 @@ impl Compiled {
         Labeled {
             values,
             label,
-            late_outcomes: late,
             close_ms: close,
             origins: joined.values().map(|o| o.origin.clone()).collect(),
         }
@@ -273,8 +280,6 @@ pub struct Labeled {
     /// One value per spec outcome, in spec order.
     pub values: Vec<(String, Scalar)>,
     pub label: Label,
-    /// Joined outcomes that were late (whether or not they were included).
-    pub late_outcomes: usize,
     pub close_ms: i64,
     /// Where the joined outcomes were read (`topic/partition/offset`), for lineage.
     pub origins: Vec<String>,
@@ -283,6 +288,24 @@ pub struct Labeled {
 impl Labeled {
     pub fn value(&self, name: &str) -> Option<&Scalar> {
         self.values.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// What a version of the example says (its values and label), as 63 bits of SHA-256: a
+    /// correction that says the same creates no version.
+    pub fn digest(&self) -> i64 {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.label.as_str().as_bytes());
+        for (name, value) in &self.values {
+            h.update([0]);
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(serde_json::to_vec(value).unwrap_or_default());
+        }
+        let d = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d[..8]);
+        i64::from_be_bytes(first) & i64::MAX
     }
 }
 
@@ -412,6 +435,14 @@ impl Watermarks {
             .unwrap_or(i64::MIN)
     }
 
+    /// The partition has been read to its end (and nothing was read since).
+    pub fn at_end(&self, topic: &str, partition: i32) -> bool {
+        self.at_end
+            .get(&tp(topic, partition))
+            .copied()
+            .unwrap_or(false)
+    }
+
     /// Every assigned partition has been read to its end.
     pub fn all_at_end(&self) -> bool {
         !self.at_end.is_empty() && self.at_end.values().all(|e| *e)
@@ -474,7 +505,6 @@ mod tests {
             join_key: key,
             time_ms: T0 + dt,
             value,
-            arrival_watermark_ms: T0 + dt,
             users: vec![],
             origin: String::new(),
         }
@@ -510,7 +540,6 @@ mod tests {
                 decision(&imp, "d", MIN, true),
                 chat(&imp, "c", 20 * MIN, 45.0),
             ],
-            false,
         );
         assert_eq!(l.label, Label::Positive);
         assert_eq!(l.value("accepted"), Some(&Scalar::Bool(true)));
@@ -523,21 +552,21 @@ mod tests {
         let c = compiled();
         let imp = impression("a", "b", Uuid::new_v4());
         // Exactly at the impression: counts.
-        let at_start = c.label(&imp, &[decision(&imp, "d", 0, false)], false);
+        let at_start = c.label(&imp, &[decision(&imp, "d", 0, false)]);
         assert_eq!(at_start.value("accepted"), Some(&Scalar::Bool(false)));
         // One ms before the end of the 10-minute window: counts; at the end: does not.
-        let inside = c.label(&imp, &[decision(&imp, "d", 10 * MIN - 1, true)], false);
+        let inside = c.label(&imp, &[decision(&imp, "d", 10 * MIN - 1, true)]);
         assert_eq!(inside.value("accepted"), Some(&Scalar::Bool(true)));
-        let at_end = c.label(&imp, &[decision(&imp, "d", 10 * MIN, true)], false);
+        let at_end = c.label(&imp, &[decision(&imp, "d", 10 * MIN, true)]);
         assert_eq!(at_end.value("accepted"), Some(&Scalar::Null));
         assert_eq!(at_end.label, Label::Unknown);
         // Before the impression: does not count.
-        let before = c.label(&imp, &[decision(&imp, "d", -1, true)], false);
+        let before = c.label(&imp, &[decision(&imp, "d", -1, true)]);
         assert_eq!(before.value("accepted"), Some(&Scalar::Null));
         // A report at 24 h - 1 ms counts, at 24 h not.
-        let r = c.label(&imp, &[report(&imp, "r", 24 * HOUR - 1)], false);
+        let r = c.label(&imp, &[report(&imp, "r", 24 * HOUR - 1)]);
         assert_eq!(r.label, Label::Negative);
-        let r = c.label(&imp, &[report(&imp, "r", 24 * HOUR)], false);
+        let r = c.label(&imp, &[report(&imp, "r", 24 * HOUR)]);
         assert_eq!(r.value("reported"), Some(&Scalar::Bool(false)));
     }
 
@@ -553,7 +582,7 @@ mod tests {
             Scalar::Bool(true),
         );
         assert_eq!(
-            c.label(&imp, &[other], false).value("reported"),
+            c.label(&imp, &[other]).value("reported"),
             Some(&Scalar::Bool(false))
         );
         let theirs = outcome(
@@ -563,7 +592,7 @@ mod tests {
             HOUR,
             Scalar::Bool(true),
         );
-        assert_eq!(c.label(&imp, &[theirs], false).label, Label::Negative);
+        assert_eq!(c.label(&imp, &[theirs]).label, Label::Negative);
     }
 
     #[test]
@@ -576,8 +605,8 @@ mod tests {
         let a_accepts = decision(&a_sees_b, "e", MIN, true);
         let chat = chat(&a_sees_b, "c", 5 * MIN, 10.0);
         let outcomes = [b_skips, a_accepts, chat];
-        let a = c.label(&a_sees_b, &outcomes, false);
-        let b = c.label(&b_sees_a, &outcomes, false);
+        let a = c.label(&a_sees_b, &outcomes);
+        let b = c.label(&b_sees_a, &outcomes);
         assert_eq!(a.value("accepted"), Some(&Scalar::Bool(true)));
         assert_eq!(b.value("accepted"), Some(&Scalar::Bool(false)));
         // Both impressions of the match see the chat.
@@ -593,7 +622,7 @@ mod tests {
         let imp = impression("a", "b", Uuid::new_v4());
         let first = decision(&imp, "d1", MIN, true);
         let second = decision(&imp, "d2", 2 * MIN, false);
-        let l = c.label(&imp, &[second.clone(), first.clone(), first.clone()], false);
+        let l = c.label(&imp, &[second.clone(), first.clone(), first.clone()]);
         assert_eq!(l.value("accepted"), Some(&Scalar::Bool(true)));
         let spec_count = EXAMPLE_SPEC
             .replace("aggregate = \"max\"", "aggregate = \"count\"")
@@ -613,7 +642,7 @@ mod tests {
                 Scalar::Double(1.0),
             )
         };
-        let l = c2.label(&imp, &[mk("x"), mk("x"), mk("y")], false);
+        let l = c2.label(&imp, &[mk("x"), mk("x"), mk("y")]);
         assert_eq!(l.value("chats"), Some(&Scalar::Long(2)));
     }
 
@@ -621,27 +650,39 @@ mod tests {
     fn no_outcome_gives_defaults_and_the_default_label() {
         let c = compiled();
         let imp = impression("a", "b", Uuid::new_v4());
-        let l = c.label(&imp, &[], false);
+        let l = c.label(&imp, &[]);
         assert_eq!(l.label, Label::Unknown);
         assert_eq!(l.value("accepted"), Some(&Scalar::Null));
         assert_eq!(l.value("reported"), Some(&Scalar::Bool(false)));
-        assert_eq!(l.late_outcomes, 0);
     }
 
     #[test]
-    fn late_outcomes_are_left_out_of_the_first_version_and_in_corrections() {
+    fn corrections_and_the_horizon() {
         let c = compiled();
         let imp = impression("a", "b", Uuid::new_v4());
         let close = c.close_ms(&imp);
-        let mut late_report = report(&imp, "r", HOUR);
-        late_report.arrival_watermark_ms = close; // the partition had passed the close
-        let on_time = decision(&imp, "d", MIN, true);
-        let outcomes = [on_time, chat(&imp, "c", 2 * MIN, 60.0), late_report];
-        let first = c.label(&imp, &outcomes, false);
-        assert_eq!(first.label, Label::Positive);
-        assert_eq!(first.late_outcomes, 1);
-        let corrected = c.label(&imp, &outcomes, true);
+        let horizon = c.retention_after_close_ms;
+        let r = report(&imp, "r", HOUR);
+        // Examples closing up to the report's earliest possible close: none it joins yet.
+        assert!(!c.may_join_emitted(&r, close - 23 * HOUR - 1));
+        assert!(c.may_join_emitted(&r, close));
+        assert!(!c.beyond_horizon(&r, close + horizon));
+        // Every impression it can join (at most at its own time) is past close + horizon.
+        assert!(c.beyond_horizon(&r, c.close_after_ms + r.time_ms + horizon + 1));
+        assert!(c.correctable(close, close + horizon));
+        assert!(!c.correctable(close, close + horizon + 1));
+        // The label counts every outcome that joins, whenever it arrived.
+        let outcomes = [
+            decision(&imp, "d", MIN, true),
+            chat(&imp, "c", 2 * MIN, 60.0),
+            r,
+        ];
+        assert_eq!(c.label(&imp, &outcomes[..2]).label, Label::Positive);
+        let corrected = c.label(&imp, &outcomes);
         assert_eq!(corrected.label, Label::Negative);
+        assert_ne!(corrected.digest(), c.label(&imp, &outcomes[..2]).digest());
+        assert_eq!(corrected.digest(), c.label(&imp, &outcomes).digest());
+        assert!(corrected.digest() >= 0);
     }
 
     #[test]
@@ -677,39 +718,34 @@ mod tests {
                 any::<bool>(),
                 0.0f64..300.0,
                 0u8..20,
-                any::<bool>(),
             ),
             0..12,
         )
         .prop_map(move |v| {
             v.into_iter()
-                .map(|(kind, dt, b, secs, id, late)| {
+                .map(|(kind, dt, b, secs, id)| {
                     let id = format!("o{id}");
-                    let mut o = match kind {
+                    match kind {
                         0 => decision(&imp, &id, dt, b),
                         1 => chat(&imp, &id, dt, secs.floor()),
                         _ => report(&imp, &id, dt),
-                    };
-                    if late {
-                        o.arrival_watermark_ms = i64::MAX;
                     }
-                    o
                 })
                 .collect()
         })
     }
 
     proptest! {
-        /// Arrival order, duplicates and late outcomes the first version leaves out do not
-        /// change the first version; the label agrees with an independent reading of the spec.
+        /// Arrival order and duplicates do not change an example; the label agrees with an
+        /// independent reading of the spec.
         #[test]
-        fn order_duplicates_and_late_data_do_not_change_the_first_version(
+        fn order_and_duplicates_do_not_change_the_example(
             outcomes in arb_outcomes(impression("a", "b", Uuid::from_u128(7))),
             seed in any::<u64>(),
         ) {
             let c = compiled();
             let imp = impression("a", "b", Uuid::from_u128(7));
-            let base = c.label(&imp, &outcomes, false);
+            let base = c.label(&imp, &outcomes);
             let mut shuffled = outcomes.clone();
             shuffled.extend(outcomes.iter().take(3).cloned());
             let n = shuffled.len();
@@ -717,20 +753,20 @@ mod tests {
                 let j = (seed as usize).wrapping_mul(i + 1) % n.max(1);
                 shuffled.swap(i, j);
             }
-            let again = c.label(&imp, &shuffled, false);
+            let again = c.label(&imp, &shuffled);
             prop_assert_eq!(&base.values, &again.values);
             prop_assert_eq!(base.label, again.label);
-            let no_late: Vec<Outcome> = outcomes.iter().filter(|o| o.arrival_watermark_ms != i64::MAX).cloned().collect();
-            prop_assert_eq!(&c.label(&imp, &no_late, false).values, &base.values);
+            prop_assert_eq!(base.digest(), again.digest());
+            let all = &outcomes;
 
             // Independent oracle for the example spec.
-            let inwin = |o: &&Outcome, w: i64| o.time_ms >= T0 && o.time_ms < T0 + w && o.arrival_watermark_ms != i64::MAX;
-            let mut decisions: Vec<&Outcome> = no_late.iter().filter(|o| o.name == "accepted").filter(|o| inwin(o, 10 * MIN)).collect();
+            let inwin = |o: &&Outcome, w: i64| o.time_ms >= T0 && o.time_ms < T0 + w;
+            let mut decisions: Vec<&Outcome> = all.iter().filter(|o| o.name == "accepted").filter(|o| inwin(o, 10 * MIN)).collect();
             decisions.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
             let accepted = decisions.first().map(|o| o.value == Scalar::Bool(true));
-            let chat = no_late.iter().filter(|o| o.name == "chat_seconds").filter(|o| inwin(o, 2 * HOUR))
+            let chat = all.iter().filter(|o| o.name == "chat_seconds").filter(|o| inwin(o, 2 * HOUR))
                 .filter_map(|o| o.value.as_f64()).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
-            let reported = no_late.iter().filter(|o| o.name == "reported").any(|o| inwin(&o, 24 * HOUR));
+            let reported = all.iter().filter(|o| o.name == "reported").any(|o| inwin(&o, 24 * HOUR));
             let expected = if reported || accepted == Some(false) {
                 Label::Negative
             } else if accepted == Some(true) && chat.is_some_and(|c| c >= 30.0) {

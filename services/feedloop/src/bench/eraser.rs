@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, bail};
 use feedloop_core::model::FeatureValue;
 use feedloop_labeler::{
-    dataset::{self, DataFile, Example, Manifest, Root, data_file_rel, manifest_rel},
+    dataset::{self, DataFile, Example, Manifest, Revision, Root, data_file_rel, manifest_rel},
     erasure,
     spec::{EXAMPLE_SPEC, LabelSpec},
     window::{Compiled, Impression, Scalar, SourceRef},
@@ -92,13 +92,14 @@ async fn build(
                     offset: (h * per + i) as i64,
                 },
             };
-            let mut labeled = compiled.label(&impression, &[], false);
+            let mut labeled = compiled.label(&impression, &[]);
             labeled.values[0].1 = Scalar::Bool(rng.random_bool(0.5));
             examples.push(Example {
                 example_id: compiled.example_id(&impression),
                 version: 1,
                 impression,
                 labeled,
+                revision: Revision::First,
             });
         }
         let partition = dataset::hive_partition(T0 + h as i64 * HOUR);
@@ -126,6 +127,8 @@ async fn build(
             sources: Vec::new(),
             label_spec_hash: compiled.hash.clone(),
             label_counts: BTreeMap::new(),
+            examples: per as i64,
+            late_data: Default::default(),
             erasure_epoch: 0,
             supersedes_version: None,
             committed_at: 0,

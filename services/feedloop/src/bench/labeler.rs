@@ -30,7 +30,7 @@ use feedloop_core::{
 };
 use feedloop_labeler::{
     config::StoreKind,
-    dataset::{self, Example},
+    dataset::{self, Example, Revision},
     spec::{EXAMPLE_SPEC, LabelSpec},
     window::{Compiled, Impression, Scalar, SourceRef},
 };
@@ -378,13 +378,14 @@ fn parquet_examples(rows: usize) -> anyhow::Result<(LabelSpec, Vec<Example>)> {
                     offset: i as i64,
                 },
             };
-            let mut labeled = compiled.label(&impression, &[], false);
+            let mut labeled = compiled.label(&impression, &[]);
             labeled.values[0].1 = Scalar::Bool(rng.random_bool(0.5));
             Example {
                 example_id: compiled.example_id(&impression),
                 version: 1,
                 impression,
                 labeled,
+                revision: Revision::First,
             }
         })
         .collect();

@@ -65,6 +65,7 @@ fn impression(n: u128, viewer: &str, candidate: &str, close_ms: i64) -> StoredIm
                 offset: n as i64,
             },
         },
+        emitted: None,
     }
 }
 
@@ -75,7 +76,6 @@ fn outcome(key: String, name: &str, id: &str, time_ms: i64, users: &[&str]) -> O
         join_key: key,
         time_ms,
         value: Scalar::Double(12.5),
-        arrival_watermark_ms: time_ms - 5,
         users: users.iter().map(|u| (*u).to_owned()).collect(),
         origin: format!("t/0/{time_ms}"),
     }
@@ -93,6 +93,75 @@ pub async fn run_all(store: &dyn StateStore) -> Result<(), ContractFailure> {
     lookups_by_key(store).await?;
     expiry(store).await?;
     purge(store).await?;
+    emissions(store).await?;
+    Ok(())
+}
+
+/// What was emitted for an example is read back with its impression, survives the impression
+/// being put again (a replay), and is not written for an impression the state does not hold.
+async fn emissions(store: &dyn StateStore) -> Result<(), ContractFailure> {
+    const CASE: &str = "emissions";
+    let i = impression(600, "kate", "leo", 7_000);
+    store
+        .put_impressions("ds-a", std::slice::from_ref(&i))
+        .await
+        .map_err(fail(CASE))?;
+    let emission = |version, digest, label| super::Emission {
+        version,
+        digest,
+        label,
+    };
+    let first = emission(1, 11, crate::spec::Label::Unknown);
+    let second = emission(2, 22, crate::spec::Label::Positive);
+    let absent = impression(601, "kate", "leo", 7_000);
+    let put = |e: super::Emission, id: Uuid| super::Emitted {
+        example_id: id,
+        close_ms: 7_000,
+        emission: e,
+    };
+    store
+        .put_emitted(
+            "ds-a",
+            &[put(first, i.example_id), put(first, absent.example_id)],
+        )
+        .await
+        .map_err(fail(CASE))?;
+    store
+        .put_emitted("ds-a", &[put(second, i.example_id)])
+        .await
+        .map_err(fail(CASE))?;
+    store
+        .put_impressions("ds-a", std::slice::from_ref(&i))
+        .await
+        .map_err(fail(CASE))?;
+    let keys = i.impression.keys();
+    let got = store
+        .impressions_by_keys("ds-a", &keys)
+        .await
+        .map_err(fail(CASE))?;
+    let want = StoredImpression {
+        emitted: Some(second),
+        ..i.clone()
+    };
+    check(CASE, got == vec![want.clone()], || {
+        format!("by key: {got:?}, want only {want:?}")
+    })?;
+    let due = store
+        .due_impressions("ds-a", CloseCursor::after(i64::MIN), i64::MAX, 10)
+        .await
+        .map_err(fail(CASE))?;
+    check(CASE, due == vec![want.clone()], || {
+        format!("due: {due:?}, want only {want:?}")
+    })?;
+    store
+        .expire("ds-a", i64::MAX, i64::MAX)
+        .await
+        .map_err(fail(CASE))?;
+    let left = store
+        .impressions_by_keys("ds-a", &keys)
+        .await
+        .map_err(fail(CASE))?;
+    check(CASE, left.is_empty(), || format!("after expiry: {left:?}"))?;
     Ok(())
 }
 

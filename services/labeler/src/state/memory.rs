@@ -8,7 +8,7 @@ use std::{
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{CloseCursor, StateError, StateStore, StoredImpression};
+use super::{CloseCursor, Emitted, StateError, StateStore, StoredImpression};
 use crate::window::Outcome;
 
 #[derive(Debug, Default)]
@@ -42,7 +42,12 @@ impl StateStore for MemoryStore {
     ) -> Result<(), StateError> {
         self.with(dataset, |d| {
             for i in items {
-                if let Some(old) = d.impressions.insert(i.example_id, i.clone()) {
+                let mut new = i.clone();
+                // The impression is upserted; what was emitted for it stays.
+                if let Some(old) = d.impressions.get(&i.example_id) {
+                    new.emitted = old.emitted.or(new.emitted);
+                }
+                if let Some(old) = d.impressions.insert(i.example_id, new) {
                     d.by_close.remove(&CloseCursor {
                         close_ms: old.close_ms,
                         example_id: old.example_id,
@@ -55,6 +60,17 @@ impl StateStore for MemoryStore {
                     },
                     (),
                 );
+            }
+        });
+        Ok(())
+    }
+
+    async fn put_emitted(&self, dataset: &str, items: &[Emitted]) -> Result<(), StateError> {
+        self.with(dataset, |d| {
+            for e in items {
+                if let Some(i) = d.impressions.get_mut(&e.example_id) {
+                    i.emitted = Some(e.emission);
+                }
             }
         });
         Ok(())

@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::window::{Impression, Outcome};
+use crate::{
+    spec::Label,
+    window::{Impression, Outcome},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -35,6 +38,26 @@ pub struct StoredImpression {
     /// When the example closes (event time, ms).
     pub close_ms: i64,
     pub impression: Impression,
+    /// The example's last committed version, once one was (see [`StateStore::put_emitted`]).
+    #[serde(default)]
+    pub emitted: Option<Emission>,
+}
+
+/// What the last committed version of an example said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Emission {
+    pub version: i32,
+    /// [`Labeled::digest`](crate::window::Labeled::digest) of that version.
+    pub digest: i64,
+    pub label: Label,
+}
+
+/// An example's emission, for [`StateStore::put_emitted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Emitted {
+    pub example_id: Uuid,
+    pub close_ms: i64,
+    pub emission: Emission,
 }
 
 /// A position in close order: impressions strictly after it are returned.
@@ -63,6 +86,11 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         dataset: &str,
         items: &[StoredImpression],
     ) -> Result<(), StateError>;
+
+    /// Records the committed version of examples whose impressions are in the state (others
+    /// are skipped): later reads of the impression carry it. Written only after the commit
+    /// that emitted the version (the labeler keeps them in its commit's outbox until then).
+    async fn put_emitted(&self, dataset: &str, items: &[Emitted]) -> Result<(), StateError>;
 
     /// Upserts outcomes by (join key, name, id).
     async fn put_outcomes(&self, dataset: &str, items: &[Outcome]) -> Result<(), StateError>;

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use super::{CloseCursor, StateError, StateStore, StoredImpression};
+use super::{CloseCursor, Emitted, StateError, StateStore, StoredImpression};
 use crate::window::{Impression, Outcome};
 
 #[derive(Debug, Clone)]
@@ -34,10 +34,12 @@ fn impressions(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<StoredImpression>
             let example_id =
                 Uuid::parse_str(&id).map_err(|e| StateError::Corrupt(e.to_string()))?;
             let payload: Vec<u8> = r.try_get("payload")?;
+            let emitted: Option<Vec<u8>> = r.try_get("emitted")?;
             Ok(StoredImpression {
                 example_id,
                 close_ms: r.try_get("close_ms")?,
                 impression: decode::<Impression>(&payload)?,
+                emitted: emitted.as_deref().map(decode).transpose()?,
             })
         })
         .collect()
@@ -101,6 +103,29 @@ impl StateStore for PostgresStore {
         Ok(())
     }
 
+    async fn put_emitted(&self, dataset: &str, items: &[Emitted]) -> Result<(), StateError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(items.len());
+        let mut emissions = Vec::with_capacity(items.len());
+        for e in items {
+            ids.push(e.example_id.to_string());
+            emissions.push(encode(&e.emission)?);
+        }
+        sqlx::query(
+            "UPDATE labeler.impressions i SET emitted = t.emitted
+             FROM UNNEST($2::text[], $3::bytea[]) AS t(id, emitted)
+             WHERE i.dataset = $1 AND i.example_id = t.id::uuid",
+        )
+        .bind(dataset)
+        .bind(&ids)
+        .bind(&emissions)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn put_outcomes(&self, dataset: &str, items: &[Outcome]) -> Result<(), StateError> {
         if items.is_empty() {
             return Ok(());
@@ -150,7 +175,7 @@ impl StateStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<StoredImpression>, StateError> {
         let rows = sqlx::query(
-            "SELECT example_id::text AS example_id, close_ms, payload FROM labeler.impressions
+            "SELECT example_id::text AS example_id, close_ms, payload, emitted FROM labeler.impressions
              WHERE dataset = $1 AND (close_ms, example_id) > ($2, $3::uuid) AND close_ms <= $4
              ORDER BY close_ms, example_id LIMIT $5",
         )
@@ -170,7 +195,7 @@ impl StateStore for PostgresStore {
         keys: &[String],
     ) -> Result<Vec<StoredImpression>, StateError> {
         let rows = sqlx::query(
-            "SELECT example_id::text AS example_id, close_ms, payload FROM labeler.impressions
+            "SELECT example_id::text AS example_id, close_ms, payload, emitted FROM labeler.impressions
              WHERE dataset = $1 AND keys && $2::text[] ORDER BY example_id",
         )
         .bind(dataset)

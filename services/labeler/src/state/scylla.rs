@@ -2,7 +2,8 @@
 //! every read and write touches one partition (or a few time buckets), and everything is
 //! written with a TTL so that state nobody expires explicitly still goes away:
 //!
-//! - `impressions ((dataset, example_id))`: the impression itself;
+//! - `impressions ((dataset, example_id))`: the impression itself, and what its example's last
+//!   committed version said (`emitted`);
 //! - `impressions_by_close ((dataset, bucket), close_ms, example_id)`: due scans, one hour
 //!   per partition; `close_buckets ((dataset), bucket)` lists the buckets in use;
 //! - `impressions_by_key ((dataset, join_key), example_id)`: lookups for late outcomes;
@@ -21,7 +22,7 @@ use scylla::{
 };
 use uuid::Uuid;
 
-use super::{CloseCursor, StateError, StateStore, StoredImpression};
+use super::{CloseCursor, Emitted, StateError, StateStore, StoredImpression};
 use crate::window::{Impression, Outcome};
 
 const BUCKET_MS: i64 = 3_600_000;
@@ -44,6 +45,7 @@ fn from_json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StateError> 
 
 struct Statements {
     put_impression: PreparedStatement,
+    put_emitted: PreparedStatement,
     put_by_close: PreparedStatement,
     put_close_bucket: PreparedStatement,
     put_by_key: PreparedStatement,
@@ -111,7 +113,7 @@ impl ScyllaStore {
                 "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', 'replication_factor': {replication_factor}}}"
             ),
             format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.impressions (dataset text, example_id uuid, close_ms bigint, payload blob, PRIMARY KEY ((dataset, example_id)))"
+                "CREATE TABLE IF NOT EXISTS {ks}.impressions (dataset text, example_id uuid, close_ms bigint, payload blob, emitted blob, PRIMARY KEY ((dataset, example_id)))"
             ),
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.impressions_by_close (dataset text, bucket bigint, close_ms bigint, example_id uuid, PRIMARY KEY ((dataset, bucket), close_ms, example_id))"
@@ -138,6 +140,17 @@ impl ScyllaStore {
         for stmt in ddl {
             session.query_unpaged(stmt, &[]).await.map_err(err)?;
         }
+        // Tables created before `emitted` existed get it; where it exists already this fails,
+        // and a real failure shows when the statements below are prepared.
+        if let Err(e) = session
+            .query_unpaged(
+                format!("ALTER TABLE {ks}.impressions ADD emitted blob"),
+                &[],
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "impressions.emitted not added (it exists)");
+        }
         let p = |q: String| {
             let session = &session;
             async move { session.prepare(q).await.map_err(err) }
@@ -152,7 +165,8 @@ impl ScyllaStore {
             put_by_time: p(format!("INSERT INTO {ks}.outcomes_by_time (dataset, bucket, time_ms, join_key, name, outcome_id) VALUES (?, ?, ?, ?, ?, ?) USING TTL {ttl}")).await?,
             put_outcome_bucket: p(format!("INSERT INTO {ks}.outcome_buckets (dataset, bucket) VALUES (?, ?) USING TTL {ttl}")).await?,
             put_by_user: p(format!("INSERT INTO {ks}.by_user (user_id, dataset, kind, entry) VALUES (?, ?, ?, ?) USING TTL {ttl}")).await?,
-            get_impression: p(format!("SELECT close_ms, payload FROM {ks}.impressions WHERE dataset = ? AND example_id = ?")).await?,
+            put_emitted: p(format!("UPDATE {ks}.impressions USING TTL {ttl} SET emitted = ? WHERE dataset = ? AND example_id = ?")).await?,
+            get_impression: p(format!("SELECT close_ms, payload, emitted FROM {ks}.impressions WHERE dataset = ? AND example_id = ?")).await?,
             close_buckets: p(format!("SELECT bucket FROM {ks}.close_buckets WHERE dataset = ? AND bucket >= ? AND bucket <= ?")).await?,
             due: p(format!("SELECT close_ms, example_id FROM {ks}.impressions_by_close WHERE dataset = ? AND bucket = ? AND (close_ms, example_id) > (?, ?) AND close_ms <= ? LIMIT ?")).await?,
             by_key: p(format!("SELECT example_id FROM {ks}.impressions_by_key WHERE dataset = ? AND join_key = ?")).await?,
@@ -198,14 +212,18 @@ impl ScyllaStore {
         dataset: &str,
         id: Uuid,
     ) -> Result<Option<StoredImpression>, StateError> {
-        let rows: Vec<(i64, Vec<u8>)> = self.select(&self.st.get_impression, (dataset, id)).await?;
+        type Row = (Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+        let rows: Vec<Row> = self.select(&self.st.get_impression, (dataset, id)).await?;
         match rows.into_iter().next() {
-            Some((close_ms, payload)) => Ok(Some(StoredImpression {
+            Some((Some(close_ms), Some(payload), emitted)) => Ok(Some(StoredImpression {
                 example_id: id,
                 close_ms,
                 impression: from_json::<Impression>(&payload)?,
+                emitted: emitted.as_deref().map(from_json).transpose()?,
             })),
-            None => Ok(None),
+            // No row, or only an `emitted` written after the impression went (an UPDATE
+            // creates the row): no impression.
+            _ => Ok(None),
         }
     }
 
@@ -309,6 +327,19 @@ impl StateStore for ScyllaStore {
         }
         for b in buckets {
             s.execute_unpaged(&self.st.put_close_bucket, (dataset, b))
+                .await
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    async fn put_emitted(&self, dataset: &str, items: &[Emitted]) -> Result<(), StateError> {
+        for e in items {
+            self.session
+                .execute_unpaged(
+                    &self.st.put_emitted,
+                    (json(&e.emission)?, dataset, e.example_id),
+                )
                 .await
                 .map_err(err)?;
         }
