@@ -10,6 +10,7 @@ mod demo;
 mod eraser;
 mod eraser_faults;
 mod intake;
+mod label_semantics;
 mod labeler;
 mod labeler_faults;
 mod registry;
