@@ -384,13 +384,14 @@ async fn every_fault_under_steady_load_loses_nothing_and_duplicates_nothing() {
     let extra = dataset.impressions.difference(&expected).count();
     check(
         dataset.duplicate_examples == 0
+            && dataset.version_gaps == 0
             && missing == 0
             && extra == 0
-            && dataset.rows == expected.len() as u64,
+            && dataset.examples == expected.len() as u64,
         format!(
-            "the dataset has {} rows ({} repeated): {missing} expected impressions missing, \
-             {extra} unexpected",
-            dataset.rows, dataset.duplicate_examples
+            "the dataset has {} examples ({} repeated versions, {} with version gaps): \
+             {missing} expected impressions missing, {extra} unexpected",
+            dataset.examples, dataset.duplicate_examples, dataset.version_gaps
         ),
     );
     // Labels, not only rows: the dataset built under the faults must be the one the log

@@ -229,7 +229,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         .map(|b| b.events.len() as u64)
         .sum::<u64>();
 
-    let expected = world.expected_examples(&erased);
+    let expected = world.expected_labels(&erased);
     bars.labels.set_length(expected.len() as u64);
     bars.stage
         .set_message("waiting for the erased users' rows to leave the dataset…");
@@ -307,11 +307,14 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-/// Rows in the current versions of the demo dataset's partitions.
+/// Examples in the current versions of the demo dataset's partitions.
 pub async fn dataset_rows(control: &PgPool) -> anyhow::Result<i64> {
+    // Examples, not rows: corrections add rows.
     let rows: Option<i64> = sqlx::query_scalar(
-        "SELECT SUM(row_count)::bigint FROM (
-            SELECT DISTINCT ON (partition) row_count FROM labeler.partitions
+        "SELECT SUM(examples)::bigint FROM (
+            SELECT DISTINCT ON (partition)
+                   COALESCE((manifest::jsonb ->> 'examples')::bigint, row_count) AS examples
+            FROM labeler.partitions
             WHERE dataset = $1 ORDER BY partition, version DESC) v",
     )
     .bind(DATASET)

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context;
-use arrow_array::{Array, RecordBatch, StringArray};
+use arrow_array::{Array, Int32Array, RecordBatch, StringArray};
 use feedloop_core::kafka::{KafkaConfig, QuietEof};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::{
@@ -60,15 +60,26 @@ pub struct Trigger {
 pub struct DatasetReport {
     pub partitions: usize,
     pub files: usize,
+    /// Rows: every version of every example.
     pub rows: u64,
-    /// Rows by label, from the Parquet rows.
+    /// Examples (distinct example ids).
+    pub examples: u64,
+    /// Rows that are corrections (version 2 and later).
+    pub corrections: u64,
+    /// Examples by the label of their latest version, from the Parquet rows.
     pub labels: BTreeMap<String, u64>,
-    /// Rows by label, as the manifests state them.
+    /// Examples by label, as the manifests state them.
     pub manifest_labels: BTreeMap<String, i64>,
-    /// Rows whose example id appears more than once.
+    /// Rows that repeat an (example id, version).
     pub duplicate_examples: u64,
-    /// A digest of (impression id, label) over every row, sorted: the same seed gives the same.
+    /// Examples whose versions are not 1, 2, … without gaps.
+    pub version_gaps: u64,
+    /// A digest of (impression id, label of the latest version), sorted: the same seed gives
+    /// the same.
     pub fingerprint: String,
+    /// The label of each example's latest version, by impression id.
+    #[serde(skip)]
+    pub latest: BTreeMap<Uuid, String>,
     #[serde(skip)]
     pub impressions: BTreeSet<Uuid>,
     #[serde(skip)]
@@ -246,8 +257,9 @@ pub async fn read_dataset(
         partitions: manifests.len(),
         ..DatasetReport::default()
     };
-    let mut examples: BTreeMap<String, u32> = BTreeMap::new();
-    let mut pairs: Vec<(String, String)> = Vec::new();
+    // example id → versions written; impression → (version, label) of the latest.
+    let mut versions: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    let mut latest: BTreeMap<Uuid, (i32, String)> = BTreeMap::new();
     for row in manifests {
         let manifest: feedloop_labeler::dataset::Manifest =
             serde_json::from_str(&row.try_get::<String, _>("manifest")?)?;
@@ -270,28 +282,45 @@ pub async fn read_dataset(
                     strings(&batch, "candidate_id")?,
                     strings(&batch, "label")?,
                 );
+                let version = batch
+                    .column_by_name("version")
+                    .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+                    .context("the dataset has no version column")?;
                 for i in 0..batch.num_rows() {
                     report.rows += 1;
-                    *examples.entry(example.value(i).to_owned()).or_default() += 1;
-                    *report.labels.entry(label.value(i).to_owned()).or_default() += 1;
+                    let v = version.value(i);
+                    versions
+                        .entry(example.value(i).to_owned())
+                        .or_default()
+                        .push(v);
                     if let Ok(id) = impression.value(i).parse() {
                         report.impressions.insert(id);
+                        let l = latest.entry(id).or_insert((0, String::new()));
+                        if v > l.0 {
+                            *l = (v, label.value(i).to_owned());
+                        }
                     }
                     report.users.insert(viewer.value(i).to_owned());
                     report.users.insert(candidate.value(i).to_owned());
-                    pairs.push((impression.value(i).to_owned(), label.value(i).to_owned()));
                 }
             }
         }
     }
-    report.duplicate_examples = examples
-        .values()
-        .filter(|n| **n > 1)
-        .map(|n| u64::from(*n))
-        .sum();
-    pairs.sort();
-    let mut digest = String::with_capacity(pairs.len() * 48);
-    for (impression, label) in &pairs {
+    report.examples = versions.len() as u64;
+    for v in versions.values_mut() {
+        v.sort_unstable();
+        let n = v.len();
+        v.dedup();
+        report.duplicate_examples += (n - v.len()) as u64;
+        report.corrections += v.iter().filter(|x| **x > 1).count() as u64;
+        if v.iter().zip(1..).any(|(x, want)| *x != want) {
+            report.version_gaps += 1;
+        }
+    }
+    report.latest = latest.into_iter().map(|(id, (_, l))| (id, l)).collect();
+    let mut digest = String::with_capacity(report.latest.len() * 48);
+    for (impression, label) in &report.latest {
+        *report.labels.entry(label.clone()).or_default() += 1;
         let _ = writeln!(digest, "{impression} {label}");
     }
     report.fingerprint = feedloop_labeler::dataset::sha256_hex(digest.as_bytes())[..16].to_owned();
@@ -299,7 +328,11 @@ pub async fn read_dataset(
 }
 
 /// Every way the run's counters fail to add up.
-pub fn reconcile(s: &Summary, expected: &BTreeSet<Uuid>, erased: &BTreeSet<String>) -> Vec<String> {
+pub fn reconcile(
+    s: &Summary,
+    expected: &BTreeMap<Uuid, &'static str>,
+    erased: &BTreeSet<String>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let mut check = |ok: bool, what: String| {
         if !ok {
@@ -356,23 +389,54 @@ pub fn reconcile(s: &Summary, expected: &BTreeSet<Uuid>, erased: &BTreeSet<Strin
     let d = &s.dataset;
     check(
         d.duplicate_examples == 0,
-        format!("{} dataset rows repeat an example id", d.duplicate_examples),
-    );
-    let missing = expected.difference(&d.impressions).count();
-    let extra = d.impressions.difference(expected).count();
-    check(
-        missing == 0 && extra == 0 && d.rows == expected.len() as u64,
         format!(
-            "the dataset has {} rows: {missing} expected impressions missing, {extra} unexpected",
-            d.rows
+            "{} dataset rows repeat an example's version",
+            d.duplicate_examples
+        ),
+    );
+    check(
+        d.version_gaps == 0,
+        format!("{} examples have versions with gaps", d.version_gaps),
+    );
+    let missing = expected
+        .keys()
+        .filter(|i| !d.impressions.contains(i))
+        .count();
+    let extra = d
+        .impressions
+        .iter()
+        .filter(|i| !expected.contains_key(i))
+        .count();
+    check(
+        missing == 0 && extra == 0 && d.examples == expected.len() as u64,
+        format!(
+            "the dataset has {} examples: {missing} expected impressions missing, {extra} unexpected",
+            d.examples
+        ),
+    );
+    // Labels, not only rows: the latest version of every example says what the simulation
+    // knows happened.
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter_map(|(id, want)| {
+            let got = d.latest.get(id)?;
+            (got != want).then(|| format!("{id}: {got}, expected {want}"))
+        })
+        .collect();
+    check(
+        wrong.is_empty(),
+        format!(
+            "{} examples have the wrong label in their latest version, e.g. {}",
+            wrong.len(),
+            wrong.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
         ),
     );
     let manifest_total: i64 = d.manifest_labels.values().sum();
     check(
-        manifest_total == d.rows as i64,
+        manifest_total == d.examples as i64,
         format!(
-            "the manifests count {manifest_total} rows, the files hold {}",
-            d.rows
+            "the manifests count {manifest_total} examples, the files hold {}",
+            d.examples
         ),
     );
     let present = erased.iter().filter(|u| d.users.contains(*u)).count();
@@ -425,15 +489,24 @@ pub fn render(s: &Summary, out_dir: &str) -> String {
     let _ = writeln!(t, "\nLabeler");
     line(&mut t, "records read", l.records);
     line(&mut t, "example rows written", l.examples);
-    line(&mut t, "late impressions (dropped)", l.late_impressions);
+    line(
+        &mut t,
+        "late impressions (held, emitted)",
+        l.late_impressions,
+    );
     line(&mut t, "late outcomes", l.late_outcomes);
     line(&mut t, "dead-lettered", l.dead_letters);
     let d = &s.dataset;
-    let _ = writeln!(t, "\nLabeled examples ({} expected)", s.expected_examples);
+    let _ = writeln!(
+        t,
+        "\nLabeled examples ({} expected), by the label of their latest version",
+        s.expected_examples
+    );
     for (label, n) in &d.labels {
         line(&mut t, label, n);
     }
-    line(&mut t, "total", d.rows);
+    line(&mut t, "total", d.examples);
+    line(&mut t, "rows (corrections included)", d.rows);
     let _ = writeln!(
         t,
         "\nPartitions: {} committed, {} files, fingerprint {}\n  {}",
@@ -464,12 +537,12 @@ pub fn render(s: &Summary, out_dir: &str) -> String {
     let _ = writeln!(t, "\nRead the dataset:");
     let _ = writeln!(
         t,
-        "  duckdb -c \"SELECT label, count(*) FROM read_parquet('{}/**/*.parquet', hive_partitioning = true) GROUP BY label\"",
+        "  duckdb -c \"SELECT label, count(*) FROM (SELECT * FROM read_parquet('{}/**/*.parquet', hive_partitioning = true) QUALIFY row_number() OVER (PARTITION BY example_id ORDER BY version DESC) = 1) GROUP BY label\"",
         s.dataset_path
     );
     let _ = writeln!(
         t,
-        "  python3 -c \"import pandas as pd; print(pd.read_parquet('{}').label.value_counts())\"",
+        "  python3 -c \"import pandas as pd; df = pd.read_parquet('{}'); print(df.sort_values('version').drop_duplicates('example_id', keep='last').label.value_counts())\"",
         s.dataset_path
     );
     let _ = writeln!(

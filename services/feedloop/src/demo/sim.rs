@@ -6,9 +6,12 @@
 //! Behaviour: each match shows two users to each other (an impression each). Skips outnumber
 //! accepts; when both accept they chat, for a long-tailed duration; a few chats end in a report
 //! or a block (sent by the app and recorded by the backend in `app.reports` / `app.blocks`).
-//! Phones batch their events; some are offline for a while and send late, some have clocks
-//! that are minutes off (and say so with `sent_at`), some retry a batch whose answer they
-//! lost (duplicates), and a few send malformed events.
+//! Phones batch their events; some are offline for a while and send late (for minutes to
+//! hours, a few for more than a day), some have clocks that are minutes off (and say so with
+//! `sent_at`), some retry a batch whose answer they lost (duplicates), and a few send malformed
+//! events. The simulation knows the label the example spec gives every impression (computed
+//! here from what happened, independently of the labeler): the demo checks the latest version
+//! of every example in the dataset against it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -49,7 +52,8 @@ pub struct User {
     pub device_id: Uuid,
     /// Milliseconds this phone's clock is off (0 for most).
     pub clock_skew_ms: i64,
-    /// Offline phones send their events this much later than they happen.
+    /// Offline phones send their events this much later than they happen: minutes to hours,
+    /// or (a few) 26 to 40 hours, within the correction horizon of the example spec.
     pub offline_delay_ms: i64,
 }
 
@@ -127,6 +131,8 @@ pub struct ExpectedImpression {
     pub event_id: Uuid,
     pub viewer: String,
     pub candidate: String,
+    /// The label the example spec gives it, from every outcome of the run.
+    pub label: &'static str,
 }
 
 /// The simulated world and what should come out of it.
@@ -188,10 +194,16 @@ impl World {
 
     /// Impressions whose example must be in the dataset once `erased` are gone.
     pub fn expected_examples(&self, erased: &BTreeSet<String>) -> BTreeSet<Uuid> {
+        self.expected_labels(erased).into_keys().collect()
+    }
+
+    /// The label of each impression whose example must be in the dataset once `erased` are
+    /// gone (the latest version of the example must say it).
+    pub fn expected_labels(&self, erased: &BTreeSet<String>) -> BTreeMap<Uuid, &'static str> {
         self.impressions
             .values()
             .filter(|i| !erased.contains(&i.viewer) && !erased.contains(&i.candidate))
-            .map(|i| i.event_id)
+            .map(|i| (i.event_id, i.label))
             .collect()
     }
 }
@@ -219,6 +231,7 @@ pub fn generate(opts: SimOptions) -> World {
         .map(|i| {
             let skewed = rng.random_bool(0.05);
             let offline = rng.random_bool(0.04);
+            let for_days = rng.random_bool(0.4);
             User {
                 id: format!("u-{i:06}"),
                 email: format!("user{i}.{:04x}@example.org", rng.random::<u16>()),
@@ -232,10 +245,10 @@ pub fn generate(opts: SimOptions) -> World {
                 } else {
                     0
                 },
-                offline_delay_ms: if offline {
-                    rng.random_range(10 * MINUTE..2 * HOUR)
-                } else {
-                    0
+                offline_delay_ms: match (offline, for_days) {
+                    (false, _) => 0,
+                    (true, false) => rng.random_range(10 * MINUTE..2 * HOUR),
+                    (true, true) => rng.random_range(26 * HOUR..40 * HOUR),
                 },
             }
         })
@@ -311,6 +324,7 @@ pub fn generate(opts: SimOptions) -> World {
                         event_id: id,
                         viewer: users[viewer].id.clone(),
                         candidate: users[candidate].id.clone(),
+                        label: "unknown",
                     },
                 );
             }
@@ -357,7 +371,12 @@ pub fn generate(opts: SimOptions) -> World {
         ));
         if accepted == [true, true] {
             // Chat length: log-normal, median about a minute, a long tail of hours.
-            let secs = (60.0 * (1.3 * normal(&mut rng)).exp()).clamp(2.0, 6.0 * 3600.0);
+            let mut secs = (60.0 * (1.3 * normal(&mut rng)).exp()).clamp(2.0, 6.0 * 3600.0);
+            // Not within seconds of the 2-hour chat window's end, where request latency (a few
+            // ms added to every corrected event time) would decide.
+            if (7_170.0..7_190.0).contains(&secs) {
+                secs = 7_160.0;
+            }
             let end = t + 20_000 + (secs * 1000.0) as i64;
             for (who, ended_by) in [(a, "self"), (b, "peer")] {
                 if who == a || rng.random_bool(0.5) {
@@ -487,6 +506,8 @@ pub fn generate(opts: SimOptions) -> World {
         }
     }
 
+    label_impressions(&mut impressions, &timeline, &writes, &malformed);
+
     // Phones: buffer events per user, send when the buffer is full or a session goes quiet.
     let mut buffers: Vec<Vec<(i64, Value)>> = vec![Vec::new(); n];
     let mut batches: Vec<Batch> = Vec::new();
@@ -591,6 +612,119 @@ pub fn generate(opts: SimOptions) -> World {
     }
 }
 
+/// Gives every impression the label of the example spec (`services/labeler/specs/
+/// match_outcomes.toml`), from the well-formed events and the product rows: the viewer's first
+/// decision within 10 minutes, the longest chat of the match within 2 hours, and a report or a
+/// block between the two users, either way, within 24 hours.
+fn label_impressions(
+    impressions: &mut BTreeMap<Uuid, ExpectedImpression>,
+    timeline: &[(i64, usize, Value)],
+    writes: &[(i64, ProductWrite)],
+    malformed: &BTreeSet<String>,
+) {
+    let mut shown: BTreeMap<Uuid, (i64, String)> = BTreeMap::new();
+    let mut decisions: BTreeMap<(String, String), Vec<(i64, bool)>> = BTreeMap::new();
+    let mut chats: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    let mut reports: Vec<(String, String, i64)> = Vec::new();
+    let mut blocks: Vec<(String, String, i64)> = Vec::new();
+    for (t, _, e) in timeline {
+        let id = e["event_id"].as_str().unwrap_or_default();
+        if malformed.contains(id) {
+            continue;
+        }
+        let user = e["user_id"].as_str().unwrap_or_default().to_owned();
+        let props = &e["properties"];
+        let match_id = props["match_id"].as_str().unwrap_or_default().to_owned();
+        match e["event_type"].as_str() {
+            Some("match_impression") => {
+                if let Ok(id) = id.parse() {
+                    shown.insert(id, (*t, match_id));
+                }
+            }
+            Some("match_decision") => decisions
+                .entry((match_id, user))
+                .or_default()
+                .push((*t, props["decision"] == "accept")),
+            Some("chat_ended") => chats.entry(match_id).or_default().push((
+                *t,
+                props["duration_ms"].as_i64().unwrap_or(0) as f64 / 1000.0,
+            )),
+            Some("report_submitted") => reports.push((
+                user,
+                props["reported_user_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                *t,
+            )),
+            Some("user_blocked") => blocks.push((
+                user,
+                props["blocked_user_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                *t,
+            )),
+            _ => {}
+        }
+    }
+    for (_, w) in writes {
+        match w {
+            ProductWrite::Report {
+                reporter,
+                reported,
+                at,
+                ..
+            } => reports.push((reporter.clone(), reported.clone(), *at)),
+            ProductWrite::Block {
+                blocker,
+                blocked,
+                at,
+                ..
+            } => blocks.push((blocker.clone(), blocked.clone(), *at)),
+            _ => {}
+        }
+    }
+    let within = |t: i64, from: i64, window: i64| t >= from && t < from + window;
+    for (id, imp) in impressions.iter_mut() {
+        let Some((t, match_id)) = shown.get(id) else {
+            continue;
+        };
+        let (t, viewer, candidate) = (*t, &imp.viewer, &imp.candidate);
+        let mut mine: Vec<(i64, bool)> = decisions
+            .get(&(match_id.clone(), viewer.clone()))
+            .into_iter()
+            .flatten()
+            .filter(|(at, _)| within(*at, t, 10 * MINUTE))
+            .copied()
+            .collect();
+        mine.sort_by_key(|(at, _)| *at);
+        let accepted = mine.first().map(|(_, a)| *a);
+        let chat = chats
+            .get(match_id)
+            .into_iter()
+            .flatten()
+            .filter(|(at, _)| within(*at, t, 2 * HOUR))
+            .map(|(_, secs)| *secs)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let between = |list: &[(String, String, i64)]| {
+            list.iter().any(|(x, y, at)| {
+                ((x == viewer && y == candidate) || (x == candidate && y == viewer))
+                    && within(*at, t, 24 * HOUR)
+            })
+        };
+        imp.label = if between(&reports) || between(&blocks) || accepted == Some(false) {
+            "negative"
+        } else if accepted == Some(true) && chat.is_some_and(|c| c >= 30.0) {
+            "positive"
+        } else if accepted == Some(true) && chat.is_some() {
+            "negative"
+        } else {
+            "unknown"
+        };
+    }
+}
+
 /// A screen view as the analytics SDK sends it (a Segment `screen` call).
 fn segment_screen(e: &Value) -> Value {
     let os = if e["platform"] == "ios" {
@@ -665,6 +799,17 @@ mod tests {
                 .any(|s| matches!(s, Step::Send(b) if b.resend))
         );
         assert!(w.users.iter().any(|u| u.clock_skew_ms != 0));
+        assert!(
+            w.users.iter().any(|u| u.offline_delay_ms > 24 * HOUR),
+            "some phones are offline for more than a day"
+        );
+        let mut labels = BTreeMap::new();
+        for i in w.impressions.values() {
+            *labels.entry(i.label).or_insert(0) += 1;
+        }
+        for l in ["positive", "negative", "unknown"] {
+            assert!(labels.get(l).copied().unwrap_or(0) > 20, "{labels:?}");
+        }
         assert!(
             w.steps
                 .iter()
