@@ -91,7 +91,7 @@ pub enum Ev {
 }
 
 impl Ev {
-    fn time(&self) -> i64 {
+    pub fn time(&self) -> i64 {
         match self {
             Ev::Impression(i) => i.time,
             Ev::Decision { time, .. }

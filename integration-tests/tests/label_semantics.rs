@@ -779,7 +779,7 @@ async fn run(live_first: bool) {
         stack.insert_rows(first_rows).await;
     } else {
         // Oldest first, as phones that were online would have sent them.
-        first.sort_by_key(ev_time);
+        first.sort_by_key(Ev::time);
         stack.publish(first).await;
         stack.insert_rows(first_rows).await;
         stack.start_labeler().await;
@@ -972,17 +972,6 @@ async fn run(live_first: bool) {
         differ.join("\n")
     );
     stack.stop().await;
-}
-
-fn ev_time(e: &Ev) -> i64 {
-    match e {
-        Ev::Impression(i) => i.time,
-        Ev::Decision { time, .. }
-        | Ev::Chat { time, .. }
-        | Ev::Report { time, .. }
-        | Ev::Block { time, .. }
-        | Ev::Clock { time, .. } => *time,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1243,12 +1243,11 @@ impl Pipeline {
         let mut joining: HashMap<Uuid, Vec<usize>> = HashMap::new();
         let mut fate: Vec<Option<&'static str>> = vec![None; touched.len()];
         if !touched.is_empty() {
-            let keys: Vec<String> = touched
-                .iter()
-                .map(|o| o.join_key.clone())
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
+            let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
+            for (n, o) in touched.iter().enumerate() {
+                by_key.entry(o.join_key.as_str()).or_default().push(n);
+            }
+            let keys: Vec<String> = by_key.keys().map(|k| (*k).to_owned()).collect();
             for chunk in keys.chunks(1000) {
                 for imp in state.impressions_by_keys(&self.name, chunk).await? {
                     let emitted = CloseCursor {
@@ -1263,11 +1262,13 @@ impl Pipeline {
                         continue;
                     }
                     let ikeys = imp.impression.keys();
-                    let by: Vec<usize> = touched
+                    // Only the touched outcomes under one of its keys can join it.
+                    let by: Vec<usize> = ikeys
                         .iter()
-                        .enumerate()
-                        .filter(|(_, o)| spec.joins(&imp.impression, &ikeys, o))
-                        .map(|(n, _)| n)
+                        .filter_map(|k| by_key.get(k.as_str()))
+                        .flatten()
+                        .copied()
+                        .filter(|n| spec.joins(&imp.impression, &ikeys, &touched[*n]))
                         .collect();
                     if by.is_empty() {
                         continue;
