@@ -446,6 +446,7 @@ struct Stack {
     control: Option<PgPool>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
+    addr: Option<std::net::SocketAddr>,
 }
 
 impl Stack {
@@ -477,6 +478,7 @@ impl Stack {
             control: None,
             shutdown: CancellationToken::new(),
             task: None,
+            addr: None,
         }
     }
 
@@ -503,6 +505,7 @@ impl Stack {
             .await
             .expect("labeler starts");
         self.task = Some(running.task);
+        self.addr = Some(running.addr);
         self.cfg = Some(cfg);
         self.control = Some(control);
     }
@@ -870,6 +873,38 @@ async fn run(live_first: bool) {
         assert!(
             late.get("late_impressions").copied().unwrap_or(0) >= built.len() as i64,
             "{condition}: every impression was late: {late:?}"
+        );
+    }
+    let addr = stack.addr.expect("labeler started");
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    for series in [
+        "feedloop_labeler_late_outcomes_total{",
+        "reason=\"beyond_horizon\"",
+        "reason=\"corrected\"",
+        "reason=\"unchanged\"",
+        "feedloop_labeler_held_impressions{",
+        "feedloop_labeler_examples_total{",
+        "kind=\"correction\"",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{condition}: /metrics lacks {series}:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("feedloop_labeler_"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    if live_first {
+        assert!(
+            metrics.contains("feedloop_labeler_late_impressions_total{"),
+            "{condition}: /metrics counts late impressions"
         );
     }
     let manifest: String = sqlx::query_scalar(

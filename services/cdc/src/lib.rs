@@ -66,7 +66,7 @@ pub fn start(
 }
 
 async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
-    observability::describe();
+    feedloop_core::telemetry::install_metrics(observability::describe);
     let control = postgres::connect(config.control.url.expose(), 4).await?;
     postgres::migrate(&control).await?;
     let source = postgres::connect(config.source.url.expose(), 4).await?;

@@ -78,7 +78,7 @@ pub fn start(
 }
 
 async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
-    observability::describe();
+    feedloop_core::telemetry::install_metrics(observability::describe);
     let pool = postgres::connect(
         config.postgres.url.expose(),
         config.postgres.max_connections,

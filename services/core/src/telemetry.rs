@@ -61,6 +61,14 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// Installs the process's Prometheus recorder (once) and then describes a service's metrics.
+/// Every service does this first when it starts, as a binary or as a library (the dev stack,
+/// tests): a metric counted before the recorder exists is lost for good.
+pub fn install_metrics(describe: impl FnOnce()) {
+    prometheus();
+    describe();
+}
+
 /// Renders all metrics in the Prometheus text format.
 pub fn render_metrics() -> String {
     prometheus()

@@ -254,7 +254,7 @@ pub fn start(
 }
 
 async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
-    observability::describe();
+    feedloop_core::telemetry::install_metrics(observability::describe);
     let (shared, datasets) = prepare(&config, Mode::Serve).await?;
     let (listener, addr) = feedloop_core::http::bind(&config.http.listen, &config.http.tls).await?;
     let ready: Vec<Arc<AtomicBool>> = datasets

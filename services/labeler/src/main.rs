@@ -35,7 +35,6 @@ fn try_main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Config::load(args.config.as_deref())?;
     telemetry::init_tracing(config.log.json);
-    telemetry::prometheus();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

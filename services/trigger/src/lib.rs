@@ -69,7 +69,7 @@ pub fn start(
 }
 
 async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
-    observability::describe();
+    feedloop_core::telemetry::install_metrics(observability::describe);
     let control = postgres::connect(config.control.url.expose(), 8).await?;
     postgres::migrate(&control).await?;
     let registry = Arc::new(config.registry.client()?);
