@@ -133,6 +133,13 @@ impl ProcessStack {
         let producer = "[producer]\n\"message.timeout.ms\" = \"10000\"\n";
         let log = "[log]\njson = true\n";
         let datasets = self.datasets_root.display();
+        // The key ring, from a file, as an operator would mount it.
+        let kek_file = self.dir.path().join("kek");
+        if !kek_file.exists() {
+            std::fs::write(&kek_file, feedloop_integration_tests::test_kek().expose())
+                .expect("KEK file");
+        }
+        let keys = format!("[keys]\nkek_file = \"{}\"\n", kek_file.display());
         match service {
             "registry" => format!(
                 "[http]\nlisten = \"{listen}\"\n[postgres]\nurl = \"{pg}\"\n\
@@ -143,14 +150,14 @@ impl ProcessStack {
                 "[http]\nlisten = \"{listen}\"\n{kafka}{producer}{registry}[postgres]\nurl = \"{pg}\"\n\
                  [auth.apps.dev]\nkeys = [\"{key}\"]\n\
                  [spool]\ndir = \"{spool}\"\nmax_bytes = {SPOOL_MAX_BYTES}\nsegment_bytes = 65536\n\
-                 ack_timeout_ms = 1000\n[suppression]\nrefresh_ms = 1000\n{log}",
+                 ack_timeout_ms = 1000\n[suppression]\nrefresh_ms = 1000\n{keys}{log}",
                 key = self.write_key,
                 spool = self.dir.path().join("spool").display(),
             ),
             "cdc" => format!(
                 "[http]\nlisten = \"{listen}\"\n[source]\nurl = \"{product}\"\n\
                  status_interval_ms = 500\nheartbeat_interval_ms = 1000\n\
-                 {kafka}{producer}{registry}[control]\nurl = \"{pg}\"\n{log}",
+                 {kafka}{producer}{registry}{keys}[control]\nurl = \"{pg}\"\n{log}",
                 product = self.product_url,
             ),
             "labeler" => format!(
@@ -162,7 +169,7 @@ impl ProcessStack {
                 "[http]\nlisten = \"{listen}\"\n[auth]\nadmin_token = \"{token}\"\n\
                  [erasure]\nhash_key = \"hash-key-of-the-fault-suite-0123\"\npoll_interval_ms = 200\n\
                  [datasets]\nroot = \"{datasets}\"\n\
-                 {kafka}{producer}{registry}[control]\nurl = \"{pg}\"\n{log}",
+                 {kafka}{producer}{registry}{keys}[control]\nurl = \"{pg}\"\n{log}",
                 token = self.token,
             ),
             "trigger" => format!(

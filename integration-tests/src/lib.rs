@@ -193,6 +193,7 @@ pub async fn collector_config(
     cfg.registry.user = registry.user.clone();
     cfg.registry.password = Secret::new(registry.password.clone());
     cfg.postgres.url = Secret::new(fresh_database().await);
+    cfg.keys.kek = test_kek();
     cfg.auth.apps.insert(
         "test-app".into(),
         feedloop_collector::config::AppConfig {
@@ -213,17 +214,63 @@ pub async fn open_sealed(
     user: &str,
     text: &str,
 ) -> feedloop_core::crypto::Opened {
-    use feedloop_core::crypto::{KeyStore, PostgresKeyStore, SEALED_PREFIX, open};
+    use feedloop_core::crypto::{KeyStore, SEALED_PREFIX, open};
     assert!(text.starts_with(SEALED_PREFIX), "not sealed: {text}");
     let pool = sqlx::PgPool::connect(control_url)
         .await
         .expect("control database");
-    let key = PostgresKeyStore::new(pool.clone())
+    let key = test_key_store(pool.clone())
         .get(user)
         .await
         .expect("key store");
     pool.close().await;
     open(key.as_ref(), user, text)
+}
+
+/// The key ring (one KEK, made once per test process) that every service a test starts wraps
+/// its data keys with.
+pub fn test_kek() -> Secret {
+    static KEK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    Secret::new(
+        KEK.get_or_init(|| feedloop_core::crypto::KeyRing::generate_entry("test"))
+            .clone(),
+    )
+}
+
+/// The Postgres key store on `pool`, under [`test_kek`].
+pub fn test_key_store(pool: sqlx::PgPool) -> feedloop_core::crypto::PostgresKeyStore {
+    let ring = feedloop_core::crypto::KeyRing::parse(test_kek().expose()).expect("test KEK");
+    feedloop_core::crypto::PostgresKeyStore::new(pool, ring)
+}
+
+/// A dead letter's original, opened with the data key it names in the key store of the
+/// control database at `control_url`. Panics if the letter is not sealed.
+pub async fn unseal(
+    control_url: &str,
+    dl: &feedloop_core::model::DeadLetter,
+) -> feedloop_core::model::OpenedOriginal {
+    use feedloop_core::crypto::KeyStore;
+    let owner = dl
+        .sealed_by
+        .as_deref()
+        .unwrap_or_else(|| panic!("dead letter {} is not sealed", dl.dead_letter_id));
+    let pool = sqlx::PgPool::connect(control_url)
+        .await
+        .expect("control database");
+    let key = test_key_store(pool.clone())
+        .get(owner)
+        .await
+        .expect("key store");
+    pool.close().await;
+    dl.open(key.as_ref())
+}
+
+/// [`unseal`], expecting the original readable.
+pub async fn unsealed(control_url: &str, dl: &feedloop_core::model::DeadLetter) -> Vec<u8> {
+    match unseal(control_url, dl).await {
+        feedloop_core::model::OpenedOriginal::Clear(bytes) => bytes,
+        other => panic!("dead letter {} does not open: {other:?}", dl.dead_letter_id),
+    }
 }
 
 /// The write key of `test-app` in [`collector_config`].
@@ -393,13 +440,7 @@ pub mod tls;
 
 /// Reading back what landed on a topic.
 pub mod log {
-    use std::{collections::HashSet, time::Duration};
-
-    use rdkafka::{
-        Message, Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-        message::Headers,
-    };
+    use std::time::Duration;
 
     /// A record as read back: event id header, key, value.
     #[derive(Debug, Clone)]
@@ -441,81 +482,29 @@ pub mod log {
     }
 
     fn read_blocking(kafka: &feedloop_core::kafka::KafkaConfig, topic: &str) -> Vec<Landed> {
-        let consumer: BaseConsumer<feedloop_core::kafka::QuietEof> = kafka
-            .client_config("it-read-all")
-            .set("group.id", "it-read-all")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create_with_context(feedloop_core::kafka::QuietEof)
-            .unwrap_or_else(|e| panic!("consumer: {e}"));
-        let timeout = Duration::from_secs(10);
-        let md = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .unwrap_or_else(|e| panic!("metadata: {e}"));
-        let mut tpl = TopicPartitionList::new();
-        let mut open: HashSet<i32> = HashSet::new();
-        for t in md.topics() {
-            for p in t.partitions() {
-                open.insert(p.id());
-                let _ = tpl.add_partition_offset(topic, p.id(), Offset::Beginning);
-            }
-        }
-        let mut out = Vec::new();
-        if open.is_empty() {
-            return out;
-        }
-        consumer
-            .assign(&tpl)
-            .unwrap_or_else(|e| panic!("assign: {e}"));
-        // Read to each partition's end-of-partition event (tansu's high watermarks are not
-        // reliable for multi-record batches).
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !open.is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "topic {topic} not read to its end in 60 s"
-            );
-            match consumer.poll(Duration::from_millis(500)) {
-                Some(Ok(m)) => {
-                    let event_id = m.headers().and_then(|h| {
-                        h.iter()
-                            .find(|h| h.key == "event_id")
-                            .and_then(|h| h.value)
-                            .and_then(|v| std::str::from_utf8(v).ok())
-                            .and_then(|s| uuid::Uuid::parse_str(s).ok())
-                    });
-                    let headers = m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_owned(),
-                                        String::from_utf8_lossy(h.value.unwrap_or_default())
-                                            .into_owned(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    out.push(Landed {
-                        event_id,
-                        key: m.key().unwrap_or_default().to_vec(),
-                        value: m.payload().unwrap_or_default().to_vec(),
-                        tombstone: m.payload().is_none(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        headers,
-                    });
+        feedloop_core::kafka::read_to_end(kafka, topic, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("read {topic}: {e}"))
+            .into_iter()
+            .map(|r| {
+                let headers: Vec<(String, String)> = r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                    .collect();
+                Landed {
+                    event_id: r
+                        .header("event_id")
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|s| uuid::Uuid::parse_str(s).ok()),
+                    key: r.key,
+                    tombstone: r.value.is_none(),
+                    value: r.value.unwrap_or_default(),
+                    partition: r.partition,
+                    offset: r.offset,
+                    headers,
                 }
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                    open.remove(&p);
-                }
-                Some(Err(e)) => panic!("consume {topic}: {e}"),
-                None => {}
-            }
-        }
-        out
+            })
+            .collect()
     }
 }
 
@@ -564,6 +553,7 @@ pub mod cdc {
         cfg.registry.user = registry.user.clone();
         cfg.registry.password = Secret::new(registry.password.clone());
         cfg.control.url = Secret::new(fresh_database().await);
+        cfg.keys.kek = crate::test_kek();
         cfg.http.listen = "127.0.0.1:0".into();
         cfg.log.json = false;
         cfg.validate().unwrap_or_else(|e| panic!("config: {e}"));

@@ -87,7 +87,9 @@ async fn cdc_killed_mid_stream_and_restarted_loses_nothing() {
             "[source]\nurl = \"{url}\"\nslot = \"{slot}\"\npublication = \"{publication}\"\nheartbeat_interval_ms = 1000\n\
              [topics]\nprefix = \"{prefix}\"\n[kafka]\nbootstrap = \"{bootstrap}\"\n\
              [registry]\nurl = \"{registry}\"\nuser = \"{user}\"\npassword = \"{password}\"\n\
-             [control]\nurl = \"{control}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+             [control]\nurl = \"{control}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [keys]\nkek = \"{kek}\"\n",
+            kek = config.keys.kek.expose(),
             slot = config.source.slot,
             publication = config.source.publication,
             prefix = config.topics.prefix,

@@ -105,13 +105,19 @@ async fn mixed_batch_gets_per_event_results_and_only_valid_events_land() {
             - (dec.envelope.sent_at.unwrap_or(0) - dec.envelope.client_timestamp)
     );
 
-    // The two invalid events are dead letters with reason, path and their original bytes.
+    // The two invalid events are dead letters with reason, path and their original bytes,
+    // sealed with their user's data key: nothing of them is in the clear on the topic.
     let mut dls = Vec::new();
+    let device = format!("dev-{user}");
     for r in read_all(&infra().kafka_bootstrap, DEADLETTER_TOPIC).await {
         if let Ok(dl) = client.decode::<DeadLetter>(&r.value).await
             && dl.app_id.as_deref() == Some("test-app")
-            && String::from_utf8_lossy(&dl.original).contains(&user)
+            && dl.sealed_by.as_deref() == Some(user.as_str())
         {
+            assert!(
+                !String::from_utf8_lossy(&r.value).contains(&device),
+                "a dead letter holds the device id in the clear"
+            );
             dls.push(dl);
         }
     }
@@ -121,8 +127,16 @@ async fn mixed_batch_gets_per_event_results_and_only_valid_events_land() {
         .find(|d| d.reason == DeadLetterReason::SchemaViolation)
         .expect("schema violation");
     assert_eq!(schema.path.as_deref(), Some("/properties/decision"));
-    let original: Value = serde_json::from_slice(&schema.original).expect("original JSON");
+    let control = c.config.postgres.url.expose();
+    let original: Value =
+        serde_json::from_slice(&feedloop_integration_tests::unsealed(control, schema).await)
+            .expect("original JSON");
     assert_eq!(original, bad_schema);
+    assert!(
+        String::from_utf8_lossy(&feedloop_integration_tests::unsealed(control, schema).await)
+            .contains(&device),
+        "the sealed original is the whole event"
+    );
     assert!(
         dls.iter()
             .any(|d| d.reason == DeadLetterReason::UnknownEventType
@@ -500,21 +514,35 @@ async fn a_malformed_body_at_the_size_limit_is_dead_lettered_and_the_next_batch_
         assert_eq!(ready.status(), StatusCode::OK, "{name}");
 
         let client = c.registry.client();
+        let control = c.config.postgres.url.expose();
         let mut found = Vec::new();
         for r in read_all(&infra().kafka_bootstrap, DEADLETTER_TOPIC).await {
             if let Ok(dl) = client.decode::<DeadLetter>(&r.value).await
-                && dl.original.starts_with(b"[{")
-                && String::from_utf8_lossy(&dl.original[..60.min(dl.original.len())])
-                    .contains(&marker)
                 && dl.original_size == Some(original.len() as i64)
+                && dl.app_id.as_deref() == Some("test-app")
             {
-                found.push(dl);
+                assert!(
+                    !String::from_utf8_lossy(&r.value).contains(&marker),
+                    "{name}: the original is in the clear"
+                );
+                let opened = feedloop_integration_tests::unsealed(control, &dl).await;
+                if String::from_utf8_lossy(&opened[..60.min(opened.len())]).contains(&marker) {
+                    found.push((dl, opened));
+                }
             }
         }
         assert_eq!(found.len(), 1, "{name}: one dead letter");
-        let dl = &found[0];
-        assert_eq!(dl.original.len(), 64 * 1024, "{name}");
-        assert_eq!(dl.original[..], original[..64 * 1024], "{name}");
+        let (dl, opened) = &found[0];
+        // Nobody named: the day's unattributed key.
+        assert!(
+            dl.sealed_by
+                .as_deref()
+                .is_some_and(|o| o.starts_with(feedloop_core::crypto::UNATTRIBUTED_PREFIX)),
+            "{name}: {:?}",
+            dl.sealed_by
+        );
+        assert_eq!(opened.len(), 64 * 1024, "{name}");
+        assert_eq!(opened[..], original[..64 * 1024], "{name}");
         assert_eq!(
             dl.original_sha256.as_deref(),
             Some(hex::encode(Sha256::digest(original)).as_str()),
@@ -739,4 +767,68 @@ async fn the_read_back_finds_the_ids_of_a_batch_it_starts_inside() {
             "{id} (after the start time) was not found: {found:?}"
         );
     }
+}
+
+/// `feedloop deadletters show` opens a rejected event's dead letter with its user's key; once
+/// that key is destroyed (the user's erasure) the letter reads as erased, and nothing of it was
+/// ever in the clear on the topic.
+#[tokio::test]
+async fn deadletters_show_opens_a_users_letter_until_their_erasure() {
+    use feedloop::deadletters::{Connection, Filter, read};
+    use feedloop_core::crypto::KeyStore;
+    let c = TestCollector::start(|_| {}).await;
+    let user = format!("dl-{}", Uuid::now_v7());
+    let mut bad = events::decision(&user, Uuid::now_v7(), true);
+    bad["properties"]["decision"] = json!("maybe");
+    let event_id = events::id(&bad).to_string();
+    let (status, body) = c.post_native(&json!([bad])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rejected"], 1, "{body}");
+    let control = c.config.postgres.url.expose().to_owned();
+    let connection = || Connection {
+        dev: None,
+        kafka: Some(infra().kafka_bootstrap),
+        registry: Some(c.registry.url.clone()),
+        registry_user: Some(c.registry.user.clone()),
+        registry_password: Some(c.registry.password.clone()),
+        control: Some(control.clone()),
+        kek: Some(feedloop_integration_tests::test_kek().expose().to_owned()),
+    };
+    let filter = Filter {
+        service: Some("collector".into()),
+        id: None,
+        limit: usize::MAX,
+    };
+    let mine = |letters: Vec<Value>| -> Vec<Value> {
+        letters
+            .into_iter()
+            .filter(|l| l["event_id"] == event_id.as_str())
+            .collect()
+    };
+    let letters = mine(read(connection(), filter.clone()).await.expect("read"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["sealed_by"], user.as_str());
+    assert_eq!(letters[0]["original"]["state"], "clear", "{}", letters[0]);
+    let text = letters[0]["original"]["text"].as_str().unwrap_or_default();
+    assert!(text.contains(&format!("dev-{user}")), "{text}");
+    assert!(
+        !read_all(&infra().kafka_bootstrap, DEADLETTER_TOPIC)
+            .await
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.value).contains(&format!("dev-{user}"))),
+        "the device id is in the clear on the dead-letter topic"
+    );
+
+    // The user is erased: their key is destroyed, and the letter with it.
+    let pool = sqlx::PgPool::connect(&control).await.expect("control");
+    feedloop_integration_tests::test_key_store(pool.clone())
+        .destroy(std::slice::from_ref(&user))
+        .await
+        .expect("destroy");
+    let letters = mine(read(connection(), filter).await.expect("read"));
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["original"]["state"], "erased", "{}", letters[0]);
+    assert!(letters[0]["original"].get("text").is_none());
+    pool.close().await;
+    c.stop().await;
 }

@@ -234,9 +234,12 @@ keys = ["{key}"]
 [spool]
 dir = "{spool}"
 ack_timeout_ms = 1000
+[keys]
+kek = "{kek}"
 [log]
 json = true
 "#,
+            kek = config.keys.kek.expose(),
             listen = config.http.listen,
             bootstrap = config.kafka.bootstrap,
             registry = registry.url,

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use feedloop_core::crypto::{KeyStore as _, Opened, PostgresKeyStore, SEALED_PREFIX, open};
+use feedloop_core::crypto::{KeyStore as _, Opened, SEALED_PREFIX, open};
 use feedloop_core::{catalogue::EVENTS_TOPIC, config::Secret};
 use feedloop_integration_tests::{
     TestCollector,
@@ -207,7 +207,7 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
 
     // Their data keys, and a field sealed with one.
     use feedloop_core::crypto::seal;
-    let keys = PostgresKeyStore::new(control.clone());
+    let keys = feedloop_integration_tests::test_key_store(control.clone());
     let key_a = keys.get_or_create(&a).await.expect("key").expect("new key");
     keys.get_or_create(&b).await.expect("key").expect("new key");
     let sealed_email = seal(&key_a, &a, "a@example.com").expect("seal");
@@ -220,6 +220,7 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
     let mut ecfg = feedloop_eraser::Config::from_defaults().expect("defaults");
     ecfg.http.listen = "127.0.0.1:0".into();
     ecfg.auth.admin_token = Secret::new(TOKEN);
+    ecfg.keys.kek = feedloop_integration_tests::test_kek();
     ecfg.erasure.hash_key = Secret::new("hash-key-for-tests-0123456789");
     ecfg.erasure.poll_interval_ms = 100;
     ecfg.erasure.tombstone_topics = vec![tombstone_topic.clone()];
@@ -344,7 +345,7 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
 
     // No record in any topic decrypts to their personal data any more, and none holds it in
     // the clear; the bystander's still decrypts (the check can see personal data).
-    let store = PostgresKeyStore::new(control.clone());
+    let store = feedloop_integration_tests::test_key_store(control.clone());
     let mut user_keys = BTreeMap::new();
     for u in &people {
         user_keys.insert(u.clone(), store.get(u).await.expect("key store"));
@@ -563,6 +564,7 @@ async fn a_failing_target_reports_partially_failed_and_retry_completes_it() {
     let mut ecfg = feedloop_eraser::Config::from_defaults().expect("defaults");
     ecfg.http.listen = "127.0.0.1:0".into();
     ecfg.auth.admin_token = Secret::new(TOKEN);
+    ecfg.keys.kek = feedloop_integration_tests::test_kek();
     ecfg.erasure.hash_key = Secret::new("hash-key-for-tests-0123456789");
     ecfg.erasure.poll_interval_ms = 100;
     ecfg.erasure.max_attempts = 2;
@@ -656,7 +658,7 @@ async fn postgres_key_store_passes_the_contract() {
     feedloop_core::postgres::migrate(&pool)
         .await
         .expect("migrate");
-    let store = feedloop_core::crypto::PostgresKeyStore::new(pool);
+    let store = feedloop_integration_tests::test_key_store(pool);
     feedloop_core::crypto::key_store_contract(&store)
         .await
         .expect("contract");
@@ -671,10 +673,239 @@ async fn scylla_key_store_passes_the_contract() {
         .map(str::to_owned)
         .collect();
     let keyspace = format!("keys_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let store = feedloop_core::crypto::ScyllaKeyStore::connect(&nodes, &keyspace, 1)
-        .await
-        .expect("connect to ScyllaDB");
+    let ring =
+        feedloop_core::crypto::KeyRing::parse(feedloop_integration_tests::test_kek().expose())
+            .expect("KEK");
+    let store = feedloop_core::crypto::ScyllaKeyStore::connect(
+        &nodes,
+        &keyspace,
+        1,
+        ring,
+        std::time::Duration::from_secs(1),
+    )
+    .await
+    .expect("connect to ScyllaDB");
     feedloop_core::crypto::key_store_contract(&store)
         .await
         .expect("contract");
+}
+
+async fn migrated_control() -> sqlx::PgPool {
+    let pool =
+        feedloop_core::postgres::connect(&feedloop_integration_tests::fresh_database().await, 4)
+            .await
+            .expect("connect");
+    feedloop_core::postgres::migrate(&pool)
+        .await
+        .expect("migrate");
+    pool
+}
+
+/// Key custody: the control database holds data keys only wrapped by a KEK it never sees; a
+/// copy of it with another ring yields errors, not keys; a new KEK re-wraps every key online
+/// (keys stored before envelope encryption too) and the old one can then be retired; and
+/// destruction deletes the wrapped key.
+#[tokio::test]
+async fn a_copy_of_the_key_store_alone_yields_no_key_and_a_kek_rotation_rewraps_online() {
+    use feedloop_core::crypto::{DataKey, KeyRing, PostgresKeyStore};
+    let pool = migrated_control().await;
+    let old = KeyRing::generate_entry("k1");
+    let new = KeyRing::generate_entry("k2");
+    let ring = |text: &str| KeyRing::parse(text).expect("ring");
+    let store1 = PostgresKeyStore::new(pool.clone(), ring(&old));
+    let alice = store1
+        .get_or_create("alice")
+        .await
+        .expect("key")
+        .expect("new");
+    let bob = store1
+        .get_or_create_many(&["bob".to_owned()])
+        .await
+        .expect("keys")
+        .remove("bob")
+        .flatten()
+        .expect("new");
+    // A key stored before envelope encryption, in the clear.
+    let carol = DataKey::generate();
+    sqlx::query("INSERT INTO keys.user_keys (user_id, key) VALUES ('carol', $1)")
+        .bind(carol.as_bytes().as_slice())
+        .execute(&pool)
+        .await
+        .expect("legacy key");
+
+    // Everything the database holds, as bytes: no data key in it (but carol's, not yet
+    // re-wrapped).
+    let dump = || async {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT encode(convert_to(t::text, 'UTF8'), 'hex') FROM keys.user_keys t",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("dump");
+        rows.join("")
+    };
+    let hex = |k: &DataKey| {
+        k.as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let text = dump().await;
+    let before: String = sqlx::query_scalar("SELECT string_agg(t::text, '') FROM keys.user_keys t")
+        .fetch_one(&pool)
+        .await
+        .expect("dump");
+    for (who, key) in [("alice", &alice), ("bob", &bob)] {
+        assert!(
+            !before.contains(&hex(key)) && !text.contains(&hex(key)),
+            "{who}'s data key is readable in the control database"
+        );
+    }
+    assert!(
+        before.contains(&hex(&carol)),
+        "the legacy key is there to re-wrap"
+    );
+
+    // A copy of the database with another key ring (the same KEK id, another key): errors,
+    // never keys, and never taken for destroyed keys.
+    let thief = PostgresKeyStore::new(pool.clone(), ring(&KeyRing::generate_entry("k1")));
+    assert!(thief.get("alice").await.is_err(), "a wrong KEK must fail");
+    assert!(
+        thief.get_or_create("bob").await.is_err(),
+        "a wrong KEK must fail, not make a key"
+    );
+    let unknown = PostgresKeyStore::new(pool.clone(), ring(&new));
+    assert!(
+        matches!(
+            unknown.get("alice").await,
+            Err(feedloop_core::crypto::CryptoError::UnknownKek(id)) if id == "k1"
+        ),
+        "a ring without the key's KEK says which KEK it lacks"
+    );
+
+    // Rotation: k2 current, k1 still in the ring; every key still opens, then is re-wrapped.
+    let rotating = PostgresKeyStore::new(pool.clone(), ring(&format!("{new}\n{old}")));
+    assert_eq!(
+        rotating.get("alice").await.expect("get"),
+        Some(alice.clone())
+    );
+    let mut rewrapped = 0;
+    loop {
+        let n = rotating.rewrap(2).await.expect("rewrap");
+        if n == 0 {
+            break;
+        }
+        rewrapped += n;
+    }
+    assert_eq!(rewrapped, 3, "alice, bob and the legacy key");
+    let kek_ids: Vec<(String, Option<String>, bool)> =
+        sqlx::query_as("SELECT user_id, kek_id, key IS NULL FROM keys.user_keys ORDER BY user_id")
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+    assert!(
+        kek_ids
+            .iter()
+            .all(|(_, id, cleared)| id.as_deref() == Some("k2") && *cleared),
+        "{kek_ids:?}"
+    );
+    assert!(
+        !dump().await.contains(&hex(&carol)),
+        "the legacy key is gone"
+    );
+
+    // k1 retired: the ring holds k2 only, and every key is the same.
+    let retired = PostgresKeyStore::new(pool.clone(), ring(&new));
+    assert_eq!(retired.get("alice").await.expect("get"), Some(alice));
+    assert_eq!(retired.get("bob").await.expect("get"), Some(bob));
+    assert_eq!(retired.get("carol").await.expect("get"), Some(carol));
+
+    // Destruction deletes the wrapped key itself, and a rewrap never brings it back.
+    assert_eq!(
+        retired
+            .destroy(&["alice".to_owned()])
+            .await
+            .expect("destroy"),
+        1
+    );
+    let (wrapped, kek_id, destroyed): (Option<Vec<u8>>, Option<String>, bool) = sqlx::query_as(
+        "SELECT wrapped, kek_id, destroyed_at IS NOT NULL FROM keys.user_keys WHERE user_id = 'alice'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("row");
+    assert_eq!((wrapped, kek_id, destroyed), (None, None, true));
+    assert_eq!(rotating.rewrap(100).await.expect("rewrap"), 0);
+    assert_eq!(retired.get_or_create("alice").await.expect("get"), None);
+}
+
+/// A destroyed key is forgotten by a writer's cache as soon as the destruction commits (the
+/// store's NOTIFY), not after the cache's lifetime; a cache without the broadcast would have
+/// gone on sealing with it.
+#[tokio::test]
+async fn a_destroyed_key_leaves_every_writer_cache_within_the_broadcast_grace() {
+    use feedloop_core::crypto::{DESTRUCTION_BROADCAST_GRACE, KeyCache, KeyStore};
+    use std::sync::Arc;
+    let pool = migrated_control().await;
+    let store: Arc<dyn KeyStore> =
+        Arc::new(feedloop_integration_tests::test_key_store(pool.clone()));
+    let hour = Duration::from_secs(3600);
+    let broadcast = Arc::new(KeyCache::broadcast(store.clone(), hour));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(
+        broadcast
+            .clone()
+            .follow_destructions(pool.clone(), shutdown.clone()),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !broadcast.is_listening() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ttl_only = KeyCache::new(store.clone(), hour);
+    let key = broadcast
+        .sealing_key("u1")
+        .await
+        .expect("key")
+        .expect("new");
+    assert_eq!(
+        ttl_only.sealing_key("u1").await.expect("key"),
+        Some(key.clone())
+    );
+
+    // The eraser destroys it through its own store (its own connections).
+    let eraser_pool = migrated_control_of(&pool).await;
+    feedloop_integration_tests::test_key_store(eraser_pool)
+        .destroy(&["u1".to_owned()])
+        .await
+        .expect("destroy");
+    let destroyed_at = std::time::Instant::now();
+    loop {
+        let cached = broadcast.sealing_key("u1").await.expect("key");
+        if cached.is_none() {
+            break;
+        }
+        assert!(
+            destroyed_at.elapsed() < DESTRUCTION_BROADCAST_GRACE,
+            "a writer still seals with a destroyed key {:?} after its destruction",
+            destroyed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        ttl_only.sealing_key("u1").await.expect("key"),
+        Some(key),
+        "without the broadcast the cache keeps the key for its lifetime (what the broadcast fixes)"
+    );
+    shutdown.cancel();
+}
+
+/// Another pool on the same database as `pool`.
+async fn migrated_control_of(pool: &sqlx::PgPool) -> sqlx::PgPool {
+    sqlx::PgPool::connect_with((*pool.connect_options()).clone())
+        .await
+        .expect("connect")
 }

@@ -43,7 +43,8 @@ async fn eraser_killed_mid_request_completes_it_after_a_restart() {
              [datasets]\nroot = \"{root}\"\n[kafka]\nbootstrap = \"{bootstrap}\"\n\
              [producer]\n\"message.timeout.ms\" = \"1000\"\n\
              [registry]\nurl = \"{registry}\"\nuser = \"{user}\"\npassword = \"{password}\"\n\
-             [control]\nurl = \"{control}\"\n[log]\njson = false\n",
+             [control]\nurl = \"{control}\"\n[keys]\nkek = \"{kek}\"\n[log]\njson = false\n",
+            kek = feedloop_integration_tests::test_kek().expose(),
             root = dir.path().join("datasets").display(),
             bootstrap = infra().kafka_bootstrap,
             registry = registry.url,

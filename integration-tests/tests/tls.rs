@@ -175,6 +175,7 @@ async fn every_connection_can_be_encrypted_and_authenticated() {
     collector.kafka = kafka.clone();
     collector.registry = registry_config.clone();
     collector.postgres.url = Secret::new(url("collector", &ca));
+    collector.keys.kek = feedloop_integration_tests::test_kek();
     collector.auth.apps.insert(
         "test-app".into(),
         feedloop_collector::config::AppConfig {
@@ -229,6 +230,7 @@ async fn every_connection_can_be_encrypted_and_authenticated() {
     cdc.kafka = kafka.clone();
     cdc.registry = registry_config;
     cdc.control.url = Secret::new(url("cdc", &ca));
+    cdc.keys.kek = feedloop_integration_tests::test_kek();
     cdc.http.listen = "127.0.0.1:0".into();
     cdc.http.tls = pki.server_tls();
     cdc.log.json = false;

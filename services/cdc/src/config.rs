@@ -229,10 +229,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_once_a_password_is_set() {
+    fn defaults_are_valid_once_a_password_and_a_key_ring_are_set() {
         let mut cfg = Config::from_defaults().expect("parses");
         assert!(cfg.validate().is_err(), "registry password missing");
         cfg.registry.password = Secret::new("pw");
+        let err = cfg.validate().expect_err("no key ring").to_string();
+        assert!(err.contains("keys.kek"), "{err}");
+        cfg.keys.kek = Secret::new(feedloop_core::crypto::KeyRing::generate_entry("k1"));
         cfg.validate().expect("valid");
         cfg.source.tables.push("nodot".into());
         assert!(

@@ -696,7 +696,13 @@ impl Engine {
             (Ok(b), Ok(a)) => (b, a),
             (Err(e), _) | (_, Err(e)) => {
                 return self
-                    .dead_letter(DeadLetterReason::DecodeFailure, &e, b"", pos, futures)
+                    .dead_letter(
+                        DeadLetterReason::DecodeFailure,
+                        &e,
+                        (b"", None),
+                        pos,
+                        futures,
+                    )
                     .await;
             }
         };
@@ -761,18 +767,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Publishes a dead letter about `original`, sealed with the data key of `owner` (the
+    /// user the row belongs to, when known) or the day's unattributed key.
     async fn dead_letter(
         &self,
         reason: DeadLetterReason,
         detail: &str,
-        original: &[u8],
+        (original, owner): (&[u8], Option<&str>),
         pos: &Position,
         futures: &mut Vec<DeliveryFuture>,
     ) -> Result<(), EngineError> {
         let dl = DeadLetter {
             source_offset: i64::try_from(pos.commit_lsn).ok(),
             ..DeadLetter::new("cdc", reason, detail, original, now_ms())
-        };
+        }
+        .seal(&self.keys, owner, now_ms())
+        .await?;
         let mut value = Vec::new();
         self.deadletter.encode(&dl, &mut value)?;
         let id = dl.dead_letter_id.to_string();
@@ -817,7 +827,7 @@ impl Engine {
         self.dead_letter(
             DeadLetterReason::SizeViolation,
             &detail,
-            value,
+            (value, None),
             pos,
             futures,
         )
@@ -837,7 +847,13 @@ impl Engine {
             Ok(r) => r,
             Err(e) => {
                 return self
-                    .dead_letter(DeadLetterReason::DecodeFailure, &e, b"", pos, futures)
+                    .dead_letter(
+                        DeadLetterReason::DecodeFailure,
+                        &e,
+                        (b"", None),
+                        pos,
+                        futures,
+                    )
                     .await;
             }
         };
@@ -863,7 +879,7 @@ impl Engine {
                 .dead_letter(
                     DeadLetterReason::SchemaViolation,
                     detail,
-                    &original,
+                    (&original, None),
                     pos,
                     futures,
                 )
@@ -1108,7 +1124,7 @@ impl Engine {
                 .dead_letter(
                     DeadLetterReason::ProtocolViolation,
                     &detail,
-                    b"",
+                    (b"", None),
                     &pos,
                     &mut txn.futures,
                 )
@@ -1142,8 +1158,11 @@ impl Engine {
                     before.as_ref().map(|o| tuple_json(o.tuple())),
                     after.as_ref().map(tuple_json),
                 ];
+                // The row's owner, whose key seals the letter (and its personal columns).
+                let mut owner = None;
                 if let Some(cfg) = self.cfg.pii.tables.get(&table_name) {
                     for row in images.iter_mut().flatten() {
+                        owner = owner.or_else(|| pii::owner_of_json(cfg, &shape, row));
                         pii::seal_json(&self.keys, cfg, &shape, row).await?;
                     }
                 }
@@ -1159,7 +1178,7 @@ impl Engine {
                     .dead_letter(
                         DeadLetterReason::SchemaViolation,
                         &detail,
-                        &original,
+                        (&original, owner.as_deref()),
                         &pos,
                         &mut txn.futures,
                     )
@@ -1300,7 +1319,7 @@ impl Engine {
                                 Err(e) => match self.apply_pending(&mut pending, t).await {
                                     Ok(()) => {
                                         let pos = Position { commit_lsn: t.commit_lsn, ordinal: t.ordinal, xid: t.xid, commit_ms: unix_ms(t.committed) };
-                                        self.dead_letter(DeadLetterReason::DecodeFailure, &e.to_string(), &data, &pos, &mut t.futures).await
+                                        self.dead_letter(DeadLetterReason::DecodeFailure, &e.to_string(), (&data, None), &pos, &mut t.futures).await
                                     }
                                     Err(e) => Err(e),
                                 },

@@ -21,7 +21,7 @@ use std::{net::SocketAddr, sync::Arc};
 use axum::{Router, routing::get};
 use feedloop_core::{
     catalogue::TOPICS,
-    crypto::{CryptoError, KeyCache, key_store},
+    crypto::{CryptoError, key_cache},
     kafka::ensure_topics,
     postgres,
     registry_client::RegistryClientError,
@@ -76,10 +76,7 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
     }
     let producer = config.kafka.producer("feedloop-cdc", &config.producer)?;
     let (listener, addr) = feedloop_core::http::bind(&config.http.listen, &config.http.tls).await?;
-    let keys = Arc::new(KeyCache::new(
-        key_store(&config.keys, &control).await?,
-        config.keys.cache_ttl(),
-    ));
+    let keys = key_cache(&config.keys, &control, &shutdown).await?;
     let engine = engine::Engine::new(config, source, control, registry, producer, keys).await?;
     let streaming = engine.streaming();
     let app = Router::new()

@@ -96,6 +96,16 @@ impl Pii {
     }
 }
 
+/// The owner of a dead-lettered row image (a JSON array per column): its user column's text.
+pub fn owner_of_json(cfg: &PiiTable, shape: &Shape, row: &Json) -> Option<String> {
+    let i = shape
+        .relation
+        .columns
+        .iter()
+        .position(|c| c.name == cfg.user_column)?;
+    row.as_array()?.get(i)?.as_str().map(str::to_owned)
+}
+
 /// Seals the personal values of a dead-lettered change (a JSON array per row image, as the
 /// dead-letter record keeps it), so that dead letters hold no plaintext either. When the
 /// table's configuration does not resolve, the configured columns are made unreadable.
@@ -105,14 +115,11 @@ pub async fn seal_json(
     shape: &Shape,
     row: &mut Json,
 ) -> Result<(), CryptoError> {
+    let owner = owner_of_json(cfg, shape, row);
     let Json::Array(values) = row else {
         return Ok(());
     };
     let index = |name: &str| shape.relation.columns.iter().position(|c| c.name == name);
-    let owner = index(&cfg.user_column)
-        .and_then(|i| values.get(i))
-        .and_then(Json::as_str)
-        .map(str::to_owned);
     for name in &cfg.columns {
         let Some(i) = index(name) else { continue };
         if let Some(v) = values.get_mut(i)

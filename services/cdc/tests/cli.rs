@@ -21,6 +21,10 @@ fn refuses_tables_outside_the_capture_list() {
     let out = Command::new(BIN)
         .env_clear()
         .env("FEEDLOOP_REGISTRY__PASSWORD", "pw")
+        .env(
+            "FEEDLOOP_KEYS__KEK",
+            "k1=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        )
         .env("FEEDLOOP_OUTBOX__TABLE", "app.elsewhere")
         .output()
         .expect("runs");

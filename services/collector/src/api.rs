@@ -288,12 +288,31 @@ async fn malformed(
     received_at: i64,
 ) -> Response {
     let reject = Reject::new(DeadLetterReason::ProtocolViolation, detail.clone(), bytes);
-    if let Ok(record) = s.pipeline.dead_letter(app, &reject, received_at)
-        && let Err(e) = s.pipeline.durable.write(vec![record]).await
-    {
-        tracing::warn!(error = %e, "Could not keep a malformed body");
+    let kept = match s.pipeline.dead_letter(app, &reject, received_at).await {
+        Ok(record) => s
+            .pipeline
+            .durable
+            .write(vec![record])
+            .await
+            .map(|_| ())
+            .map_err(IngestError::from),
+        Err(e) => Err(e),
+    };
+    match kept {
+        Ok(()) => refuse(StatusCode::BAD_REQUEST, "malformed_batch", detail),
+        // Not kept: the client must send it again rather than lose it.
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not keep a malformed body");
+            retry_after(
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the malformed body could not be kept for repair; retry",
+                ),
+                1,
+            )
+        }
     }
-    refuse(StatusCode::BAD_REQUEST, "malformed_batch", detail)
 }
 
 async fn native_events(

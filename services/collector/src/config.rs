@@ -156,7 +156,6 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.http.tls.validate("http.tls")?;
         self.kafka.validate("kafka")?;
-        self.keys.validate()?;
         if self.auth.apps.is_empty() {
             return Err(ConfigError::invalid(
                 "auth.apps",
@@ -171,6 +170,7 @@ impl Config {
                 ));
             }
         }
+        self.keys.validate()?;
         let positive = [
             ("http.max_request_bytes", self.http.max_request_bytes as u64),
             (
@@ -250,6 +250,7 @@ mod tests {
                 keys: vec![Secret::new("0123456789abcdef")],
             },
         );
+        cfg.keys.kek = Secret::new(feedloop_core::crypto::KeyRing::generate_entry("k1"));
         cfg
     }
 

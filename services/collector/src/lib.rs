@@ -26,7 +26,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use feedloop_core::{
     catalogue::TOPICS,
-    crypto::{CryptoError, KeyCache, key_store},
+    crypto::{CryptoError, key_cache},
     kafka::{KafkaAdminError, ensure_topics},
     postgres,
     registry_client::RegistryClientError,
@@ -123,10 +123,7 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
         tracing::warn!("[sink] kind = \"null\": accepted events are discarded, not published");
     }
     let suppression = Arc::new(suppression::Suppression::default());
-    let keys = Arc::new(KeyCache::new(
-        key_store(&config.keys, &pool).await?,
-        config.keys.cache_ttl(),
-    ));
+    let keys = key_cache(&config.keys, &pool, &shutdown).await?;
 
     let background = CancellationToken::new();
     let drain = (config.sink.kind == config::SinkKind::Kafka).then(|| {

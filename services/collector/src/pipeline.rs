@@ -180,6 +180,9 @@ pub enum IngestError {
     /// Personal fields cannot be sealed: the batch is refused rather than logged in the clear.
     #[error("data keys unavailable: {0}")]
     Keys(#[from] CryptoError),
+    /// A dead letter does not fit its schema (a bug).
+    #[error("cannot encode a dead letter: {0}")]
+    Encode(#[from] CodecError),
 }
 
 /// Everything the request path needs.
@@ -194,13 +197,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A dead-letter record for `reject`.
-    pub fn dead_letter(
+    /// A dead-letter record for `reject`, its original sealed with the key of the user it
+    /// names (or the day's unattributed key).
+    pub async fn dead_letter(
         &self,
         app_id: &str,
         reject: &Reject,
         received_at: i64,
-    ) -> Result<Record, CodecError> {
+    ) -> Result<Record, IngestError> {
+        let owner = crate::ingest::owner_of(&reject.original);
         let dl = DeadLetter {
             path: reject.path.clone(),
             event_type: reject.event_type.clone(),
@@ -213,7 +218,9 @@ impl Pipeline {
                 &reject.original,
                 received_at,
             )
-        };
+        }
+        .seal(&self.keys, owner.as_deref(), now_ms())
+        .await?;
         let mut value = Vec::with_capacity(64 + dl.original.len());
         self.codecs.encode_dead_letter(&dl, &mut value)?;
         observability::rejected(reject.reason.as_str());
@@ -257,6 +264,14 @@ impl Pipeline {
             for user in owners {
                 let key = self.keys.sealing_key(&user).await?;
                 keys.insert(user, key);
+            }
+        }
+        // Dead letters of the rejected events, sealed before anything is claimed: without their
+        // keys the batch is refused (503) rather than losing them.
+        let mut letters: HashMap<usize, Record> = HashMap::new();
+        for (index, p) in parsed.iter().enumerate() {
+            if let Parsed::Reject(r) = p {
+                letters.insert(index, self.dead_letter(app_id, r, received_at).await?);
             }
         }
         let ids: Vec<u128> = parsed
@@ -372,8 +387,11 @@ impl Pipeline {
                                 err.clone(),
                                 &original,
                             );
-                            if let Ok(r) = self.dead_letter(app_id, &reject, received_at) {
-                                records.push(r);
+                            match self.dead_letter(app_id, &reject, received_at).await {
+                                Ok(r) => records.push(r),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "Could not keep the event as a dead letter");
+                                }
                             }
                             results.push(EventResult {
                                 index,
@@ -388,9 +406,7 @@ impl Pipeline {
                     }
                 }
                 Parsed::Reject(r) => {
-                    if let Ok(record) = self.dead_letter(app_id, &r, received_at) {
-                        records.push(record);
-                    }
+                    records.extend(letters.remove(&index));
                     results.push(EventResult {
                         index,
                         event_id: r.event_id.clone(),

@@ -477,3 +477,95 @@ impl ClientContext for QuietEof {
 }
 
 impl ConsumerContext for QuietEof {}
+
+/// A record read back by [`read_to_end`].
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    /// `None`: a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl LogRecord {
+    /// The first header named `key`.
+    pub fn header(&self, key: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("Kafka client error: {0}")]
+    Client(#[from] KafkaError),
+    #[error("topic {topic} not read to its end within {within:?}")]
+    Timeout { topic: String, within: Duration },
+}
+
+/// Every record of `topic` from the beginning to the current end of each partition (its
+/// end-of-partition event: the embedded broker's high watermarks are not reliable), with a
+/// plain consumer outside any group. Blocking: call it from `spawn_blocking`. An absent topic
+/// reads as empty.
+pub fn read_to_end(
+    kafka: &KafkaConfig,
+    topic: &str,
+    within: Duration,
+) -> Result<Vec<LogRecord>, ReadError> {
+    use rdkafka::{Message, Offset, TopicPartitionList, message::Headers};
+    let consumer: BaseConsumer<QuietEof> = kafka
+        .client_config("feedloop-read")
+        .set("group.id", "feedloop-read")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create_with_context(QuietEof)?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut open = std::collections::HashSet::new();
+    for t in md.topics().iter().filter(|t| t.error().is_none()) {
+        for p in t.partitions() {
+            open.insert(p.id());
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    let mut out = Vec::new();
+    if open.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + within;
+    while !open.is_empty() {
+        if std::time::Instant::now() >= deadline {
+            return Err(ReadError::Timeout {
+                topic: topic.to_owned(),
+                within,
+            });
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => out.push(LogRecord {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().unwrap_or_default().to_vec(),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    Ok(out)
+}

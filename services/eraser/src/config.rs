@@ -55,6 +55,9 @@ pub struct ErasureConfig {
     pub max_attempts: u32,
     pub tombstone_topics: Vec<String>,
     pub hash_key: Secret,
+    /// Days a dead letter whose user is unknown stays readable: its day's key is destroyed
+    /// after them.
+    pub unattributed_retention_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,7 +82,6 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.http.tls.validate("http.tls")?;
         self.kafka.validate("kafka")?;
-        self.keys.validate()?;
         if self.auth.admin_token.expose().len() < 16 {
             return Err(ConfigError::invalid(
                 "auth.admin_token",
@@ -92,10 +94,17 @@ impl Config {
                 "required, at least 16 characters",
             ));
         }
+        self.keys.validate()?;
         if self.erasure.max_users == 0 || self.erasure.max_attempts == 0 {
             return Err(ConfigError::invalid(
                 "erasure.max_users",
                 "max_users and max_attempts must be positive",
+            ));
+        }
+        if !(1..=3650).contains(&self.erasure.unattributed_retention_days) {
+            return Err(ConfigError::invalid(
+                "erasure.unattributed_retention_days",
+                "must be 1 to 3650",
             ));
         }
         if self.datasets.root.is_empty() {

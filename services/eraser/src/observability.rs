@@ -15,6 +15,7 @@ pub const TARGET_FAILURES: &str = "feedloop_eraser_target_failures_total";
 pub const REQUESTS: &str = "feedloop_eraser_requests_total";
 
 pub const PRODUCER_RESETS: &str = "feedloop_eraser_producer_resets_total";
+pub const KEYS_REWRAPPED: &str = "feedloop_eraser_keys_rewrapped_total";
 
 pub const HTTP: HttpMetrics = HttpMetrics {
     requests: "feedloop_eraser_http_requests_total",
@@ -50,8 +51,16 @@ pub fn describe() {
         PRODUCER_RESETS,
         "Kafka producers replaced because the broker kept failing them while it answered (it lost their state)."
     );
+    describe_counter!(
+        KEYS_REWRAPPED,
+        "Data keys re-wrapped with the current key-encryption key (after a KEK rotation)."
+    );
     describe_counter!(HTTP.requests, "HTTP requests.");
     describe_histogram!(HTTP.duration, "HTTP request duration.");
+}
+
+pub fn keys_rewrapped(n: u64) {
+    counter!(KEYS_REWRAPPED).increment(n);
 }
 
 pub fn target_failed(target: &'static str) {

@@ -47,6 +47,11 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// Keys re-wrapped per statement batch.
+const REWRAP_BATCH: usize = 1_000;
+/// How often the worker looks for keys to re-wrap (after a KEK rotation).
+const REWRAP_INTERVAL: Duration = Duration::from_secs(600);
+
 /// What a target did: how many rows, keys, records or files it affected, and details.
 type Done = (i64, serde_json::Value);
 
@@ -65,10 +70,59 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl Worker {
-    /// Polls for open requests until `shutdown`.
+    /// Re-wraps every data key not under the current KEK (a rotation, or keys stored before
+    /// envelope encryption), in batches; returns how many.
+    pub async fn rewrap_keys(&self) -> Result<u64, feedloop_core::crypto::CryptoError> {
+        let mut total = 0;
+        loop {
+            let n = self.keys.rewrap(REWRAP_BATCH).await?;
+            total += n;
+            observability::keys_rewrapped(n);
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Destroys the unattributed dead-letter keys past `erasure.unattributed_retention_days`.
+    pub async fn expire_unattributed(
+        &self,
+        now_ms: i64,
+    ) -> Result<u64, feedloop_core::crypto::CryptoError> {
+        let n = feedloop_core::crypto::expire_unattributed(
+            self.keys.as_ref(),
+            self.cfg.erasure.unattributed_retention_days,
+            now_ms,
+        )
+        .await?;
+        if n > 0 {
+            tracing::info!(
+                keys = n,
+                "Unattributed dead-letter keys past their retention destroyed"
+            );
+        }
+        Ok(n)
+    }
+
+    /// Polls for open requests until `shutdown`; re-wraps keys and expires unattributed
+    /// dead-letter keys at start and then every [`REWRAP_INTERVAL`].
     pub async fn run(self, shutdown: CancellationToken) {
         let poll = Duration::from_millis(self.cfg.erasure.poll_interval_ms);
+        let mut rewrapped_at: Option<std::time::Instant> = None;
         loop {
+            if rewrapped_at.is_none_or(|at| at.elapsed() >= REWRAP_INTERVAL) {
+                match self.rewrap_keys().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(keys = n, "Data keys re-wrapped with the current KEK"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot re-wrap data keys; will try again")
+                    }
+                }
+                if let Err(e) = self.expire_unattributed(now_ms()).await {
+                    tracing::warn!(error = %e, "Cannot expire unattributed dead-letter keys; will try again");
+                }
+                rewrapped_at = Some(std::time::Instant::now());
+            }
             match store::open(&self.control).await {
                 Ok(ids) => {
                     for id in ids {
@@ -167,7 +221,18 @@ impl Worker {
             "suppression" => self.suppress(users).await.map_err(|e| e.to_string()),
             "crypto_keys" => {
                 let n = self.keys.destroy(users).await.map_err(|e| e.to_string())?;
-                Ok((n as i64, json!({ "keys_destroyed": n })))
+                // Done only once no writer can still seal with a destroyed key: the broadcast
+                // has reached them (Postgres), or their cached copies have expired (ScyllaDB).
+                let settle = self.keys.destruction_settles();
+                tokio::time::sleep(settle).await;
+                Ok((
+                    n as i64,
+                    json!({
+                        "keys_destroyed": n,
+                        "wrapped_keys_deleted": true,
+                        "writers_settled_ms": settle.as_millis() as u64,
+                    }),
+                ))
             }
             "join_state" => {
                 let n = self
@@ -312,7 +377,40 @@ impl Worker {
             })).collect::<Vec<_>>(),
             "manifests": manifests,
             "completed_at": now_ms(),
+            "remains": self.remains(),
         })
+    }
+
+    /// What this erasure leaves for retention to remove, stated in the certificate.
+    fn remains(&self) -> Vec<String> {
+        let keks = self
+            .cfg
+            .keys
+            .key_ring()
+            .map(|r| r.ids().join(", "))
+            .unwrap_or_default();
+        let history = match self.cfg.keys.store {
+            feedloop_core::crypto::KeyStoreKind::Postgres => {
+                "the control database's WAL and WAL archive, base backups, replicas and dead row versions until VACUUM"
+            }
+            feedloop_core::crypto::KeyStoreKind::Scylla => {
+                "ScyllaDB's commit log, sstables until compaction, and snapshots"
+            }
+        };
+        vec![
+            format!(
+                "Wrapped copies of the destroyed data keys remain in {history} until the \
+                 operator's backup and archive retention expires; they open only with \
+                 key-encryption key(s) {keks}, and are unusable as soon as those are retired \
+                 (KEK rotation)."
+            ),
+            format!(
+                "Dead letters of input that named no readable user are sealed with a key of \
+                 their day, destroyed {} days after it; until then operators can read them \
+                 (feedloop deadletters show).",
+                self.cfg.erasure.unattributed_retention_days
+            ),
+        ]
     }
 
     async fn publish_audit(&self, certificate: &serde_json::Value) -> Result<(), String> {
@@ -351,6 +449,8 @@ struct AuditRecord {
     targets: Vec<AuditTarget>,
     manifests: Vec<AuditManifest>,
     completed_at: i64,
+    #[serde(default)]
+    remains: Vec<String>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]

@@ -138,6 +138,52 @@ enum Command {
         #[command(subcommand)]
         command: DatasetsCommand,
     },
+    /// Read `feedloop.deadletter`, each letter's original opened with its data key while that
+    /// key lives (the user's until they are erased; the day's unattributed key for
+    /// `erasure.unattributed_retention_days`).
+    Deadletters {
+        /// A running dev stack's directory: its endpoints.json gives every setting not given.
+        #[arg(long, global = true)]
+        dev: Option<PathBuf>,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "KAFKA_BOOTSTRAP", global = true)]
+        kafka: Option<String>,
+        /// The schema registry's URL.
+        #[arg(long, env = "FEEDLOOP_REGISTRY_URL", global = true)]
+        registry: Option<String>,
+        #[arg(long, env = "FEEDLOOP_REGISTRY_USER", global = true)]
+        registry_user: Option<String>,
+        #[arg(
+            long,
+            env = "FEEDLOOP_REGISTRY_PASSWORD",
+            hide_env_values = true,
+            global = true
+        )]
+        registry_password: Option<String>,
+        /// The control database holding the data keys (`keys.store = "postgres"`).
+        #[arg(
+            long,
+            env = "FEEDLOOP_CONTROL_URL",
+            hide_env_values = true,
+            global = true
+        )]
+        control: Option<String>,
+        /// The key ring (`keys.kek`).
+        #[arg(
+            long,
+            env = "FEEDLOOP_KEYS__KEK",
+            hide_env_values = true,
+            global = true
+        )]
+        kek: Option<String>,
+        #[command(subcommand)]
+        command: DeadlettersCommand,
+    },
+    /// Key-encryption keys (the `[keys]` key ring that wraps every data key).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Rebuild a dataset from the log into a new root (nothing is published).
     Replay {
         /// The labeler's configuration file (specs, inputs, Kafka, registry, control database).
@@ -156,6 +202,35 @@ enum Command {
         /// labeler's control database).
         #[arg(long)]
         control: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadlettersCommand {
+    /// Print dead letters as JSON lines, oldest first, each `original` opened: `clear` (with
+    /// `text`, or `base64` when not UTF-8), `erased` (its key is destroyed), `invalid`, or
+    /// `unsealed` (written before dead letters were sealed).
+    Show {
+        /// Only those of this service (collector, cdc, labeler, eraser, trigger).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this dead letter.
+        #[arg(long)]
+        id: Option<String>,
+        /// The most recent this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Print a new random KEK as a key-ring entry, `ID=BASE64KEY`, for `keys.kek` (or
+    /// FEEDLOOP_KEYS__KEK, or a line of `keys.kek_file`). To rotate, put it first in the ring
+    /// of every service and keep the old entry until the eraser has re-wrapped the keys.
+    GenerateKek {
+        /// The KEK's id, recorded with every key it wraps (e.g. the month: 2026-12).
+        id: String,
     },
 }
 
@@ -336,7 +411,11 @@ impl Command {
                         repo: Some(repo), ..
                     },
             } => abs(repo),
-            Self::Schemas { .. } | Self::Erase { .. } | Self::Datasets { .. } => Ok(()),
+            Self::Schemas { .. }
+            | Self::Erase { .. }
+            | Self::Datasets { .. }
+            | Self::Keys { .. } => Ok(()),
+            Self::Deadletters { dev, .. } => dev.as_mut().map_or(Ok(()), abs),
         }
     }
 }
@@ -678,6 +757,41 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "replayed {}: {} records read, {} rows in {} partitions under {}",
                 summary.dataset, summary.records, summary.rows, summary.partitions, summary.root
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deadletters {
+            dev,
+            kafka,
+            registry,
+            registry_user,
+            registry_password,
+            control,
+            kek,
+            command: DeadlettersCommand::Show { service, id, limit },
+        } => {
+            let shown = crate::deadletters::show(
+                crate::deadletters::Connection {
+                    dev,
+                    kafka,
+                    registry,
+                    registry_user,
+                    registry_password,
+                    control,
+                    kek,
+                },
+                crate::deadletters::Filter { service, id, limit },
+            )
+            .await?;
+            eprintln!("{shown} dead letter(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            command: KeysCommand::GenerateKek { id },
+        } => {
+            let entry = feedloop_core::crypto::KeyRing::generate_entry(&id);
+            // Checked like the services will check it (the id's characters).
+            feedloop_core::crypto::KeyRing::parse(&entry)?;
+            println!("{entry}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Schemas { command } => match command {

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod datasets;
+pub mod deadletters;
 pub mod demo;
 pub mod dev;
 pub mod erase;

@@ -145,6 +145,31 @@ pub fn parse_at<'a, T: Deserialize<'a>>(
     })
 }
 
+/// The user an input says it is about, if it says so readably: `user_id` (native), else
+/// `userId` or `anonymousId` (Segment), when that is an id the collector would accept. Its dead
+/// letter is sealed with that user's key, so that erasing them reaches it; `None`: the day's
+/// unattributed key. (Whoever sends the input chooses this: naming someone else only makes the
+/// letter theirs to erase.)
+pub fn owner_of(original: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Ids {
+        user_id: Option<serde_json::Value>,
+        #[serde(rename = "userId")]
+        segment_user: Option<serde_json::Value>,
+        #[serde(rename = "anonymousId")]
+        anonymous: Option<serde_json::Value>,
+    }
+    let ids: Ids = serde_json::from_slice(original).ok()?;
+    [ids.user_id, ids.segment_user, ids.anonymous]
+        .into_iter()
+        .find_map(|v| match v {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+        .filter(|id| check_id(id, "", b"").is_ok())
+}
+
 fn check_id(value: &str, path: &str, original: &[u8]) -> Result<(), Reject> {
     if value.is_empty() || value.len() > MAX_ID_LEN {
         return Err(Reject::new(
@@ -489,6 +514,35 @@ pub type Str<'a> = Cow<'a, str>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_owner_of_an_input_is_its_readable_valid_user_id() {
+        assert_eq!(
+            owner_of(br#"{"user_id":"u-1","x":1}"#).as_deref(),
+            Some("u-1")
+        );
+        assert_eq!(owner_of(br#"{"userId":42}"#).as_deref(), Some("42"));
+        assert_eq!(
+            owner_of(br#"{"anonymousId":"a-1"}"#).as_deref(),
+            Some("a-1")
+        );
+        assert_eq!(
+            owner_of(br#"{"userId":"","anonymousId":"a-1"}"#).as_deref(),
+            Some("a-1")
+        );
+        for unreadable in [
+            &br#"{"user_id":"u-1""#[..],
+            br#"[{"user_id":"u-1"}]"#,
+            br#"{"user_id":{"id":"u-1"}}"#,
+            br#"{"user_id":"bad\u0000id"}"#,
+            b"\xff\xfe",
+            b"",
+        ] {
+            assert_eq!(owner_of(unreadable), None, "{unreadable:?}");
+        }
+        let long = format!(r#"{{"user_id":"{}"}}"#, "x".repeat(MAX_ID_LEN + 1));
+        assert_eq!(owner_of(long.as_bytes()), None);
+    }
 
     fn tc() -> TimeConfig {
         TimeConfig {

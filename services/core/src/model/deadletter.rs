@@ -62,6 +62,11 @@ pub struct DeadLetter {
     /// SHA-256 of the whole input, lowercase hex.
     #[serde(default)]
     pub original_sha256: Option<String>,
+    /// Whose data key `original` is sealed with ([`DeadLetter::seal`]): the user the input was
+    /// about, or the day's unattributed key ([`crate::crypto::unattributed_owner`]). `None`:
+    /// in the clear (written before dead letters were sealed).
+    #[serde(default)]
+    pub sealed_by: Option<String>,
 }
 
 impl DeadLetter {
@@ -92,8 +97,56 @@ impl DeadLetter {
             received_at,
             original_size: Some(kept.size),
             original_sha256: Some(kept.sha256),
+            sealed_by: None,
         }
     }
+
+    /// Seals `original` with the data key of `owner` (the user the input is about, when known)
+    /// or else with today's unattributed key, so that erasing the user — or the unattributed
+    /// key's expiry — makes it unreadable. An owner whose key is destroyed (an erased user)
+    /// keeps nothing of the input but its length and digest.
+    pub async fn seal(
+        mut self,
+        keys: &crate::crypto::KeyCache,
+        owner: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Self, crate::crypto::CryptoError> {
+        let owner = match owner.filter(|o| !o.is_empty()) {
+            Some(o) => o.to_owned(),
+            None => crate::crypto::unattributed_owner(now_ms),
+        };
+        self.original = match keys.sealing_key(&owner).await? {
+            Some(key) => crate::crypto::seal_bytes(&key, &owner, &self.original)?,
+            None => Vec::new(),
+        };
+        self.sealed_by = Some(owner);
+        Ok(self)
+    }
+
+    /// The original bytes, opened with the key of [`DeadLetter::sealed_by`] (`key`: that key
+    /// from the store, `None` if destroyed).
+    pub fn open(&self, key: Option<&crate::crypto::DataKey>) -> OpenedOriginal {
+        let Some(owner) = &self.sealed_by else {
+            return OpenedOriginal::Clear(self.original.clone());
+        };
+        match key {
+            None => OpenedOriginal::Erased,
+            Some(_) if self.original.is_empty() => OpenedOriginal::Erased,
+            Some(k) => crate::crypto::open_bytes(k, owner, &self.original)
+                .map_or(OpenedOriginal::Invalid, OpenedOriginal::Clear),
+        }
+    }
+}
+
+/// A dead letter's original bytes, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenedOriginal {
+    /// Decrypted, or never sealed.
+    Clear(Vec<u8>),
+    /// Its key is destroyed (the user was erased, or the unattributed key expired).
+    Erased,
+    /// Sealed, but not by that key, or tampered with.
+    Invalid,
 }
 
 /// The most of an input's bytes a dead letter keeps. A dead letter must always fit what the
@@ -135,6 +188,66 @@ impl Original {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{KeyCache, KeyStore, MemoryKeyStore};
+    use std::{sync::Arc, time::Duration};
+
+    #[tokio::test]
+    async fn sealed_originals_open_with_their_owners_key_until_it_is_destroyed() {
+        let store = Arc::new(MemoryKeyStore::default());
+        let keys = KeyCache::new(store.clone(), Duration::from_millis(1));
+        let input = br#"{"user_id":"u1","properties":{"comment":"call me on +33 6 12"}}"#;
+        let now = 1_765_000_000_000;
+        let dl = DeadLetter::new(
+            "collector",
+            DeadLetterReason::SchemaViolation,
+            "bad",
+            input,
+            now,
+        )
+        .seal(&keys, Some("u1"), now)
+        .await
+        .unwrap();
+        assert_eq!(dl.sealed_by.as_deref(), Some("u1"));
+        assert!(!dl.original.windows(6).any(|w| w == b"+33 6 "), "sealed");
+        let key = store.get("u1").await.unwrap();
+        assert_eq!(dl.open(key.as_ref()), OpenedOriginal::Clear(input.to_vec()));
+        // Another user's key does not open it.
+        let other = store.get_or_create("u2").await.unwrap();
+        assert_eq!(dl.open(other.as_ref()), OpenedOriginal::Invalid);
+        // Unknown owner: today's unattributed key.
+        let anon = DeadLetter::new(
+            "collector",
+            DeadLetterReason::ProtocolViolation,
+            "bad",
+            b"{",
+            now,
+        )
+        .seal(&keys, None, now)
+        .await
+        .unwrap();
+        let day = crate::crypto::unattributed_owner(now);
+        assert_eq!(anon.sealed_by.as_deref(), Some(day.as_str()));
+        assert!(day.starts_with(crate::crypto::UNATTRIBUTED_PREFIX) && day.ends_with("2025-12-06"));
+        let k = store.get(&day).await.unwrap();
+        assert_eq!(anon.open(k.as_ref()), OpenedOriginal::Clear(b"{".to_vec()));
+        // Erased: the key is gone, and a letter sealed afterwards keeps nothing of its input.
+        store.destroy(&["u1".into()]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(dl.open(None), OpenedOriginal::Erased);
+        let after = DeadLetter::new(
+            "collector",
+            DeadLetterReason::SchemaViolation,
+            "bad",
+            input,
+            now,
+        )
+        .seal(&keys, Some("u1"), now)
+        .await
+        .unwrap();
+        assert!(after.original.is_empty());
+        assert_eq!(after.original_size, Some(input.len() as i64));
+        assert_eq!(after.open(None), OpenedOriginal::Erased);
+    }
 
     #[test]
     fn keeps_small_inputs_whole_and_large_ones_as_a_prefix_with_length_and_digest() {

@@ -5,7 +5,7 @@ pub mod deadletter;
 pub mod erasure;
 pub mod events;
 
-pub use deadletter::{DeadLetter, DeadLetterReason, ORIGINAL_MAX_BYTES, Original};
+pub use deadletter::{DeadLetter, DeadLetterReason, ORIGINAL_MAX_BYTES, OpenedOriginal, Original};
 pub use erasure::{ErasureOrigin, ErasureRequest};
 pub use events::{
     ChatEnded, ChatEndedBy, Decision, Envelope, Event, EventDecodeError, EventType, FeatureValue,
@@ -195,6 +195,7 @@ mod tests {
                 received_at: 1_764_000_000_000,
                 original_size: Some(5),
                 original_sha256: Some("ab".repeat(32)),
+                sealed_by: Some("u-1".into()),
             },
         );
     }

@@ -64,6 +64,8 @@ struct Setup {
     password: String,
     control: String,
     seal: bool,
+    /// The key ring of this run (made for it).
+    kek: String,
 }
 
 fn cdc_config(s: &Setup, slot: &str, prefix: &str) -> anyhow::Result<feedloop_cdc::Config> {
@@ -83,6 +85,7 @@ fn cdc_config(s: &Setup, slot: &str, prefix: &str) -> anyhow::Result<feedloop_cd
         Secret::new(s.password.clone()),
     );
     c.control.url = Secret::new(s.control.clone());
+    c.keys.kek = Secret::new(s.kek.clone());
     c.http.listen = "127.0.0.1:0".into();
     if !s.seal {
         c.pii.tables.clear();
@@ -295,6 +298,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         password,
         control: pg.url(),
         seal: opts.seal,
+        kek: super::bench_kek(),
     };
 
     println!(

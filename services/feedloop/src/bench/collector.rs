@@ -178,9 +178,12 @@ burst = 100000000
 dir = "{spool}"
 [sink]
 kind = "{sink}"
+[keys]
+kek = "{kek}"
 [log]
 json = true
 "#,
+        kek = super::bench_kek(),
         bootstrap = kafka.bootstrap,
         spool = dir.join("spool").display(),
     )

@@ -25,6 +25,13 @@ pub struct Machine {
     pub memory_gib: f64,
 }
 
+/// The key ring the services a benchmark starts share (one KEK, made once per run).
+pub fn bench_kek() -> String {
+    static KEK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEK.get_or_init(|| feedloop_core::crypto::KeyRing::generate_entry("bench"))
+        .clone()
+}
+
 pub fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo

@@ -9,7 +9,7 @@ pub mod stack;
 pub use broker::{Broker, BrokerProcess, EmbeddedBroker};
 pub use feedloop_broker::Storage;
 pub use postgres::PgCluster;
-pub use stack::{BrokerChoice, Endpoints, Stack, StackOptions};
+pub use stack::{BrokerChoice, ENDPOINTS_FILE, Endpoints, Stack, StackOptions};
 
 /// Why the dev stack could not start.
 #[derive(Debug, thiserror::Error)]

@@ -69,6 +69,10 @@ pub struct Endpoints {
     pub registry_user: String,
     pub registry_password: String,
     pub admin_token: String,
+    /// The key ring wrapping the data keys (`keys.kek`): `feedloop deadletters show` opens
+    /// dead letters with it.
+    #[serde(default)]
+    pub keys_kek: String,
     pub collector_url: String,
     /// Write key of the `dev` application on the collector.
     pub write_key: String,
@@ -159,6 +163,8 @@ pub struct Stack {
     pub trigger_url: String,
     admin_token: String,
     write_key: String,
+    /// The key ring wrapping the data keys.
+    kek: Secret,
     /// Working files of the services (the collector's spool).
     work: tempfile::TempDir,
     shutdown: CancellationToken,
@@ -181,6 +187,12 @@ impl Stack {
             }
         };
         let admin_token = uuid::Uuid::new_v4().simple().to_string();
+        // The key ring that wraps data keys: the operator's (it must be theirs when the
+        // database outlives the stack), or one made for this stack.
+        let kek = Secret::new(
+            std::env::var("FEEDLOOP_KEYS__KEK")
+                .unwrap_or_else(|_| feedloop_core::crypto::KeyRing::generate_entry("dev")),
+        );
         let shutdown = CancellationToken::new();
 
         let registry_config = feedloop_registry::Config {
@@ -237,6 +249,7 @@ impl Stack {
             },
         );
         collector.spool.dir = work.path().join("collector-spool");
+        collector.keys.kek = kek.clone();
         collector.log.json = false;
         collector
             .validate()
@@ -262,6 +275,7 @@ impl Stack {
             Secret::new(admin_token.clone()),
         );
         cdc.control.url = Secret::new(postgres.url());
+        cdc.keys.kek = kek.clone();
         cdc.http.listen = "127.0.0.1:0".into();
         cdc.log.json = false;
         cdc.validate()
@@ -310,6 +324,7 @@ impl Stack {
             Secret::new(admin_token.clone()),
         );
         eraser.control.url = Secret::new(postgres.url());
+        eraser.keys.kek = kek.clone();
         eraser.log.json = false;
         eraser
             .validate()
@@ -356,6 +371,7 @@ impl Stack {
             eraser_url,
             trigger_url,
             admin_token,
+            kek,
             write_key,
             work,
             shutdown,
@@ -426,6 +442,7 @@ impl Stack {
             registry_user: REGISTRY_USER.to_owned(),
             registry_password: self.admin_token.clone(),
             admin_token: self.admin_token.clone(),
+            keys_kek: self.kek.expose().to_owned(),
             collector_url: self.collector_url.clone(),
             write_key: self.write_key.clone(),
             product_url: self.product_url.clone(),
