@@ -548,14 +548,24 @@ pub fn encoded(
 
 /// Creates `topic` (6 partitions) and publishes the scenario's events to it.
 pub async fn publish_events(client: &RegistryClient, topic: &str, scenario: &Scenario) {
-    create_missing(&kafka(), &[(topic, 6, false)])
+    publish_events_to(&kafka(), client, topic, scenario).await;
+}
+
+/// [`publish_events`] to the brokers of `kafka`.
+pub async fn publish_events_to(
+    kafka: &feedloop_core::kafka::KafkaConfig,
+    client: &RegistryClient,
+    topic: &str,
+    scenario: &Scenario,
+) {
+    create_missing(kafka, &[(topic, 6, false)])
         .await
         .expect("create events topic");
     let schemas = event_schemas(client, topic).await;
     // Batched as the services batch (linger, lz4): a consumer restarted at a committed offset
     // lands inside a record batch, which the embedded broker answers by skipping the rest of
     // the batch; the labeler must notice and read again from further back.
-    let producer: FutureProducer = kafka()
+    let producer: FutureProducer = kafka
         .client_config("labeler-test")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")

@@ -909,3 +909,187 @@ async fn migrated_control_of(pool: &sqlx::PgPool) -> sqlx::PgPool {
         .await
         .expect("connect")
 }
+
+/// `feedloop.labels.<dataset>` is compacted and keyed by example id, and an erasure tombstones
+/// exactly the examples the dataset rewrite removed: a consumer reading the topic once the
+/// broker has compacted it finds only tombstones under the erased user's examples, and the
+/// other examples' records untouched. (On a broker of its own that compacts every second;
+/// Kafka does within the topic's max.compaction.lag.ms.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_compaction_the_labels_topic_holds_none_of_an_erased_users_examples() {
+    use feedloop_core::kafka::{KafkaConfig, create_missing, read_to_end};
+    use std::collections::{HashMap, HashSet};
+    let broker = feedloop::dev::BrokerProcess::start_compacting(1)
+        .await
+        .expect("compacting broker");
+    let kafka = KafkaConfig::new(broker.bootstrap());
+    let registry = feedloop_integration_tests::TestRegistry::start().await;
+    let control_url = fresh_database().await;
+    let prefix = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // The cdc topics the example spec reads exist (empty: this dataset comes from events).
+    let cdc_topics = [
+        format!("{prefix}.app.reports"),
+        format!("{prefix}.app.blocks"),
+    ];
+    let specs: Vec<(&str, i32, bool)> = cdc_topics.iter().map(|t| (t.as_str(), 1, false)).collect();
+    create_missing(&kafka, &specs).await.expect("cdc topics");
+    let events_topic = format!("{prefix}.events");
+    let scenario = labeler::scenario(31, 150);
+    labeler::publish_events_to(&kafka, &registry.client(), &events_topic, &scenario).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = format!("lc_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let spec = labeler::spec_file(dir.path(), &dataset);
+    let root = dir.path().join("datasets");
+    let mut lcfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    lcfg.kafka.bootstrap = broker.bootstrap();
+    lcfg.control.url = Secret::new(control_url.clone());
+    let control = PgPool::connect(&control_url).await.expect("control");
+    let stop_labeler = CancellationToken::new();
+    let running = feedloop_labeler::start(lcfg.clone(), stop_labeler.clone())
+        .await
+        .expect("labeler");
+    labeler::wait_rows(
+        &control,
+        &dataset,
+        scenario.impressions.len() as i64,
+        Duration::from_secs(120),
+    )
+    .await;
+    stop_labeler.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    let before = labeler::read_dataset(&root, &dataset);
+    let user = scenario.impressions[0].viewer.clone();
+    let mut theirs = HashSet::new();
+    let mut others = HashSet::new();
+    for r in before["rows"].as_array().expect("rows") {
+        let id = r["example_id"].as_str().expect("example_id").to_owned();
+        if r["viewer_id"] == user.as_str() || r["candidate_id"] == user.as_str() {
+            theirs.insert(id);
+        } else {
+            others.insert(id);
+        }
+    }
+    assert!(!theirs.is_empty() && !others.is_empty());
+    let topic = feedloop_core::catalogue::labels_topic(&dataset);
+    let read = |kafka: KafkaConfig, topic: String| async move {
+        tokio::task::spawn_blocking(move || read_to_end(&kafka, &topic, Duration::from_secs(60)))
+            .await
+            .expect("reader")
+            .expect("read the labels topic")
+    };
+    let published = read(kafka.clone(), topic.clone()).await;
+    assert!(
+        published
+            .iter()
+            .all(|r| r.header("example_id") == Some(r.key.as_slice())),
+        "keyed by example id"
+    );
+
+    // The erasure, through the eraser's API.
+    let mut ecfg = feedloop_eraser::Config::from_defaults().expect("defaults");
+    ecfg.http.listen = "127.0.0.1:0".into();
+    ecfg.auth.admin_token = Secret::new(TOKEN);
+    ecfg.keys.kek = feedloop_integration_tests::test_kek();
+    ecfg.erasure.hash_key = Secret::new("hash-key-for-tests-0123456789");
+    ecfg.erasure.poll_interval_ms = 100;
+    ecfg.datasets.root = root.display().to_string();
+    ecfg.kafka.bootstrap = broker.bootstrap();
+    ecfg.registry = lcfg.registry.clone();
+    ecfg.control.url = Secret::new(control_url.clone());
+    ecfg.log.json = false;
+    let stop = CancellationToken::new();
+    let eraser = feedloop_eraser::start(ecfg, stop.clone())
+        .await
+        .expect("eraser");
+    let url = format!("http://{}", eraser.addr);
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("{url}/v1/erasure-requests"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"user_ids": [user], "reason": "test", "requested_by": "test"}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let id = created["id"].as_str().expect("id").to_owned();
+    wait_status(
+        &http,
+        &format!("{url}/v1/erasure-requests/{id}"),
+        "completed",
+    )
+    .await;
+    let certificate: Value = http
+        .get(format!("{url}/v1/erasure-requests/{id}/certificate"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("certificate")
+        .json()
+        .await
+        .expect("json");
+    let labels = certificate["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .find(|t| t["target"] == "labels_topic")
+        .cloned()
+        .expect("a labels_topic target");
+    assert_eq!(
+        labels["affected"].as_i64(),
+        Some(theirs.len() as i64),
+        "{labels}"
+    );
+    let remaining: i64 = sqlx::query_scalar("SELECT count(*) FROM labeler.erased_examples")
+        .fetch_one(&control)
+        .await
+        .expect("count");
+    assert_eq!(
+        remaining, 0,
+        "the removed examples' ids are forgotten once done"
+    );
+
+    // Once compacted: each erased example only as its tombstone; every other as before.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let records = read(kafka.clone(), topic.clone()).await;
+        let mut by_key: HashMap<String, Vec<bool>> = HashMap::new();
+        let mut offsets: HashMap<String, Vec<(i32, i64)>> = HashMap::new();
+        for r in &records {
+            let k = String::from_utf8_lossy(&r.key).into_owned();
+            offsets
+                .entry(k.clone())
+                .or_default()
+                .push((r.partition, r.offset));
+            by_key.entry(k).or_default().push(r.value.is_some());
+        }
+        let erased_left: Vec<&String> = theirs
+            .iter()
+            .filter(|k| by_key.get(*k).is_none_or(|v| v.as_slice() != [false]))
+            .collect();
+        if erased_left.is_empty() {
+            for k in &others {
+                assert!(
+                    by_key.get(k).is_some_and(|v| v.last() == Some(&true)),
+                    "example {k} of another user lost its record"
+                );
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 60 s of compaction, {} erased examples still have records on {topic}: {:?}",
+            erased_left.len(),
+            erased_left
+                .iter()
+                .take(3)
+                .map(|k| (&by_key[*k], &offsets[*k]))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), eraser.task).await;
+}

@@ -160,6 +160,12 @@ async fn every_label_in_the_parquet_dataset_matches_an_independent_computation()
         .iter()
         .filter_map(|r| r.header("example_id").map(str::to_owned))
         .collect();
+    assert!(
+        labels
+            .iter()
+            .all(|r| r.header("example_id").map(str::as_bytes) == Some(r.key.as_slice())),
+        "the labels topic is keyed by example id"
+    );
     assert_eq!(on_topic.len(), scenario.impressions.len());
     let versions: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM labeler.partitions WHERE dataset = $1 AND published_at IS NOT NULL",
@@ -207,6 +213,7 @@ async fn every_label_in_the_parquet_dataset_matches_an_independent_computation()
             .expect("index");
     assert!(!parts.is_empty() && parts.iter().all(|(d, _)| *d == dataset));
     let mut removed = 0;
+    let request = uuid::Uuid::now_v7();
     for (d, p) in &parts {
         let rw = feedloop_labeler::erasure::rewrite_partition(
             &control,
@@ -214,6 +221,7 @@ async fn every_label_in_the_parquet_dataset_matches_an_independent_computation()
             d,
             p,
             std::slice::from_ref(&user),
+            request,
         )
         .await
         .expect("rewrite");
@@ -234,6 +242,22 @@ async fn every_label_in_the_parquet_dataset_matches_an_independent_computation()
         removed += rw.rows_removed;
     }
     assert_eq!(removed, theirs);
+    // The removed examples are recorded under the request, for their labels-topic tombstones.
+    let want: HashSet<String> = before
+        .iter()
+        .filter(|r| names(r))
+        .filter_map(|r| r["example_id"].as_str().map(str::to_owned))
+        .collect();
+    let recorded = feedloop_labeler::erasure::erased_examples(&control, request)
+        .await
+        .expect("erased examples");
+    let got: HashSet<String> = recorded
+        .get(&dataset)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    assert_eq!(got, want);
     let rewritten = labeler::read_dataset(&root, &dataset);
     let after_rows = rewritten["rows"].as_array().expect("rows");
     assert_eq!(after_rows.len() as i64, before.len() as i64 - theirs);

@@ -90,7 +90,14 @@ pub struct BrokerSpec {
     pub dir: PathBuf,
     /// SASL SCRAM users (name, password); clients must authenticate when there are any.
     pub users: Vec<(String, Secret)>,
+    /// How often the broker maintains its storage: with SQLite, that is when compacted topics
+    /// are compacted (tansu keeps each key's last record) and retention applies. Memory
+    /// storage never compacts.
+    pub maintenance_interval: std::time::Duration,
 }
+
+/// tansu's default maintenance interval.
+pub const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl BrokerSpec {
     fn urls(&self) -> Result<(Url, Url, Url), BrokerError> {
@@ -112,7 +119,13 @@ impl BrokerSpec {
         let storage = match self.storage {
             Storage::Memory => parse("storage", "memory://tansu/".into())?,
             // tansu resolves a SQLite URL's path against the working directory (see `serve`).
-            Storage::Sqlite => parse("storage", format!("sqlite://{SQLITE_FILE}"))?,
+            Storage::Sqlite => parse(
+                "storage",
+                format!(
+                    "sqlite://{SQLITE_FILE}?maintenance_interval={}ms",
+                    self.maintenance_interval.as_millis().max(1)
+                ),
+            )?,
         };
         Ok((listener, advertised, storage))
     }

@@ -424,7 +424,13 @@ pub async fn ensure_topics(
     create_missing(config, &specs).await
 }
 
-/// Creates topics given as (name, partitions, compacted) unless they exist.
+/// `max.compaction.lag.ms` (and `delete.retention.ms`) of the compacted topics feedloop
+/// creates: one day.
+pub const COMPACTION_MAX_LAG_MS: u64 = 86_400_000;
+const COMPACTION_MAX_LAG: &str = "86400000";
+
+/// Creates the topics of `topics` (name, partitions, compacted) that do not exist; a
+/// compacted one gets `cleanup.policy=compact` with [`COMPACTION_MAX_LAG_MS`].
 pub async fn create_missing(
     config: &KafkaConfig,
     topics: &[(&str, i32, bool)],
@@ -443,7 +449,12 @@ pub async fn create_missing(
             // records the producers send (their message.max.bytes is librdkafka's 1,000,000).
             let topic = topic.set("max.message.bytes", TOPIC_MAX_MESSAGE_BYTES);
             if *compacted {
-                topic.set("cleanup.policy", "compact")
+                // Compaction within a bound: an erased key's earlier records are gone at most
+                // this long after its tombstone, and the tombstone a day after that.
+                topic
+                    .set("cleanup.policy", "compact")
+                    .set("max.compaction.lag.ms", COMPACTION_MAX_LAG)
+                    .set("delete.retention.ms", COMPACTION_MAX_LAG)
             } else {
                 topic
             }
@@ -538,6 +549,9 @@ pub fn read_to_end(
     }
     consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + within;
+    // The next offset expected per partition: a record below it was delivered already (the
+    // embedded broker serves a compacted log's records again after the gaps compaction left).
+    let mut next: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
     while !open.is_empty() {
         if std::time::Instant::now() >= deadline {
             return Err(ReadError::Timeout {
@@ -546,20 +560,24 @@ pub fn read_to_end(
             });
         }
         match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => out.push(LogRecord {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().unwrap_or_default().to_vec(),
-                value: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
+            Some(Ok(m)) if next.get(&m.partition()).is_some_and(|n| m.offset() < *n) => {}
+            Some(Ok(m)) => {
+                next.insert(m.partition(), m.offset() + 1);
+                out.push(LogRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 open.remove(&p);
             }

@@ -10,6 +10,7 @@ pub const TARGETS: &[&str] = &[
     "crypto_keys",
     "join_state",
     "datasets",
+    "labels_topic",
     "tombstones",
 ];
 

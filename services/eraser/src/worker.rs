@@ -168,7 +168,7 @@ impl Worker {
                     let users = users.clone();
                     async move {
                         let _ = store::set_target(&self.control, id, target, "running", 0, &json!({}), None).await;
-                        match self.execute(target, &users).await {
+                        match self.execute(id, target, &users).await {
                             Ok(done) => Ok(done),
                             Err(e) if attempt >= max => Err(Attempt::Fail(e)),
                             Err(e) => {
@@ -207,6 +207,10 @@ impl Worker {
         } else {
             let certificate = self.certificate(id, &users, &states);
             store::set_certificate(&self.control, id, &certificate).await?;
+            // The removed examples' ids served their tombstones; nothing of them is kept.
+            if let Err(e) = erasure::forget_erased_examples(&self.control, id).await {
+                tracing::warn!(request = %id, error = %e, "Could not forget the erased examples' ids");
+            }
             if let Err(e) = self.publish_audit(&certificate).await {
                 tracing::warn!(request = %id, error = %e, "Could not publish the audit certificate; it is stored");
             }
@@ -216,7 +220,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn execute(&self, target: &str, users: &[String]) -> Result<Done, String> {
+    async fn execute(&self, id: Uuid, target: &str, users: &[String]) -> Result<Done, String> {
         match target {
             "suppression" => self.suppress(users).await.map_err(|e| e.to_string()),
             "crypto_keys" => {
@@ -242,7 +246,8 @@ impl Worker {
                     .map_err(|e| e.to_string())?;
                 Ok((n as i64, json!({ "entries_removed": n })))
             }
-            "datasets" => self.rewrite_datasets(users).await,
+            "datasets" => self.rewrite_datasets(id, users).await,
+            "labels_topic" => self.tombstone_labels(id).await,
             "tombstones" => self.tombstones(users).await,
             other => Err(format!("unknown target {other}")),
         }
@@ -253,7 +258,7 @@ impl Worker {
         Ok((users.len() as i64, json!({ "newly_suppressed": n })))
     }
 
-    async fn rewrite_datasets(&self, users: &[String]) -> Result<Done, String> {
+    async fn rewrite_datasets(&self, id: Uuid, users: &[String]) -> Result<Done, String> {
         let parts = erasure::partitions_with_users(&self.control, users)
             .await
             .map_err(|e| e.to_string())?;
@@ -262,10 +267,16 @@ impl Worker {
         let mut files = 0usize;
         let mut datasets = std::collections::BTreeSet::new();
         for (dataset, partition) in &parts {
-            let rw =
-                erasure::rewrite_partition(&self.control, &self.root, dataset, partition, users)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let rw = erasure::rewrite_partition(
+                &self.control,
+                &self.root,
+                dataset,
+                partition,
+                users,
+                id,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let Some(after) = rw.after else { continue };
             let digest = |m: &feedloop_labeler::dataset::Manifest| {
                 sha256_hex(&serde_json::to_vec(m).unwrap_or_default())
@@ -302,6 +313,57 @@ impl Worker {
         Ok((
             rows,
             json!({ "rows_removed": rows, "files_rewritten": files, "partitions": manifests.len(), "manifests": manifests }),
+        ))
+    }
+
+    /// Tombstones, on each `feedloop.labels.<dataset>` (compacted, keyed by example id), every
+    /// example the datasets target removed for this request: compaction then drops every
+    /// version of them.
+    async fn tombstone_labels(&self, id: Uuid) -> Result<Done, String> {
+        let erased = erasure::erased_examples(&self.control, id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let producer = self.producer.get();
+        let mut futures = Vec::new();
+        let mut per_topic = serde_json::Map::new();
+        for (dataset, examples) in &erased {
+            let topic = feedloop_core::catalogue::labels_topic(dataset);
+            for example in examples {
+                let record: FutureRecord<'_, String, [u8]> = FutureRecord::to(&topic).key(example);
+                futures.push(
+                    producer
+                        .send_result(record)
+                        .map_err(|(e, _)| e.to_string())?,
+                );
+            }
+            per_topic.insert(topic, json!(examples.len()));
+        }
+        let n = futures.len() as i64;
+        let limit = feedloop_core::kafka::delivery_limit(&self.cfg.producer);
+        let mut delivered = Ok(());
+        for f in futures {
+            let outcome = match tokio::time::timeout(limit, f).await {
+                Ok(Ok(Ok(_))) => Ok(()),
+                Ok(Ok(Err((e, _)))) => Err(e.to_string()),
+                Ok(Err(_)) => Err("producer closed".to_owned()),
+                Err(_) => Err(format!("no delivery report within {limit:?}")),
+            };
+            if delivered.is_ok() {
+                delivered = outcome;
+            }
+        }
+        self.producer.record(delivered.is_ok()).await;
+        delivered?;
+        Ok((
+            n,
+            json!({
+                "tombstones_written": n,
+                "topics": per_topic,
+                "compaction": format!(
+                    "the broker drops every earlier version of these keys within max.compaction.lag.ms ({} ms) of the tombstone",
+                    feedloop_core::kafka::COMPACTION_MAX_LAG_MS
+                ),
+            }),
         ))
     }
 

@@ -79,6 +79,10 @@ enum Command {
         /// given, every client must authenticate. Needs sqlite storage.
         #[arg(long)]
         users: Option<PathBuf>,
+        /// Seconds between storage maintenance: with sqlite storage, when compacted topics are
+        /// compacted (memory storage never compacts).
+        #[arg(long, default_value_t = 600)]
+        maintenance_interval_s: u64,
     },
     /// Run a local stack (Postgres, broker, services) for development.
     Dev {
@@ -519,6 +523,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             storage,
             dir,
             users,
+            maintenance_interval_s,
         } => {
             let users = match users {
                 Some(path) => feedloop_broker::read_users(&path)?,
@@ -530,6 +535,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 storage,
                 dir,
                 users,
+                maintenance_interval: std::time::Duration::from_secs(maintenance_interval_s.max(1)),
             };
             tracing::info!(
                 listen = %spec.listen,

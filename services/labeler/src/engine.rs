@@ -362,7 +362,9 @@ pub(crate) async fn session(
         &[(
             dataset.labels_topic.as_str(),
             shared.cfg.datasets.labels_partitions,
-            false,
+            // Keyed by example id: compaction keeps each example's latest version, and an
+            // erasure's tombstones remove every version of its examples.
+            true,
         )],
     )
     .await
@@ -1652,9 +1654,9 @@ impl Pipeline {
             let record = LabeledExampleRecord::new(&self.name, &self.dataset.spec.hash, row);
             let mut value = Vec::with_capacity(512);
             encoder.encode(&record, &mut value)?;
-            let key = row.impression.match_id.to_string();
             let version = row.version.to_string();
             let id = row.example_id.to_string();
+            let key = id.clone();
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "example_id",

@@ -82,6 +82,9 @@ pub struct Rewrite {
     pub after: Option<Manifest>,
     pub rows_removed: i64,
     pub files_rewritten: usize,
+    /// Distinct examples removed (each may have had several versions); their ids are kept
+    /// for the request in `labeler.erased_examples` until its labels-topic tombstones are out.
+    pub examples_removed: i64,
 }
 
 /// The (dataset, partition) pairs whose rows name any of `users`.
@@ -122,13 +125,16 @@ fn keep_mask(
         .collect())
 }
 
-/// Rewrites the current version of `partition` of `dataset` without `users`.
+/// Rewrites the current version of `partition` of `dataset` without `users`, for erasure
+/// request `request`: the ids of the examples removed are recorded under it, in the same
+/// transaction as the new version ([`erased_examples`]).
 pub async fn rewrite_partition(
     control: &PgPool,
     root: &Root,
     dataset: &str,
     partition: &str,
     users: &[String],
+    request: uuid::Uuid,
 ) -> Result<Rewrite, ErasureError> {
     let text: Option<String> = sqlx::query_scalar(
         "SELECT manifest FROM labeler.partitions WHERE dataset = $1 AND partition = $2
@@ -151,6 +157,7 @@ pub async fn rewrite_partition(
     let mut files = Vec::with_capacity(before.files.len());
     let mut replaced = Vec::new();
     let mut removed = 0i64;
+    let mut removed_examples: HashSet<String> = HashSet::new();
     // The latest version of each example kept: (version, label).
     let mut latest: HashMap<String, (i32, String)> = HashMap::new();
     for f in &before.files {
@@ -166,6 +173,16 @@ pub async fn rewrite_partition(
             let batch = batch.map_err(DatasetError::from)?;
             let mask = keep_mask(&batch, &wanted, &rel)?;
             dropped += mask.iter().filter(|k| *k == Some(false)).count() as i64;
+            if let Some(ids) = batch
+                .column_by_name("example_id")
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            {
+                for (i, keep) in mask.iter().enumerate() {
+                    if keep == Some(false) && !ids.is_null(i) {
+                        removed_examples.insert(ids.value(i).to_owned());
+                    }
+                }
+            }
             let filtered = arrow_select::filter::filter_record_batch(&batch, &mask)
                 .map_err(DatasetError::from)?;
             let column = |name: &str| filtered.column_by_name(name);
@@ -215,6 +232,7 @@ pub async fn rewrite_partition(
             after: None,
             rows_removed: 0,
             files_rewritten: 0,
+            examples_removed: 0,
         });
     }
     let mut tx = control.begin().await?;
@@ -255,7 +273,22 @@ pub async fn rewrite_partition(
             .filter_map(|f| root.rel_of(&f.uri))
             .collect::<Vec<_>>()
     };
-    if let Err(e) = record_rewrite(&mut tx, dataset, partition, users, &after).await {
+    let removed_examples: Vec<String> = removed_examples.into_iter().collect();
+    let recorded = async {
+        record_rewrite(&mut tx, dataset, partition, users, &after).await?;
+        sqlx::query(
+            "INSERT INTO labeler.erased_examples (request_id, dataset, example_id)
+             SELECT $1::uuid, $2, unnest($3::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(request.to_string())
+        .bind(dataset)
+        .bind(&removed_examples)
+        .execute(&mut *tx)
+        .await?;
+        Ok::<_, ErasureError>(())
+    }
+    .await;
+    if let Err(e) = recorded {
         // A labeler commit took this version first: the new files go now; the eraser retries.
         drop(tx);
         for rel in new_files() {
@@ -297,6 +330,7 @@ pub async fn rewrite_partition(
         after: Some(after),
         rows_removed: removed,
         files_rewritten: replaced.len(),
+        examples_removed: removed_examples.len() as i64,
     })
 }
 
@@ -332,4 +366,38 @@ async fn record_rewrite(
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// The examples erasure request `request` removed from the datasets, by dataset: their keys on
+/// `feedloop.labels.<dataset>` get a tombstone.
+pub async fn erased_examples(
+    control: &PgPool,
+    request: uuid::Uuid,
+) -> Result<BTreeMap<String, Vec<String>>, ErasureError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT dataset, example_id FROM labeler.erased_examples WHERE request_id = $1::uuid
+         ORDER BY dataset, example_id",
+    )
+    .bind(request.to_string())
+    .fetch_all(control)
+    .await?;
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (dataset, example) in rows {
+        out.entry(dataset).or_default().push(example);
+    }
+    Ok(out)
+}
+
+/// Forgets the examples a completed request removed (nothing about it is kept).
+pub async fn forget_erased_examples(
+    control: &PgPool,
+    request: uuid::Uuid,
+) -> Result<u64, ErasureError> {
+    Ok(
+        sqlx::query("DELETE FROM labeler.erased_examples WHERE request_id = $1::uuid")
+            .bind(request.to_string())
+            .execute(control)
+            .await?
+            .rows_affected(),
+    )
 }

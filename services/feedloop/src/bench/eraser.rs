@@ -219,9 +219,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let user = [target(rep)];
         let started = Instant::now();
         let parts = erasure::partitions_with_users(&control, &user).await?;
+        let request = uuid::Uuid::now_v7();
         let mut removed = 0;
         for (d, p) in &parts {
-            removed += erasure::rewrite_partition(&control, &root, d, p, &user)
+            removed += erasure::rewrite_partition(&control, &root, d, p, &user, request)
                 .await?
                 .rows_removed;
         }

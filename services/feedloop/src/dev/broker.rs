@@ -124,6 +124,8 @@ pub struct BrokerProcess {
     /// Clients must authenticate (SASL SCRAM); the user and password it checks its own
     /// readiness with.
     authentication: Option<(String, String)>,
+    /// Seconds between storage maintenance (compaction, with SQLite); unset: the default.
+    maintenance_interval_s: Option<u64>,
 }
 
 /// Name of the users file in an authenticated broker's directory.
@@ -143,6 +145,28 @@ impl BrokerProcess {
             process: None,
             advertised: None,
             authentication: None,
+            maintenance_interval_s: None,
+        };
+        broker.launch().await?;
+        Ok(broker)
+    }
+
+    /// A broker on SQLite storage that compacts its compacted topics every `every_s` seconds
+    /// (what a test of compaction needs; Kafka does it within `max.compaction.lag.ms`).
+    pub async fn start_compacting(every_s: u64) -> Result<Self, DevError> {
+        let dir = tempfile::Builder::new()
+            .prefix("feedloop-broker-")
+            .tempdir()
+            .map_err(|e| DevError::io("creating the broker directory", e))?;
+        let port = free_port().map_err(|e| DevError::io("finding a free port", e))?;
+        let mut broker = Self {
+            dir,
+            port,
+            storage: Storage::Sqlite,
+            process: None,
+            advertised: None,
+            authentication: None,
+            maintenance_interval_s: Some(every_s),
         };
         broker.launch().await?;
         Ok(broker)
@@ -173,6 +197,7 @@ impl BrokerProcess {
             process: None,
             advertised: Some(advertised.to_owned()),
             authentication: Some(((*first).to_owned(), (*password).to_owned())),
+            maintenance_interval_s: None,
         };
         broker.launch().await?;
         Ok(broker)
@@ -209,6 +234,9 @@ impl BrokerProcess {
         }
         if self.authentication.is_some() {
             cmd.arg("--users").arg(self.dir.path().join(USERS_FILE));
+        }
+        if let Some(s) = self.maintenance_interval_s {
+            cmd.args(["--maintenance-interval-s", &s.to_string()]);
         }
         let process = Guarded::spawn("broker", &mut cmd, Some(self.dir.path()))
             .map_err(|e| DevError::io("starting the broker", e))?;
@@ -314,6 +342,7 @@ impl EmbeddedBroker {
             storage: Storage::Memory,
             dir: PathBuf::new(),
             users: Vec::new(),
+            maintenance_interval: feedloop_broker::MAINTENANCE_INTERVAL,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
