@@ -224,6 +224,7 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
     ecfg.erasure.hash_key = Secret::new("hash-key-for-tests-0123456789");
     ecfg.erasure.poll_interval_ms = 100;
     ecfg.erasure.tombstone_topics = vec![tombstone_topic.clone()];
+    ecfg.erasure.cdc_topic_prefix = cdc.config.topics.prefix.clone();
     ecfg.datasets.root = root.display().to_string();
     ecfg.kafka.bootstrap = infra().kafka_bootstrap;
     ecfg.registry = lcfg.registry.clone();
@@ -331,12 +332,24 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
         "crypto_keys",
         "join_state",
         "datasets",
+        "labels_topic",
         "tombstones",
     ] {
         assert_eq!(targets[t]["status"], "completed", "{t}: {}", targets[t]);
     }
     assert!(targets["join_state"]["affected"].as_i64() >= Some(1));
-    assert_eq!(targets["tombstones"]["affected"].as_i64(), Some(2));
+    // One per user on the external user-keyed topic, and one per key their rows had on cdc's
+    // topics (their users rows at least).
+    let cdc_keys = targets["tombstones"]["details"]["cdc_row_keys"]
+        .as_i64()
+        .unwrap_or_default();
+    assert!(cdc_keys >= 2, "{}", targets["tombstones"]);
+    assert_eq!(
+        targets["tombstones"]["affected"].as_i64(),
+        Some(2 + cdc_keys),
+        "{}",
+        targets["tombstones"]
+    );
 
     // Their keys are destroyed: the sealed field is erased for good.
     assert_eq!(targets["crypto_keys"]["affected"].as_i64(), Some(2));
@@ -452,6 +465,44 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
                 .any(|t| t.tombstone && t.key == u.as_bytes()),
             "no tombstone for {u}"
         );
+    }
+    // Every key an erased user's rows had on cdc's topics got a tombstone, in cdc's own key
+    // format (the Avro-framed primary key), though the rows were never deleted; the
+    // bystander's keys did not.
+    for table in ["app.users", "app.reports"] {
+        let records = read_all(&infra().kafka_bootstrap, &cdc.topic(table)).await;
+        let keys_of = |who: &str| -> std::collections::HashSet<Vec<u8>> {
+            records
+                .iter()
+                .filter(|r| r.header(feedloop_core::catalogue::OWNER_HEADER) == Some(who))
+                .map(|r| r.key.clone())
+                .collect()
+        };
+        let last_is_tombstone = |key: &[u8]| {
+            records
+                .iter()
+                .rev()
+                .find(|r| r.key == key)
+                .is_some_and(|r| r.tombstone)
+        };
+        for u in &erased {
+            let keys = keys_of(u);
+            if table == "app.users" {
+                assert_eq!(keys.len(), 1, "{table}: the row of {u}");
+            }
+            for k in keys {
+                assert!(
+                    last_is_tombstone(&k),
+                    "{table}: a key of {u}'s row has no tombstone after its last change"
+                );
+            }
+        }
+        for k in keys_of(&bystander) {
+            assert!(
+                !last_is_tombstone(&k),
+                "{table}: the bystander's row was tombstoned"
+            );
+        }
     }
     // The certificate: hashes, not ids; before/after checksums of every manifest touched.
     let cert: Value = http

@@ -752,11 +752,20 @@ impl Engine {
         }
         let unchanged: Vec<String> = after.iter().flat_map(|(_, u)| u.iter().cloned()).collect();
         let unchanged = unchanged.join(",");
-        let extra: Vec<(&str, &str)> = if unchanged.is_empty() {
-            Vec::new()
-        } else {
-            vec![("feedloop.unchanged_toast", unchanged.as_str())]
-        };
+        // The user a row of an owned table belongs to: the eraser finds their keys by it.
+        let owner = table.pii.as_ref().and_then(|pii| {
+            after
+                .as_ref()
+                .or(before.as_ref())
+                .and_then(|(v, _)| pii.row_owner(v))
+        });
+        let mut extra: Vec<(&str, &str)> = Vec::new();
+        if !unchanged.is_empty() {
+            extra.push(("feedloop.unchanged_toast", unchanged.as_str()));
+        }
+        if let Some(owner) = &owner {
+            extra.push((feedloop_core::catalogue::OWNER_HEADER, owner.as_str()));
+        }
         futures
             .push(sink::send(&self.producer, &table.topic, key, Some(&value), pos, &extra).await?);
         observability::change(op);

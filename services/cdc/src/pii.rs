@@ -55,6 +55,11 @@ impl Pii {
         }
     }
 
+    /// The owner of a converted row: its user column's value.
+    pub fn row_owner(&self, values: &[Datum]) -> Option<String> {
+        Self::owner(values, self.user)
+    }
+
     fn owner(values: &[Datum], i: usize) -> Option<String> {
         match values.get(i)? {
             Datum::String(s) => Some(s.clone()),

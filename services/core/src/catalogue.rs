@@ -109,6 +109,10 @@ pub const DYNAMIC_TOPIC_RECORDS: &[(&str, &str)] = &[
     ("io.feedloop.cdc.OutboxEvent", "outbox.<aggregate_type>"),
 ];
 
+/// Header of a cdc change record naming the user its row belongs to (tables with `[pii]`): the
+/// eraser tombstones the keys of an erased user's rows by it.
+pub const OWNER_HEADER: &str = "feedloop.owner";
+
 /// The topic of a dataset's labeled examples.
 pub fn labels_topic(dataset: &str) -> String {
     format!("feedloop.labels.{dataset}")

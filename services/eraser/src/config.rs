@@ -53,7 +53,12 @@ pub struct ErasureConfig {
     pub deadline_days: u32,
     pub poll_interval_ms: u64,
     pub max_attempts: u32,
+    /// External compacted topics keyed by the raw user id (an explicit option: no feedloop
+    /// topic is keyed so).
     pub tombstone_topics: Vec<String>,
+    /// cdc's `topics.prefix`: the topics `<prefix>.*` whose records name their owner
+    /// (`feedloop.owner`) get a tombstone under each key an erased user's row had.
+    pub cdc_topic_prefix: String,
     pub hash_key: Secret,
     /// Days a dead letter whose user is unknown stays readable: its day's key is destroyed
     /// after them.

@@ -323,22 +323,47 @@ impl Worker {
         let erased = erasure::erased_examples(&self.control, id)
             .await
             .map_err(|e| e.to_string())?;
-        let producer = self.producer.get();
-        let mut futures = Vec::new();
-        let mut per_topic = serde_json::Map::new();
+        let mut targets = Vec::new();
         for (dataset, examples) in &erased {
             let topic = feedloop_core::catalogue::labels_topic(dataset);
-            for example in examples {
-                let record: FutureRecord<'_, String, [u8]> = FutureRecord::to(&topic).key(example);
-                futures.push(
-                    producer
-                        .send_result(record)
-                        .map_err(|(e, _)| e.to_string())?,
-                );
-            }
-            per_topic.insert(topic, json!(examples.len()));
+            targets.extend(
+                examples
+                    .iter()
+                    .map(|e| (topic.clone(), e.as_bytes().to_vec())),
+            );
         }
-        let n = futures.len() as i64;
+        let per_topic = self.send_tombstones(&targets).await?;
+        Ok((
+            targets.len() as i64,
+            json!({
+                "tombstones_written": targets.len(),
+                "topics": per_topic,
+                "compaction": format!(
+                    "the broker drops every earlier version of these keys within max.compaction.lag.ms ({} ms) of the tombstone",
+                    feedloop_core::kafka::COMPACTION_MAX_LAG_MS
+                ),
+            }),
+        ))
+    }
+
+    /// Writes a tombstone (a null value) under each (topic, key) and waits for every delivery,
+    /// each bounded by the producer's delivery limit; returns how many went to each topic.
+    async fn send_tombstones(
+        &self,
+        targets: &[(String, Vec<u8>)],
+    ) -> Result<std::collections::BTreeMap<String, i64>, String> {
+        let producer = self.producer.get();
+        let mut futures = Vec::with_capacity(targets.len());
+        let mut per_topic = std::collections::BTreeMap::new();
+        for (topic, key) in targets {
+            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(key);
+            futures.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e.to_string())?,
+            );
+            *per_topic.entry(topic.clone()).or_insert(0) += 1;
+        }
         let limit = feedloop_core::kafka::delivery_limit(&self.cfg.producer);
         let mut delivered = Ok(());
         for f in futures {
@@ -353,47 +378,72 @@ impl Worker {
             }
         }
         self.producer.record(delivered.is_ok()).await;
-        delivered?;
+        delivered.map(|()| per_topic)
+    }
+
+    /// The keys an erased user's rows had on cdc's topics (`<cdc_topic_prefix>.*`), found by
+    /// the owner header cdc puts on every change of a table with `[pii]`: (topic, key bytes).
+    async fn owned_keys(&self, users: &[String]) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let prefix = format!("{}.", self.cfg.erasure.cdc_topic_prefix);
+        let kafka = self.cfg.kafka.clone();
+        let users: std::collections::HashSet<String> = users.iter().cloned().collect();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let consumer: BaseConsumer = kafka
+                .client_config("feedloop-eraser-scan")
+                .create()
+                .map_err(|e| e.to_string())?;
+            let md = consumer
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            let mut topics: Vec<String> = md
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .filter(|t| t.starts_with(&prefix))
+                .collect();
+            topics.sort();
+            let mut keys = std::collections::BTreeSet::new();
+            for topic in topics {
+                let records =
+                    feedloop_core::kafka::read_to_end(&kafka, &topic, Duration::from_secs(300))
+                        .map_err(|e| e.to_string())?;
+                for r in records {
+                    let owned = r
+                        .header(feedloop_core::catalogue::OWNER_HEADER)
+                        .and_then(|o| std::str::from_utf8(o).ok())
+                        .is_some_and(|o| users.contains(o));
+                    if owned && !r.key.is_empty() {
+                        keys.insert((topic.clone(), r.key));
+                    }
+                }
+            }
+            Ok(keys.into_iter().collect())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Tombstones every key of the users' rows on cdc's topics, in the format cdc keys them,
+    /// and the raw user id on the configured external topics.
+    async fn tombstones(&self, users: &[String]) -> Result<Done, String> {
+        let mut targets = self.owned_keys(users).await?;
+        let cdc_keys = targets.len();
+        for topic in &self.cfg.erasure.tombstone_topics {
+            for u in users {
+                targets.push((topic.clone(), u.as_bytes().to_vec()));
+            }
+        }
+        let per_topic = self.send_tombstones(&targets).await?;
+        let n = targets.len() as i64;
         Ok((
             n,
             json!({
                 "tombstones_written": n,
+                "cdc_row_keys": cdc_keys,
                 "topics": per_topic,
-                "compaction": format!(
-                    "the broker drops every earlier version of these keys within max.compaction.lag.ms ({} ms) of the tombstone",
-                    feedloop_core::kafka::COMPACTION_MAX_LAG_MS
-                ),
+                "user_keyed_topics": self.cfg.erasure.tombstone_topics,
             }),
-        ))
-    }
-
-    async fn tombstones(&self, users: &[String]) -> Result<Done, String> {
-        let producer = self.producer.get();
-        let mut futures = Vec::new();
-        for topic in &self.cfg.erasure.tombstone_topics {
-            for u in users {
-                let record: FutureRecord<'_, String, [u8]> = FutureRecord::to(topic).key(u);
-                let f = producer
-                    .send_result(record)
-                    .map_err(|(e, _)| e.to_string())?;
-                futures.push(f);
-            }
-        }
-        let n = futures.len() as i64;
-        let mut delivered = Ok(());
-        for f in futures {
-            let outcome = f
-                .await
-                .map_err(|_| "producer closed".to_owned())
-                .and_then(|r| r.map(|_| ()).map_err(|(e, _)| e.to_string()));
-            if delivered.is_ok() {
-                delivered = outcome;
-            }
-        }
-        self.producer.observe(delivered).await?;
-        Ok((
-            n,
-            json!({ "tombstones_written": n, "topics": self.cfg.erasure.tombstone_topics }),
         ))
     }
 
