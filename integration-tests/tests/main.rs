@@ -9,6 +9,7 @@ mod confluent_clients;
 mod demo;
 mod eraser;
 mod eraser_faults;
+mod erasure_scan;
 mod intake;
 mod label_semantics;
 mod labeler;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod intake;
 pub mod observability;
 pub mod store;
+pub mod verify;
 pub mod worker;
 
 use std::{net::SocketAddr, sync::Arc};

@@ -6,12 +6,14 @@ use uuid::Uuid;
 
 /// The targets every request goes through, in order.
 pub const TARGETS: &[&str] = &[
+    "inventory",
     "suppression",
     "crypto_keys",
     "join_state",
     "datasets",
     "labels_topic",
     "tombstones",
+    "verify",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -353,4 +355,38 @@ pub async fn certificate(pool: &PgPool, id: Uuid) -> Result<Option<serde_json::V
             .fetch_optional(pool)
             .await?;
     Ok(text.flatten().and_then(|t| serde_json::from_str(&t).ok()))
+}
+
+/// Records the personal values found for a request, sealed (see the migration
+/// `erasure_scan`); a snapshot already recorded is kept.
+pub async fn set_scan_values(
+    pool: &PgPool,
+    id: Uuid,
+    sealed: &[u8],
+    sealed_by: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE eraser.requests SET scan_values = $2, scan_sealed_by = $3
+         WHERE id = $1::uuid AND scan_values IS NULL",
+    )
+    .bind(id.to_string())
+    .bind(sealed)
+    .bind(sealed_by)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The sealed personal values of a request and the key they are sealed with, if recorded.
+pub async fn scan_values(pool: &PgPool, id: Uuid) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+    let row: Option<(Option<Vec<u8>>, Option<String>)> = sqlx::query_as(
+        "SELECT scan_values, scan_sealed_by FROM eraser.requests WHERE id = $1::uuid",
+    )
+    .bind(id.to_string())
+    .fetch_optional(pool)
+    .await?;
+    Ok(match row {
+        Some((Some(v), Some(by))) => Some((v, by)),
+        _ => None,
+    })
 }

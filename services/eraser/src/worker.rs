@@ -222,6 +222,7 @@ impl Worker {
 
     async fn execute(&self, id: Uuid, target: &str, users: &[String]) -> Result<Done, String> {
         match target {
+            "inventory" => self.inventory(id, users).await,
             "suppression" => self.suppress(users).await.map_err(|e| e.to_string()),
             "crypto_keys" => {
                 let n = self.keys.destroy(users).await.map_err(|e| e.to_string())?;
@@ -249,8 +250,87 @@ impl Worker {
             "datasets" => self.rewrite_datasets(id, users).await,
             "labels_topic" => self.tombstone_labels(id).await,
             "tombstones" => self.tombstones(users).await,
+            "verify" => self.verify(id, users).await,
             other => Err(format!("unknown target {other}")),
         }
+    }
+
+    /// Records, sealed, the personal values the log holds for the users (their sealed fields
+    /// opened while their keys live), for the verify target and `feedloop erase verify`.
+    async fn inventory(&self, id: Uuid, users: &[String]) -> Result<Done, String> {
+        let values = crate::verify::inventory(
+            &self.cfg.kafka,
+            &self.cfg.erasure.cdc_topic_prefix,
+            self.keys.as_ref(),
+            users,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let owner = feedloop_core::crypto::unattributed_owner(now_ms());
+        let key = self
+            .keys
+            .get_or_create(&owner)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the day's unattributed key is destroyed")?;
+        let plain = serde_json::to_vec(&values).map_err(|e| e.to_string())?;
+        let sealed =
+            feedloop_core::crypto::seal_bytes(&key, &owner, &plain).map_err(|e| e.to_string())?;
+        store::set_scan_values(&self.control, id, &sealed, &owner)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((
+            values.len() as i64,
+            json!({
+                "values_recorded": values.len(),
+                "sealed_until": format!(
+                    "{} days after the day of {owner}",
+                    self.cfg.erasure.unattributed_retention_days
+                ),
+            }),
+        ))
+    }
+
+    /// The recorded personal values of a request, while their key lives.
+    pub async fn recorded_values(&self, id: Uuid) -> Result<Vec<String>, String> {
+        recorded_values(&self.control, self.keys.as_ref(), id).await
+    }
+
+    /// The independent completeness scan; fails (and is retried) while anything of the users
+    /// is found.
+    async fn verify(&self, id: Uuid, users: &[String]) -> Result<Done, String> {
+        let needles = crate::verify::Needles {
+            users: users.to_vec(),
+            values: self.recorded_values(id).await?,
+        };
+        let places = crate::verify::Places {
+            kafka: self.cfg.kafka.clone(),
+            control: self.control.clone(),
+            datasets: self.root.clone(),
+        };
+        let checks = crate::verify::verify(&places, self.keys.as_ref(), &needles)
+            .await
+            .map_err(|e| e.to_string())?;
+        let failed: Vec<&crate::verify::Check> =
+            checks.iter().filter(|c| c.status == "fail").collect();
+        if !failed.is_empty() {
+            return Err(format!(
+                "the scan found the users: {}",
+                failed
+                    .iter()
+                    .map(|c| format!("{} ({})", c.check, c.detail))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        Ok((
+            checks.len() as i64,
+            json!({
+                "passed": true,
+                "values_searched": needles.values.len(),
+                "checks": checks,
+            }),
+        ))
     }
 
     async fn suppress(&self, users: &[String]) -> Result<Done, sqlx::Error> {
@@ -488,6 +568,11 @@ impl Worker {
                 "finished_at": now_ms(),
             })).collect::<Vec<_>>(),
             "manifests": manifests,
+            "verification": states
+                .iter()
+                .find(|t| t.target == "verify")
+                .map(|t| t.details.clone())
+                .unwrap_or_else(|| json!({})),
             "completed_at": now_ms(),
             "remains": self.remains(),
         })
@@ -583,4 +668,25 @@ struct AuditManifest {
     after_version: i32,
     after_sha256: String,
     rows_removed: i64,
+}
+
+/// The personal values recorded for request `id`, opened with the key they are sealed with;
+/// none once that key is destroyed.
+pub async fn recorded_values(
+    control: &PgPool,
+    keys: &dyn feedloop_core::crypto::KeyStore,
+    id: Uuid,
+) -> Result<Vec<String>, String> {
+    let Some((sealed, owner)) = store::scan_values(control, id)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(Vec::new());
+    };
+    let Some(key) = keys.get(&owner).await.map_err(|e| e.to_string())? else {
+        return Ok(Vec::new());
+    };
+    let plain = feedloop_core::crypto::open_bytes(&key, &owner, &sealed)
+        .ok_or("the recorded values do not open")?;
+    serde_json::from_slice(&plain).map_err(|e| e.to_string())
 }

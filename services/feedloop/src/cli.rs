@@ -242,6 +242,30 @@ enum KeysCommand {
 enum EraseCommand {
     /// A request's overall and per-target status.
     Status { id: String },
+    /// Scan independently for a request's users: every topic's raw bytes, every dataset file
+    /// under the current manifests (and the replaced ones, which must be gone), feedloop's
+    /// tables and the key store. Prints a pass/fail table; exits 1 if anything is found.
+    Verify {
+        id: String,
+        /// A running dev stack's directory: its endpoints.json gives every setting not given.
+        #[arg(long)]
+        dev: Option<PathBuf>,
+        /// The control database (the eraser's, the labeler's manifests, the key store).
+        #[arg(long, env = "FEEDLOOP_CONTROL_URL", hide_env_values = true)]
+        control: Option<String>,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "KAFKA_BOOTSTRAP")]
+        kafka: Option<String>,
+        /// The dataset root (a path, file:// or s3:// URL).
+        #[arg(long, env = "FEEDLOOP_DATASETS_ROOT")]
+        datasets_root: Option<String>,
+        /// The key ring (`keys.kek`), to open the values the request recorded.
+        #[arg(long, env = "FEEDLOOP_KEYS__KEK", hide_env_values = true)]
+        kek: Option<String>,
+        /// A personal value to look for as well (repeat).
+        #[arg(long)]
+        value: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -653,6 +677,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             command,
         } => {
+            if let Some(EraseCommand::Verify {
+                id,
+                dev,
+                control,
+                kafka,
+                datasets_root,
+                kek,
+                value,
+            }) = command
+            {
+                let passed = crate::erase::verify(crate::erase::VerifyOptions {
+                    id,
+                    dev,
+                    control,
+                    kafka,
+                    datasets_root,
+                    kek,
+                    values: value,
+                })
+                .await?;
+                return Ok(if passed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
             let client = crate::erase::Eraser {
                 url: eraser
                     .context("--eraser (or FEEDLOOP_ERASER_URL) is required: `feedloop dev up` writes it as eraser_url")?
@@ -661,6 +711,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 token: token.context("--token (or FEEDLOOP_ADMIN_TOKEN) is required")?,
             };
             let id = match command {
+                Some(EraseCommand::Verify { .. }) => bail!("handled above"),
                 Some(EraseCommand::Status { id }) => id,
                 None => {
                     if user.is_empty() {

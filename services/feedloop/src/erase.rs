@@ -102,3 +102,77 @@ pub fn describe(status: &Value) -> String {
     }
     out
 }
+
+/// What `feedloop erase verify` looks at.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    pub id: String,
+    pub dev: Option<std::path::PathBuf>,
+    pub control: Option<String>,
+    pub kafka: Option<String>,
+    pub datasets_root: Option<String>,
+    pub kek: Option<String>,
+    /// Personal values to look for besides those the request recorded.
+    pub values: Vec<String>,
+}
+
+/// Runs the independent scan of a request and prints its table; returns whether it passed.
+pub async fn verify(o: VerifyOptions) -> anyhow::Result<bool> {
+    use feedloop_core::crypto::{KeyRing, PostgresKeyStore};
+    let dev = match &o.dev {
+        Some(dir) => {
+            let path = dir.join(crate::dev::ENDPOINTS_FILE);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(serde_json::from_str::<crate::dev::Endpoints>(&text)?)
+        }
+        None => None,
+    };
+    let pick = |given: Option<String>, from_dev: Option<String>, what: &str| {
+        given
+            .or(from_dev.filter(|v| !v.is_empty()))
+            .with_context(|| format!("{what} is required (or --dev DIR of a running dev stack)"))
+    };
+    let d = dev.as_ref();
+    let control = pick(o.control, d.map(|e| e.postgres_url.clone()), "--control")?;
+    let kafka = pick(o.kafka, d.map(|e| e.kafka_bootstrap.clone()), "--kafka")?;
+    let root = pick(
+        o.datasets_root,
+        d.map(|e| e.datasets_root.clone()),
+        "--datasets-root",
+    )?;
+    let kek = pick(o.kek, d.map(|e| e.keys_kek.clone()), "--kek")?;
+    let id: uuid::Uuid = o.id.parse().context("the request id is not a UUID")?;
+    let pool = sqlx::PgPool::connect(&control)
+        .await
+        .context("connecting to the control database")?;
+    let keys = PostgresKeyStore::new(pool.clone(), KeyRing::parse(&kek)?);
+    let users = feedloop_eraser::store::users(&pool, id)
+        .await
+        .with_context(|| format!("erasure request {id}"))?;
+    let mut values = feedloop_eraser::worker::recorded_values(&pool, &keys, id)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let recorded = values.len();
+    values.extend(o.values);
+    let places = feedloop_eraser::verify::Places {
+        kafka: feedloop_core::kafka::KafkaConfig::new(kafka),
+        control: pool.clone(),
+        datasets: feedloop_labeler::dataset::Root::open(&root, &Default::default())?,
+    };
+    let needles = feedloop_eraser::verify::Needles {
+        users: users.clone(),
+        values,
+    };
+    let checks = feedloop_eraser::verify::verify(&places, &keys, &needles).await?;
+    println!(
+        "erasure request {id}: {} users, {recorded} recorded personal values (+{} given)",
+        users.len(),
+        needles.values.len() - recorded
+    );
+    print!("{}", feedloop_eraser::verify::render(&checks));
+    let passed = feedloop_eraser::verify::passed(&checks);
+    println!("{}", if passed { "PASS" } else { "FAIL" });
+    pool.close().await;
+    Ok(passed)
+}
