@@ -7,15 +7,18 @@
 //! - a personal value of the users (the plaintext their sealed fields held, recorded before
 //!   their keys were destroyed, and any given) in the raw bytes of any record of any topic, any
 //!   dataset row, or any row of feedloop's tables;
-//! - a user id in a live record of a compacted topic (the latest record of its key: what the
-//!   topic holds once compacted), in a dataset row under a current manifest, or in feedloop's
-//!   tables other than those that must name them (the suppression list, the destroyed key's
-//!   marker, the erasure records);
+//! - a live record of theirs on a compacted topic (the latest record of its key: what the
+//!   topic holds once compacted) — a row of a table they own (cdc's owner header), an example
+//!   of theirs on a labels topic, a record keyed by their id; a user id in a dataset row under a
+//!   current manifest, or in feedloop's tables other than those that must name them (the
+//!   suppression list, the destroyed key's marker, the erasure records);
 //! - a file a rewrite replaced, still readable; a data key of theirs still stored.
 //!
 //! What it reports without failing: records of append-only topics (the event log, dead
 //! letters) that still name a user id — pseudonymous, their personal fields sealed — until the
-//! topic's retention removes them, and a compacted topic's earlier records awaiting compaction.
+//! topic's retention removes them; a compacted topic's earlier records awaiting compaction; and
+//! live rows of tables no single user owns (a match names both its users), which the topic
+//! keeps as long as the product database keeps the row.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -113,7 +116,7 @@ pub struct Needles {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 fn record_has(r: &LogRecord, needle: &[u8]) -> bool {
@@ -240,27 +243,50 @@ fn topics_blocking(
             .count();
         let check = format!("topic {name}");
         if compacted.contains(name) {
-            // What the topic holds once compacted: the latest record of each key.
+            // What the topic holds once compacted: the latest record of each key. A live one
+            // the erasure had to remove fails: a row of theirs (cdc's owner header), an example
+            // of theirs (a labels topic), a record keyed by their id. Rows of tables no single
+            // user owns (a match names two) stay as the product database keeps them: noted.
+            let labels = name.starts_with("feedloop.labels.");
             let mut latest: HashMap<(i32, &[u8]), &LogRecord> = HashMap::new();
             for r in &records {
                 if !r.key.is_empty() {
                     latest.insert((r.partition, r.key.as_slice()), r);
                 }
             }
-            let live = latest
-                .values()
-                .filter(|r| r.value.is_some() && users.iter().any(|u| record_has(r, u)))
-                .count();
-            checks.push(Check::new(
-                check,
-                plaintext > 0 || live > 0,
-                format!(
-                    "compacted; {} records; personal values in {plaintext}; live keys naming \
-                     the users {live}; {} earlier records naming them await compaction",
-                    records.len(),
-                    naming.saturating_sub(live)
-                ),
-            ));
+            let (mut live_theirs, mut live_other) = (0, 0);
+            for r in latest.values().filter(|r| r.value.is_some()) {
+                let owner = r.header(feedloop_core::catalogue::OWNER_HEADER);
+                let theirs = owner.is_some_and(|o| users.contains(&o))
+                    || users.contains(&r.key.as_slice())
+                    || (labels && users.iter().any(|u| record_has(r, u)));
+                if theirs {
+                    live_theirs += 1;
+                } else if users.iter().any(|u| record_has(r, u)) {
+                    live_other += 1;
+                }
+            }
+            let detail = format!(
+                "compacted; {} records; personal values in {plaintext}; live records of theirs \
+                 {live_theirs}; {} earlier records naming them await compaction{}",
+                records.len(),
+                naming.saturating_sub(live_theirs + live_other),
+                if live_other > 0 {
+                    format!(
+                        "; {live_other} live rows of tables no single user owns name them \
+                         (pseudonymous ids, kept as the product database keeps the rows)"
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            checks.push(if plaintext > 0 || live_theirs > 0 {
+                Check::new(check, true, detail)
+            } else if live_other > 0 {
+                Check::info(check, detail)
+            } else {
+                Check::new(check, false, detail)
+            });
         } else if plaintext > 0 {
             checks.push(Check::new(
                 check,

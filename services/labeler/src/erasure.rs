@@ -227,6 +227,17 @@ pub async fn rewrite_partition(
         root.put(&new_rel, out).await?;
     }
     if removed == 0 {
+        // None of the users is in the current version: an index entry naming them here is
+        // stale (a rewrite that committed before its caller noted it); it goes, so that the
+        // index names only where they are.
+        sqlx::query(
+            "DELETE FROM labeler.partition_users WHERE dataset = $1 AND partition = $2 AND user_id = ANY($3)",
+        )
+        .bind(dataset)
+        .bind(partition)
+        .bind(users)
+        .execute(control)
+        .await?;
         return Ok(Rewrite {
             before,
             after: None,
