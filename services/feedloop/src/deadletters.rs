@@ -49,18 +49,11 @@ struct Resolved {
 }
 
 fn resolve(c: Connection) -> anyhow::Result<Resolved> {
-    let dev = match &c.dev {
-        Some(dir) => {
-            let path = dir.join(crate::dev::ENDPOINTS_FILE);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Some(
-                serde_json::from_str::<crate::dev::Endpoints>(&text)
-                    .with_context(|| format!("parsing {}", path.display()))?,
-            )
-        }
-        None => None,
-    };
+    let dev = c
+        .dev
+        .as_deref()
+        .map(crate::dev::Endpoints::read)
+        .transpose()?;
     let pick = |explicit: Option<String>, from_dev: Option<String>, what: &str| {
         explicit
             .or(from_dev.filter(|v| !v.is_empty()))

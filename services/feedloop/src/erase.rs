@@ -119,15 +119,11 @@ pub struct VerifyOptions {
 /// Runs the independent scan of a request and prints its table; returns whether it passed.
 pub async fn verify(o: VerifyOptions) -> anyhow::Result<bool> {
     use feedloop_core::crypto::{KeyRing, PostgresKeyStore};
-    let dev = match &o.dev {
-        Some(dir) => {
-            let path = dir.join(crate::dev::ENDPOINTS_FILE);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Some(serde_json::from_str::<crate::dev::Endpoints>(&text)?)
-        }
-        None => None,
-    };
+    let dev = o
+        .dev
+        .as_deref()
+        .map(crate::dev::Endpoints::read)
+        .transpose()?;
     let pick = |given: Option<String>, from_dev: Option<String>, what: &str| {
         given
             .or(from_dev.filter(|v| !v.is_empty()))

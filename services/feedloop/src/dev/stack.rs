@@ -92,6 +92,21 @@ pub struct Endpoints {
     pub pid: u32,
 }
 
+impl Endpoints {
+    /// The endpoints a running stack wrote to `dir` (`feedloop dev up --dir DIR`).
+    pub fn read(dir: &Path) -> Result<Self, DevError> {
+        let path = dir.join(ENDPOINTS_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| DevError::io("reading the stack's endpoints.json", e))?;
+        serde_json::from_str(&text).map_err(|e| {
+            DevError::io(
+                "reading the stack's endpoints.json",
+                std::io::Error::other(e),
+            )
+        })
+    }
+}
+
 /// The demo product schema cdc captures.
 pub const PRODUCT_SCHEMA: &str = include_str!("../../../../sql/product/schema.sql");
 
