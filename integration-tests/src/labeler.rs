@@ -698,3 +698,20 @@ pub fn read_dataset(root: &Path, dataset: &str) -> Value {
     );
     serde_json::from_slice(&out.stdout).expect("read_dataset.py prints JSON")
 }
+
+/// Runs a labeler on `cfg` until `dataset` holds `rows` committed rows (within two minutes),
+/// then stops it.
+pub async fn label_until(
+    cfg: &feedloop_labeler::Config,
+    control: &PgPool,
+    dataset: &str,
+    rows: i64,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = feedloop_labeler::start(cfg.clone(), stop.clone())
+        .await
+        .expect("labeler");
+    wait_rows(control, dataset, rows, Duration::from_secs(120)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}

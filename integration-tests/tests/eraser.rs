@@ -97,19 +97,7 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
     let control = PgPool::connect(lcfg.control.url.expose())
         .await
         .expect("control");
-    let stop_labeler = CancellationToken::new();
-    let labeler_running = feedloop_labeler::start(lcfg.clone(), stop_labeler.clone())
-        .await
-        .expect("labeler");
-    labeler::wait_rows(
-        &control,
-        &dataset,
-        scenario.impressions.len() as i64,
-        Duration::from_secs(120),
-    )
-    .await;
-    stop_labeler.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), labeler_running.task).await;
+    labeler::label_until(&lcfg, &control, &dataset, scenario.impressions.len() as i64).await;
     let before = labeler::read_dataset(&root, &dataset);
 
     // Two users with rows, and pending join state for them.
@@ -996,19 +984,7 @@ async fn after_compaction_the_labels_topic_holds_none_of_an_erased_users_example
     lcfg.kafka.bootstrap = broker.bootstrap();
     lcfg.control.url = Secret::new(control_url.clone());
     let control = PgPool::connect(&control_url).await.expect("control");
-    let stop_labeler = CancellationToken::new();
-    let running = feedloop_labeler::start(lcfg.clone(), stop_labeler.clone())
-        .await
-        .expect("labeler");
-    labeler::wait_rows(
-        &control,
-        &dataset,
-        scenario.impressions.len() as i64,
-        Duration::from_secs(120),
-    )
-    .await;
-    stop_labeler.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    labeler::label_until(&lcfg, &control, &dataset, scenario.impressions.len() as i64).await;
     let before = labeler::read_dataset(&root, &dataset);
     let user = scenario.impressions[0].viewer.clone();
     let mut theirs = HashSet::new();

@@ -161,19 +161,7 @@ async fn an_erased_user_leaves_nothing_readable_through_any_path() {
     lcfg.kafka.bootstrap = bootstrap.clone();
     lcfg.control.url = Secret::new(control_url.clone());
     let control = PgPool::connect(&control_url).await.expect("control");
-    let stop_labeler = CancellationToken::new();
-    let running = feedloop_labeler::start(lcfg.clone(), stop_labeler.clone())
-        .await
-        .expect("labeler");
-    labeler::wait_rows(
-        &control,
-        &dataset,
-        scenario.impressions.len() as i64,
-        Duration::from_secs(120),
-    )
-    .await;
-    stop_labeler.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    labeler::label_until(&lcfg, &control, &dataset, scenario.impressions.len() as i64).await;
     let labels_topic = feedloop_core::catalogue::labels_topic(&dataset);
 
     // Everything has landed: the user rows on cdc's topic, the dead letters.

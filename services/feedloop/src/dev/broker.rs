@@ -132,13 +132,14 @@ pub struct BrokerProcess {
 const USERS_FILE: &str = "users";
 
 impl BrokerProcess {
-    pub async fn start(storage: Storage) -> Result<Self, DevError> {
+    /// A broker in a fresh directory on a free port, not yet launched.
+    fn prepare(storage: Storage) -> Result<Self, DevError> {
         let dir = tempfile::Builder::new()
             .prefix("feedloop-broker-")
             .tempdir()
             .map_err(|e| DevError::io("creating the broker directory", e))?;
         let port = free_port().map_err(|e| DevError::io("finding a free port", e))?;
-        let mut broker = Self {
+        Ok(Self {
             dir,
             port,
             storage,
@@ -146,7 +147,11 @@ impl BrokerProcess {
             advertised: None,
             authentication: None,
             maintenance_interval_s: None,
-        };
+        })
+    }
+
+    pub async fn start(storage: Storage) -> Result<Self, DevError> {
+        let mut broker = Self::prepare(storage)?;
         broker.launch().await?;
         Ok(broker)
     }
@@ -154,20 +159,8 @@ impl BrokerProcess {
     /// A broker on SQLite storage that compacts its compacted topics every `every_s` seconds
     /// (what a test of compaction needs; Kafka does it within `max.compaction.lag.ms`).
     pub async fn start_compacting(every_s: u64) -> Result<Self, DevError> {
-        let dir = tempfile::Builder::new()
-            .prefix("feedloop-broker-")
-            .tempdir()
-            .map_err(|e| DevError::io("creating the broker directory", e))?;
-        let port = free_port().map_err(|e| DevError::io("finding a free port", e))?;
-        let mut broker = Self {
-            dir,
-            port,
-            storage: Storage::Sqlite,
-            process: None,
-            advertised: None,
-            authentication: None,
-            maintenance_interval_s: Some(every_s),
-        };
+        let mut broker = Self::prepare(Storage::Sqlite)?;
+        broker.maintenance_interval_s = Some(every_s);
         broker.launch().await?;
         Ok(broker)
     }
@@ -184,21 +177,10 @@ impl BrokerProcess {
                 "an authenticated broker needs a user".into(),
             ));
         };
-        let dir = tempfile::Builder::new()
-            .prefix("feedloop-broker-")
-            .tempdir()
-            .map_err(|e| DevError::io("creating the broker directory", e))?;
-        write_users(&dir.path().join(USERS_FILE), users)?;
-        let port = free_port().map_err(|e| DevError::io("finding a free port", e))?;
-        let mut broker = Self {
-            dir,
-            port,
-            storage: Storage::Sqlite,
-            process: None,
-            advertised: Some(advertised.to_owned()),
-            authentication: Some(((*first).to_owned(), (*password).to_owned())),
-            maintenance_interval_s: None,
-        };
+        let mut broker = Self::prepare(Storage::Sqlite)?;
+        write_users(&broker.dir.path().join(USERS_FILE), users)?;
+        broker.advertised = Some(advertised.to_owned());
+        broker.authentication = Some(((*first).to_owned(), (*password).to_owned()));
         broker.launch().await?;
         Ok(broker)
     }
