@@ -641,6 +641,7 @@ pub async fn config(
     cfg.inputs.cdc_prefix = cdc_prefix.to_owned();
     cfg.datasets.root = root.display().to_string();
     cfg.datasets.commit_interval_ms = 300;
+    cfg.inputs.idle_timeout_ms = 1_000;
     cfg.kafka.bootstrap = infra().kafka_bootstrap;
     cfg.registry.url = registry.url.clone();
     cfg.registry.user = registry.user.clone();

@@ -663,3 +663,227 @@ async fn a_repeated_impression_is_labeled_once_and_a_nul_id_is_dead_lettered() {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }
+
+/// A stack for the lateness tests: an events topic of three partitions and the cdc topics,
+/// the registered event schemas, a producer that sends a group of events to one partition in
+/// one record batch, and a labeler configuration (`idle_timeout_ms` as given).
+struct Lateness {
+    /// Serves the schemas while the test runs.
+    _registry: feedloop_integration_tests::TestRegistry,
+    events_topic: String,
+    schemas: std::collections::HashMap<
+        &'static str,
+        std::sync::Arc<feedloop_core::avro::CompiledSchema>,
+    >,
+    producer: rdkafka::producer::FutureProducer,
+    dataset: String,
+    cfg: feedloop_labeler::Config,
+    root: tempfile::TempDir,
+}
+
+impl Lateness {
+    async fn new(idle_timeout_ms: u64) -> Self {
+        use feedloop_integration_tests::{TestRegistry, kafka};
+        let registry = TestRegistry::start().await;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("w{}", &id[..8]);
+        let events_topic = format!("{prefix}.events");
+        feedloop_core::kafka::create_missing(
+            &kafka(),
+            &[
+                (events_topic.as_str(), 3, false),
+                (&format!("{prefix}.app.reports"), 1, true),
+                (&format!("{prefix}.app.blocks"), 1, true),
+            ],
+        )
+        .await
+        .expect("topics");
+        let schemas = labeler::event_schemas(&registry.client(), &events_topic).await;
+        let producer = kafka()
+            .client_config("lateness-test")
+            .set("linger.ms", "50")
+            .create()
+            .expect("producer");
+        let root = tempfile::tempdir().expect("tempdir");
+        let dataset = format!("w_{}", &id[8..16]);
+        let spec = labeler::spec_file(root.path(), &dataset);
+        let mut cfg = labeler::config(
+            &registry,
+            &spec,
+            &events_topic,
+            &prefix,
+            &root.path().join("datasets"),
+        )
+        .await;
+        cfg.inputs.idle_timeout_ms = idle_timeout_ms;
+        Self {
+            _registry: registry,
+            events_topic,
+            schemas,
+            producer,
+            dataset,
+            cfg,
+            root,
+        }
+    }
+
+    /// Sends `events` to `partition`, in one batch, and waits for the broker's answer.
+    async fn send(&self, partition: i32, events: Vec<labeler::Ev>) {
+        use rdkafka::producer::FutureRecord;
+        let scenario = Scenario {
+            events,
+            rows: Vec::new(),
+            impressions: Vec::new(),
+        };
+        let mut pending = Vec::new();
+        for (key, value) in labeler::encoded(&scenario, &self.schemas) {
+            pending.push(
+                self.producer
+                    .send_result(
+                        FutureRecord::to(&self.events_topic)
+                            .partition(partition)
+                            .key(&key)
+                            .payload(&value),
+                    )
+                    .unwrap_or_else(|(e, _)| panic!("enqueue: {e}")),
+            );
+        }
+        for f in pending {
+            f.await
+                .expect("delivered")
+                .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+        }
+    }
+
+    /// (version, label, chat_seconds) of every committed row, by version.
+    fn rows(&self) -> Vec<(i64, String, Option<f64>)> {
+        let data = labeler::read_dataset(&self.root.path().join("datasets"), &self.dataset);
+        let mut v: Vec<(i64, String, Option<f64>)> = data["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                (
+                    r["version"].as_i64().unwrap_or(0),
+                    r["label"].as_str().unwrap_or("").to_owned(),
+                    r["chat_seconds"].as_f64(),
+                )
+            })
+            .collect();
+        v.sort_by_key(|r| r.0);
+        v
+    }
+}
+
+/// One match seen by ann: her impression and accept, and a 90 s chat.
+fn accepted_match(m: uuid::Uuid) -> (labeler::Ev, labeler::Ev, labeler::Ev) {
+    use feedloop_integration_tests::labeler::T0;
+    (
+        labeler::Ev::Impression(labeler::Imp {
+            event_id: uuid::Uuid::new_v4(),
+            match_id: m,
+            viewer: "ann".into(),
+            candidate: "bob".into(),
+            time: T0,
+        }),
+        labeler::Ev::Decision {
+            id: uuid::Uuid::new_v4(),
+            match_id: m,
+            user: "ann".into(),
+            time: T0 + 60_000,
+            accept: true,
+        },
+        labeler::Ev::Chat {
+            id: uuid::Uuid::new_v4(),
+            match_id: m,
+            user: "bob".into(),
+            time: T0 + 300_000,
+            ms: 90_000,
+        },
+    )
+}
+
+fn clock(time: i64) -> labeler::Ev {
+    labeler::Ev::Clock {
+        id: uuid::Uuid::new_v4(),
+        time,
+    }
+}
+
+/// A partition read to its end that gets its next records a moment later (a collector
+/// draining its spool, a fetch that came back empty) is still behind in event time: another
+/// partition three days ahead must not close its examples meanwhile. Before the idle timeout,
+/// the first end-of-partition event let the other partition drive the watermark: the example
+/// was emitted `unknown` within a second, and the chat, sent 3 s later and three days behind
+/// the watermark, was counted beyond the correction horizon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_briefly_at_its_end_holds_the_watermark_until_it_is_idle() {
+    use feedloop_integration_tests::labeler::T0;
+    const DAY: i64 = 86_400_000;
+    let t = Lateness::new(15_000).await;
+    let (impression, decision, chat) = accepted_match(uuid::Uuid::new_v4());
+    t.send(0, vec![impression, decision]).await;
+    t.send(1, vec![clock(T0 + 3 * DAY)]).await;
+    let control = PgPool::connect(t.cfg.control.url.expose())
+        .await
+        .expect("control");
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(t.cfg.clone(), shutdown.clone())
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    t.send(0, vec![chat]).await;
+    labeler::wait_rows(&control, &t.dataset, 1, Duration::from_secs(90)).await;
+    // Give a wrong first version the time to be corrected, were it to be.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(t.rows(), vec![(1, "positive".to_owned(), Some(90.0))]);
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}
+
+/// A late outcome read while its example can still be corrected corrects it, however far the
+/// watermark moves before the next commit (the records read in the same fetch, a long
+/// catch-up). Before the fix the horizon was judged at the commit, against the watermark of
+/// the record after the chat (49 h after the impression): the chat was counted beyond the
+/// horizon and the example stayed `unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_outcome_is_judged_by_the_horizon_when_it_was_read() {
+    use feedloop_integration_tests::labeler::T0;
+    const HOUR: i64 = 3_600_000;
+    let t = Lateness::new(1_000).await;
+    let (impression, decision, chat) = accepted_match(uuid::Uuid::new_v4());
+    // Version 1: the accept, no chat yet (the example closes 24 h 30 s after the impression).
+    t.send(0, vec![impression, decision, clock(T0 + 25 * HOUR)])
+        .await;
+    let control = PgPool::connect(t.cfg.control.url.expose())
+        .await
+        .expect("control");
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(t.cfg.clone(), shutdown.clone())
+        .await
+        .expect("start");
+    labeler::wait_rows(&control, &t.dataset, 1, Duration::from_secs(60)).await;
+    assert_eq!(t.rows(), vec![(1, "unknown".to_owned(), None)]);
+    // The chat, read when the example can be corrected (until 48 h 30 s), and in the same
+    // batch a record 49 h after the impression: both are read before the next commit.
+    t.send(0, vec![chat, clock(T0 + 49 * HOUR)]).await;
+    labeler::wait_rows(&control, &t.dataset, 2, Duration::from_secs(60)).await;
+    assert_eq!(
+        t.rows(),
+        vec![
+            (1, "unknown".to_owned(), None),
+            (2, "positive".to_owned(), Some(90.0))
+        ]
+    );
+    let late: String = sqlx::query_scalar("SELECT late FROM labeler.positions WHERE dataset = $1")
+        .bind(&t.dataset)
+        .fetch_one(&control)
+        .await
+        .expect("position");
+    assert_eq!(
+        serde_json::from_str::<Value>(&late).expect("json"),
+        serde_json::json!({"corrected": 1})
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}

@@ -43,6 +43,9 @@ pub struct InputsConfig {
     pub events_topic: String,
     pub cdc_prefix: String,
     pub wait_for_topics_ms: u64,
+    /// How long an input partition must stay at its end before it stops holding the
+    /// watermark back (see [`crate::window::Watermarks`]).
+    pub idle_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

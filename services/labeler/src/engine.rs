@@ -455,7 +455,8 @@ pub(crate) async fn session(
                     continue;
                 }
                 tracing::debug!(dataset = %name, topic = %consumers[i].0, partition, "Reached the end of a partition");
-                p.watermarks.reached_end(&consumers[i].0, partition);
+                p.watermarks
+                    .reached_end(&consumers[i].0, partition, std::time::Instant::now());
                 since_advance = usize::MAX;
             }
             Some((_, Err(e))) => return Err(e.into()),
@@ -519,6 +520,14 @@ struct Held {
     release_at: i64,
 }
 
+/// An outcome read after examples it may join were emitted, with the emission cursor's close
+/// time when it was read: the correction horizon is judged then.
+#[derive(Debug, Clone)]
+struct Touched {
+    outcome: Outcome,
+    emitted_ms: i64,
+}
+
 /// Reasons a late outcome is counted for (`feedloop_labeler_late_outcomes_total{reason}`).
 const CORRECTED: &str = "corrected";
 const UNCHANGED: &str = "unchanged";
@@ -555,7 +564,7 @@ struct Pipeline {
     /// Late impressions waiting for the outcomes read with them.
     held: BTreeMap<Uuid, Held>,
     /// Outcomes read since the last commit that may join emitted examples.
-    touched: Vec<Outcome>,
+    touched: Vec<Touched>,
     /// The dataset's late-data counts (committed with the position).
     late: BTreeMap<String, i64>,
 }
@@ -1034,7 +1043,10 @@ impl Pipeline {
                             };
                             self.count_late(reason, 1);
                         } else {
-                            self.touched.push(o.clone());
+                            self.touched.push(Touched {
+                                outcome: o.clone(),
+                                emitted_ms,
+                            });
                         }
                     }
                     self.pending_outcomes.push(o);
@@ -1160,7 +1172,14 @@ impl Pipeline {
     /// Emits every example whose close the global watermark has reached: they are labeled at
     /// the next commit.
     async fn advance(&mut self) -> Result<(), EngineError> {
-        let w = self.watermarks.global();
+        // A replay reads a log that is all there: its end is the end.
+        let idle_after = match self.shared.mode {
+            Mode::Serve => Duration::from_millis(self.shared.cfg.inputs.idle_timeout_ms),
+            Mode::Replay { .. } => Duration::ZERO,
+        };
+        let w = self
+            .watermarks
+            .global(std::time::Instant::now(), idle_after);
         observability::watermark(&self.name, w, now_ms());
         let target = CloseCursor::after(w);
         if target <= self.emitted {
@@ -1197,7 +1216,6 @@ impl Pipeline {
         self.flush().await?;
         let spec = self.dataset.spec.clone();
         let state = self.shared.state.clone();
-        let emitted_ms = self.emitted.close_ms;
 
         let mut work: Vec<(StoredImpression, Revision)> =
             self.due.drain(..).map(|i| (i, Revision::First)).collect();
@@ -1246,8 +1264,11 @@ impl Pipeline {
         let mut fate: Vec<Option<&'static str>> = vec![None; touched.len()];
         if !touched.is_empty() {
             let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
-            for (n, o) in touched.iter().enumerate() {
-                by_key.entry(o.join_key.as_str()).or_default().push(n);
+            for (n, t) in touched.iter().enumerate() {
+                by_key
+                    .entry(t.outcome.join_key.as_str())
+                    .or_default()
+                    .push(n);
             }
             let keys: Vec<String> = by_key.keys().map(|k| (*k).to_owned()).collect();
             for chunk in keys.chunks(1000) {
@@ -1270,22 +1291,29 @@ impl Pipeline {
                         .filter_map(|k| by_key.get(k.as_str()))
                         .flatten()
                         .copied()
-                        .filter(|n| spec.joins(&imp.impression, &ikeys, &touched[*n]))
+                        .filter(|n| spec.joins(&imp.impression, &ikeys, &touched[*n].outcome))
                         .collect();
                     if by.is_empty() {
                         continue;
                     }
-                    let outcome_fate = match spec.spec.late_outcomes {
-                        LatePolicy::Drop => Some(DROPPED),
-                        LatePolicy::Correct if !spec.correctable(imp.close_ms, emitted_ms) => {
-                            Some(BEYOND_HORIZON)
-                        }
-                        LatePolicy::Correct => None,
+                    // Each outcome is judged against the examples emitted when it was read,
+                    // not at this commit: how far the watermark moved since (a long catch-up
+                    // between commits) must not push it past the correction horizon.
+                    let (by, past): (Vec<usize>, Vec<usize>) =
+                        by.into_iter().partition(|n| match spec.spec.late_outcomes {
+                            LatePolicy::Drop => false,
+                            LatePolicy::Correct => {
+                                spec.correctable(imp.close_ms, touched[*n].emitted_ms)
+                            }
+                        });
+                    let past_fate = match spec.spec.late_outcomes {
+                        LatePolicy::Drop => DROPPED,
+                        LatePolicy::Correct => BEYOND_HORIZON,
                     };
-                    if let Some(f) = outcome_fate {
-                        for n in by {
-                            fate[n].get_or_insert(f);
-                        }
+                    for n in past {
+                        fate[n].get_or_insert(past_fate);
+                    }
+                    if by.is_empty() {
                         continue;
                     }
                     joining.insert(imp.example_id, by);

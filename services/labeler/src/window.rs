@@ -16,7 +16,10 @@
 //! known when it was committed, so the latest version of an example does not depend on when
 //! its outcomes arrived, only on whether they arrived within the horizon.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
 
 use feedloop_core::model::FeatureValue;
 use serde::{Deserialize, Serialize};
@@ -382,13 +385,23 @@ fn holds(cond: &Condition, value: &Scalar) -> bool {
 }
 
 /// Per-partition watermarks of the input.
+///
+/// A partition read to its end stops holding the global watermark back only once it has
+/// stayed there for the idle timeout. An end-of-partition event says only that nothing was
+/// there when the broker answered: a source whose records arrive a moment later (a collector
+/// draining its spool, a fetch that came back empty) is still behind in event time, and
+/// letting a faster source drive the watermark meanwhile would close its examples early and
+/// turn its on-time outcomes into late ones (beyond the correction horizon when the faster
+/// source is far enough ahead). This is Flink's `withIdleness`, with the end of the partition
+/// as the sign of a quiet source.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Watermarks {
     /// (topic, partition) → highest event time read; absent until a record is read.
     partitions: BTreeMap<String, i64>,
-    /// Partitions assigned but at their end (nothing more to read right now).
+    /// Assigned partitions → since when they have been at their end (nothing more to read
+    /// right now); `None` while records are coming.
     #[serde(skip)]
-    at_end: BTreeMap<String, bool>,
+    at_end: BTreeMap<String, Option<Instant>>,
 }
 
 /// `topic/partition`, the key of per-partition maps.
@@ -398,24 +411,28 @@ pub fn tp(topic: &str, partition: i32) -> String {
 
 impl Watermarks {
     /// Declares an assigned partition: it holds the global watermark back until it has been
-    /// read to its end.
+    /// read to its end and stayed there for the idle timeout.
     pub fn assign(&mut self, topic: &str, partition: i32) {
-        self.at_end.insert(tp(topic, partition), false);
+        self.at_end.insert(tp(topic, partition), None);
     }
 
     /// The partition's watermark before a record at `time_ms`; then advances it.
     pub fn observe(&mut self, topic: &str, partition: i32, time_ms: i64) -> i64 {
         let key = tp(topic, partition);
-        self.at_end.insert(key.clone(), false);
+        self.at_end.insert(key.clone(), None);
         let wm = self.partitions.entry(key).or_insert(i64::MIN);
         let before = *wm;
         *wm = (*wm).max(time_ms);
         before
     }
 
-    /// The partition has nothing more to read for now.
-    pub fn reached_end(&mut self, topic: &str, partition: i32) {
-        self.at_end.insert(tp(topic, partition), true);
+    /// The partition has nothing more to read for now (since `now`, unless it already had
+    /// nothing since earlier).
+    pub fn reached_end(&mut self, topic: &str, partition: i32, now: Instant) {
+        self.at_end
+            .entry(tp(topic, partition))
+            .or_default()
+            .get_or_insert(now);
     }
 
     /// The per-partition watermarks, to commit with the offsets.
@@ -439,22 +456,24 @@ impl Watermarks {
     pub fn at_end(&self, topic: &str, partition: i32) -> bool {
         self.at_end
             .get(&tp(topic, partition))
-            .copied()
-            .unwrap_or(false)
+            .is_some_and(Option::is_some)
     }
 
     /// Every assigned partition has been read to its end.
     pub fn all_at_end(&self) -> bool {
-        !self.at_end.is_empty() && self.at_end.values().all(|e| *e)
+        !self.at_end.is_empty() && self.at_end.values().all(Option::is_some)
     }
 
-    /// The lowest watermark among partitions with records left to read; when every partition
-    /// is at its end, the highest event time read anywhere.
-    pub fn global(&self) -> i64 {
+    /// The lowest watermark among partitions that are not idle (records left to read, or at
+    /// their end for less than `idle_after`); when every partition is idle, the highest event
+    /// time read anywhere.
+    pub fn global(&self, now: Instant, idle_after: Duration) -> i64 {
         let busy = self
             .at_end
             .iter()
-            .filter(|(_, end)| !**end)
+            .filter(|(_, since)| {
+                since.is_none_or(|t| now.saturating_duration_since(t) < idle_after)
+            })
             .map(|(k, _)| self.partitions.get(k).copied().unwrap_or(i64::MIN))
             .min();
         busy.unwrap_or_else(|| self.partitions.values().copied().max().unwrap_or(i64::MIN))
@@ -686,27 +705,45 @@ mod tests {
     }
 
     #[test]
-    fn watermarks_are_the_minimum_of_busy_partitions() {
+    fn watermarks_are_the_minimum_of_partitions_that_are_not_idle() {
+        let idle = Duration::from_secs(10);
+        let t = Instant::now();
+        let at = |s: u64| t + Duration::from_secs(s);
         let mut w = Watermarks::default();
         w.assign("e", 0);
         w.assign("e", 1);
-        assert_eq!(w.global(), i64::MIN);
+        assert_eq!(w.global(t, idle), i64::MIN);
         assert_eq!(w.observe("e", 0, 100), i64::MIN);
         assert_eq!(w.observe("e", 0, 90), 100, "out of order keeps the highest");
         assert_eq!(w.partition("e", 0), 100);
-        assert_eq!(w.global(), i64::MIN, "partition 1 has not been read");
+        assert_eq!(w.global(t, idle), i64::MIN, "partition 1 has not been read");
         w.observe("e", 1, 50);
-        assert_eq!(w.global(), 50);
-        w.reached_end("e", 1);
+        assert_eq!(w.global(t, idle), 50);
+        w.reached_end("e", 1, at(0));
+        assert!(w.at_end("e", 1));
         assert_eq!(
-            w.global(),
-            100,
-            "an idle partition does not hold the others back"
+            w.global(at(9), idle),
+            50,
+            "a partition at its end for less than the idle timeout still holds the others back"
         );
-        w.reached_end("e", 0);
-        assert_eq!(w.global(), 100);
+        w.reached_end("e", 1, at(5));
+        assert_eq!(
+            w.global(at(10), idle),
+            100,
+            "an idle partition does not hold the others back (idle since its first end)"
+        );
+        w.reached_end("e", 0, at(10));
         w.observe("e", 1, 60);
-        assert_eq!(w.global(), 60);
+        assert!(!w.at_end("e", 1) && !w.all_at_end());
+        assert_eq!(w.global(at(21), idle), 60);
+        w.reached_end("e", 1, at(21));
+        assert!(w.all_at_end());
+        assert_eq!(
+            w.global(at(22), idle),
+            60,
+            "every partition at its end, one of them only just: it still counts"
+        );
+        assert_eq!(w.global(at(31), idle), 100, "all idle: the highest");
     }
 
     fn arb_outcomes(imp: Impression) -> impl Strategy<Value = Vec<Outcome>> {
