@@ -341,6 +341,49 @@ for _ in range(reps):
 print(json.dumps({"seconds": times, "counts": counts}))
 "#;
 
+/// Reads `records` records of `topic` from its beginning with a plain consumer polled in a
+/// loop on its own thread (the labeler's fetch settings, nothing decoded); returns records per
+/// second.
+async fn bare_read_rate(kafka: &KafkaConfig, topic: &str, records: usize) -> anyhow::Result<f64> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let consumer: BaseConsumer = kafka
+        .client_config("bench-bare-consumer")
+        .set("group.id", format!("bench-bare-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(120);
+        let mut read = 0usize;
+        while read < records {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(_)) => read += 1,
+                Some(Err(e)) => bail!("bare consumer: {e}"),
+                None if Instant::now() > deadline => {
+                    bail!("bare consumer: {read} of {records} records in time")
+                }
+                None => {}
+            }
+        }
+        Ok(read as f64 / started.elapsed().as_secs_f64())
+    })
+    .await?
+}
+
 fn duckdb_python() -> anyhow::Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let venv = root.join("target/bench-venv");
@@ -612,6 +655,23 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .collect();
     let duck_counts: BTreeMap<String, i64> = serde_json::from_value(duck["counts"].clone())?;
     let duck = Stat::of(duck_rates);
+    // The broker's limit for any consumer of the log: a bare consumer reading the events.
+    let mut bare = Vec::new();
+    for _ in 0..opts.repetitions {
+        let rate = bare_read_rate(&setup.kafka, &topic, events.len()).await?;
+        println!("  bare consumer {rate:>9.0} events/s");
+        bare.push(rate);
+    }
+    let bare = Stat::of(bare);
+    rows.push(Row {
+        measurement: "log read limit: a bare consumer reading the events (no decoding)".into(),
+        unit: "events/s".into(),
+        ratio: Some(bare.median / duck.median),
+        feedloop: bare,
+        against: "DuckDB batch query".into(),
+        peer: Some(duck.clone()),
+        goal: "diagnostic: the labeler cannot read faster".into(),
+    });
     for &store in &opts.stores {
         let mut rates = Vec::new();
         for rep in 0..opts.repetitions {
