@@ -548,6 +548,9 @@ pub mod cdc {
         cfg.source.heartbeat_interval_ms = 1000;
         cfg.source.snapshot_chunk_rows = 100;
         cfg.topics.prefix = format!("t{}", &id[..8]);
+        // Its own requests topic: tests share the broker, and an eraser of another test must
+        // not take this one's account deletions.
+        cfg.users.erasure_requests_topic = format!("{}.erasure.requests", cfg.topics.prefix);
         cfg.kafka.bootstrap = bootstrap.to_owned();
         cfg.registry.url = registry.url.clone();
         cfg.registry.user = registry.user.clone();

@@ -6,7 +6,6 @@ use std::{
 };
 
 use feedloop_core::{
-    catalogue::ERASURE_REQUESTS_TOPIC,
     crypto::Opened,
     model::{ErasureOrigin, ErasureRequest},
     registry_client::RegistryClient,
@@ -380,7 +379,12 @@ async fn deleted_and_soft_deleted_users_raise_erasure_requests() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut found: Vec<ErasureRequest> = Vec::new();
-        for r in read_all(&infra().kafka_bootstrap, ERASURE_REQUESTS_TOPIC).await {
+        for r in read_all(
+            &infra().kafka_bootstrap,
+            &cdc.config.users.erasure_requests_topic,
+        )
+        .await
+        {
             if let Ok(req) = client.decode::<ErasureRequest>(&r.value).await
                 && (req.user_ids.contains(&hard) || req.user_ids.contains(&soft))
             {

@@ -213,6 +213,7 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
     ecfg.erasure.poll_interval_ms = 100;
     ecfg.erasure.tombstone_topics = vec![tombstone_topic.clone()];
     ecfg.erasure.cdc_topic_prefix = cdc.config.topics.prefix.clone();
+    ecfg.erasure.requests_topic = cdc.config.users.erasure_requests_topic.clone();
     ecfg.datasets.root = root.display().to_string();
     ecfg.kafka.bootstrap = infra().kafka_bootstrap;
     ecfg.registry = lcfg.registry.clone();
@@ -608,6 +609,7 @@ async fn a_failing_target_reports_partially_failed_and_retry_completes_it() {
     ecfg.erasure.poll_interval_ms = 100;
     ecfg.erasure.max_attempts = 2;
     ecfg.erasure.tombstone_topics = vec![topic.clone()];
+    ecfg.erasure.requests_topic = format!("{topic}.erasure.requests");
     ecfg.producer
         .insert("message.timeout.ms".into(), "1500".into());
     ecfg.datasets.root = dir.path().display().to_string();

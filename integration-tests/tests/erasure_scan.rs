@@ -193,6 +193,7 @@ async fn an_erased_user_leaves_nothing_readable_through_any_path() {
     ecfg.erasure.hash_key = Secret::new("hash-key-for-tests-0123456789");
     ecfg.erasure.poll_interval_ms = 100;
     ecfg.erasure.cdc_topic_prefix = prefix.clone();
+    ecfg.erasure.requests_topic = cdc.config.users.erasure_requests_topic.clone();
     ecfg.datasets.root = root.display().to_string();
     ecfg.kafka.bootstrap = bootstrap.clone();
     ecfg.registry = lcfg.registry.clone();

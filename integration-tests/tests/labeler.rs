@@ -887,3 +887,97 @@ async fn a_late_outcome_is_judged_by_the_horizon_when_it_was_read() {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }
+
+/// An erasure that suppresses a user while a labeler commit holding the user's examples is in
+/// flight leaves none of them on the labels topic. The test holds the eraser's suppression
+/// step open (its exclusive lock taken, the user inserted, not yet committed) from before the
+/// labeler labels, and lets it finish once the commit waits for the lock. Before the fix the
+/// commit published the examples first and found the erasure after, in its transaction: it
+/// started again without the user, but the published examples stayed on the labels topic,
+/// named by no committed row, so no tombstone ever reached them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_racing_a_commit_leaves_none_of_the_users_examples_on_the_labels_topic() {
+    use feedloop_integration_tests::labeler::T0;
+    const DAY: i64 = 86_400_000;
+    // Partitions idle at their end at once, and no commit on a timer: the first commit is
+    // the one that holds the examples.
+    let mut t = Lateness::new(0).await;
+    t.cfg.datasets.commit_interval_ms = 600_000;
+    let control = PgPool::connect(t.cfg.control.url.expose())
+        .await
+        .expect("control");
+    // The labeler's migrations make the suppression list; run them first.
+    feedloop_core::postgres::migrate(&control)
+        .await
+        .expect("migrate");
+    // The eraser's suppression step, held open: bob is suppressed once it commits.
+    let mut erasure = control.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(feedloop_labeler::erasure::SUPPRESSION_LOCK)
+        .execute(&mut *erasure)
+        .await
+        .expect("lock");
+    sqlx::query("INSERT INTO collector.suppressed_users (user_id) VALUES ('bob')")
+        .execute(&mut *erasure)
+        .await
+        .expect("suppress");
+
+    // ann's example names bob; carl's does not.
+    let (impression, decision, chat) = accepted_match(uuid::Uuid::new_v4());
+    let other = uuid::Uuid::new_v4();
+    let carl = labeler::Ev::Impression(labeler::Imp {
+        event_id: uuid::Uuid::new_v4(),
+        match_id: other,
+        viewer: "carl".into(),
+        candidate: "dora".into(),
+        time: T0,
+    });
+    t.send(
+        0,
+        vec![impression, decision, chat, carl, clock(T0 + 2 * DAY)],
+    )
+    .await;
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(t.cfg.clone(), shutdown.clone())
+        .await
+        .expect("start");
+    // The commit waits for the lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(&control)
+        .await
+        .expect("pg_locks");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no labeler commit waited for the suppression lock"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    erasure.commit().await.expect("erasure commits");
+    labeler::wait_rows(&control, &t.dataset, 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        t.rows(),
+        vec![(1, "unknown".to_owned(), None)],
+        "carl's only"
+    );
+    let labels = read_all(
+        &infra().kafka_bootstrap,
+        &feedloop_core::catalogue::labels_topic(&t.dataset),
+    )
+    .await;
+    assert_eq!(labels.len(), 1, "carl's example alone was published");
+    assert!(
+        labels
+            .iter()
+            .all(|r| !r.value.windows(3).any(|w| w == b"bob")),
+        "an example naming the erased user is on the labels topic"
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+}

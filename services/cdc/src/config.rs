@@ -76,6 +76,8 @@ pub struct UsersConfig {
     pub table: String,
     pub id_column: String,
     pub deleted_at_column: String,
+    /// Where the erasure requests it raises go.
+    pub erasure_requests_topic: String,
 }
 
 /// What to do with a table whose new shape its readers cannot follow.

@@ -242,16 +242,21 @@ impl Engine {
         };
         let template: Json = serde_json::from_str(&composed("io.feedloop.cdc.Envelope")?)
             .map_err(|e| EngineError::Catalogue(e.to_string()))?;
-        let subject = |topic: &str, record: &str| {
+        let subject_on = |topic: &str, name: &str, record: &str| {
             TOPICS
                 .iter()
                 .find(|t| t.name == topic)
-                .map(|t| t.subject(record))
+                .map(|t| t.subject_as(name, record))
                 .unwrap_or_default()
         };
+        let subject = |topic: &str, record: &str| subject_on(topic, topic, record);
         let erasure = registry
             .register_compiled(
-                &subject(ERASURE_REQUESTS_TOPIC, "io.feedloop.erasure.ErasureRequest"),
+                &subject_on(
+                    ERASURE_REQUESTS_TOPIC,
+                    &cfg.users.erasure_requests_topic,
+                    "io.feedloop.erasure.ErasureRequest",
+                ),
                 &composed("io.feedloop.erasure.ErasureRequest")?,
             )
             .await?;
@@ -1021,7 +1026,7 @@ impl Engine {
         futures.push(
             sink::send(
                 &self.producer,
-                ERASURE_REQUESTS_TOPIC,
+                &self.cfg.users.erasure_requests_topic,
                 Some(user.as_bytes()),
                 Some(&value),
                 pos,

@@ -74,6 +74,16 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
     if let Err(e) = ensure_topics(&config.kafka, TOPICS).await {
         tracing::warn!(error = %e, "Could not ensure topics; continuing");
     }
+    // A requests topic of another name (one deployment's of several on a cluster) is made
+    // like the catalogue's.
+    if let Err(e) = feedloop_core::kafka::create_missing(
+        &config.kafka,
+        &[(config.users.erasure_requests_topic.as_str(), 3, false)],
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "Could not ensure the erasure requests topic; continuing");
+    }
     let producer = config.kafka.producer("feedloop-cdc", &config.producer)?;
     let (listener, addr) = feedloop_core::http::bind(&config.http.listen, &config.http.tls).await?;
     let keys = key_cache(&config.keys, &control, &shutdown).await?;

@@ -43,10 +43,16 @@ impl TopicSpec {
     /// The registry subject of `record` on this topic: TopicRecordName when the topic carries
     /// several record types, TopicName (`<topic>-value`) otherwise.
     pub fn subject(&self, record: &str) -> String {
+        self.subject_as(self.name, record)
+    }
+
+    /// [`subject`](Self::subject) for this topic deployed under another name (a configured
+    /// topic that carries what this one does).
+    pub fn subject_as(&self, name: &str, record: &str) -> String {
         if self.records.len() > 1 {
-            format!("{}-{record}", self.name)
+            format!("{name}-{record}")
         } else {
-            format!("{}-value", self.name)
+            format!("{name}-value")
         }
     }
 }

@@ -115,7 +115,7 @@ impl Default for Retries {
 
 pub struct Intake {
     consumer: StreamConsumer<Assignments>,
-    topic: &'static str,
+    topic: String,
     service: &'static str,
     registry: Arc<RegistryClient>,
     producer: Arc<HealingProducer>,
@@ -147,7 +147,7 @@ impl Intake {
     pub fn new(
         kafka: &KafkaConfig,
         group: &str,
-        topic: &'static str,
+        topic: &str,
         service: &'static str,
         registry: Arc<RegistryClient>,
         producer: Arc<HealingProducer>,
@@ -164,7 +164,7 @@ impl Intake {
         consumer.subscribe(&[topic])?;
         Ok(Self {
             consumer,
-            topic,
+            topic: topic.to_owned(),
             service,
             registry,
             producer,
@@ -234,7 +234,7 @@ impl Intake {
         let Ok(assigned) = self.consumer.assignment() else {
             return;
         };
-        for elem in assigned.elements_for_topic(self.topic) {
+        for elem in assigned.elements_for_topic(&self.topic) {
             let partition = elem.partition();
             if !resume.contains_key(&partition)
                 && let Some(committed) = self.committed(partition)
@@ -246,7 +246,7 @@ impl Intake {
                 _ => continue,
             };
             tracing::debug!(
-                topic = self.topic,
+                topic = %self.topic,
                 partition,
                 rewind_to = to,
                 "A read got nothing; reading again from further back"
@@ -257,12 +257,12 @@ impl Intake {
 
     fn seek(&self, resume: &mut HashMap<i32, Resume>, partition: i32, to: i64) {
         if let Err(e) = self.consumer.seek(
-            self.topic,
+            &self.topic,
             partition,
             Offset::Offset(to),
             Duration::from_secs(10),
         ) {
-            tracing::warn!(topic = self.topic, error = %e, "Cannot seek back; reading the partition again from the committed offset");
+            tracing::warn!(topic = %self.topic, error = %e, "Cannot seek back; reading the partition again from the committed offset");
             resume.remove(&partition);
         }
     }
@@ -270,12 +270,12 @@ impl Intake {
     /// The group's committed offset of `partition`, if any.
     fn committed(&self, partition: i32) -> Option<i64> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(self.topic, partition);
+        tpl.add_partition(&self.topic, partition);
         let committed = self
             .consumer
             .committed_offsets(tpl, Duration::from_secs(10))
             .ok()?;
-        match committed.find_partition(self.topic, partition)?.offset() {
+        match committed.find_partition(&self.topic, partition)?.offset() {
             Offset::Offset(o) => Some(o),
             _ => None,
         }
@@ -318,7 +318,7 @@ impl Intake {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(topic = self.topic, error = %e, "Intake: Kafka error");
+                    tracing::warn!(topic = %self.topic, error = %e, "Intake: Kafka error");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
@@ -328,7 +328,7 @@ impl Intake {
                 Step::Skip => continue,
                 Step::Rewind(to) => {
                     tracing::debug!(
-                        topic = self.topic,
+                        topic = %self.topic,
                         partition = msg.partition(),
                         got = msg.offset(),
                         rewind_to = to,
@@ -339,7 +339,7 @@ impl Intake {
                 }
                 Step::Gap { expected, got } => {
                     tracing::error!(
-                        topic = self.topic,
+                        topic = %self.topic,
                         partition = msg.partition(),
                         expected,
                         got,
@@ -352,7 +352,7 @@ impl Intake {
                 }
                 Step::Reset { expected, got } => {
                     tracing::error!(
-                        topic = self.topic,
+                        topic = %self.topic,
                         partition = msg.partition(),
                         expected,
                         got,
@@ -374,7 +374,7 @@ impl Intake {
                         .dead_letter(reason, &detail, payload, msg.partition(), msg.offset())
                         .await
                     {
-                        tracing::warn!(topic = self.topic, error = %e, "Cannot dead-letter a record yet; retrying");
+                        tracing::warn!(topic = %self.topic, error = %e, "Cannot dead-letter a record yet; retrying");
                         tokio::select! {
                             () = shutdown.cancelled() => return,
                             () = tokio::time::sleep(pause) => {}
@@ -384,7 +384,7 @@ impl Intake {
                 }
             }
             if let Err(e) = self.consumer.commit_message(&msg, CommitMode::Async) {
-                tracing::warn!(topic = self.topic, error = %e, "Cannot commit the intake offset; the record may be read again (handlers are idempotent)");
+                tracing::warn!(topic = %self.topic, error = %e, "Cannot commit the intake offset; the record may be read again (handlers are idempotent)");
             }
         }
     }
@@ -465,7 +465,7 @@ impl Intake {
                     ),
                 ));
             }
-            tracing::warn!(topic = self.topic, error = %failure.message, attempts, "Cannot take a record in yet; retrying");
+            tracing::warn!(topic = %self.topic, error = %failure.message, attempts, "Cannot take a record in yet; retrying");
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(30));
         }
@@ -480,14 +480,14 @@ impl Intake {
         offset: i64,
     ) -> Result<(), String> {
         tracing::warn!(
-            topic = self.topic,
+            topic = %self.topic,
             partition,
             offset,
             detail,
             "Record sent to the dead-letter topic"
         );
         let dl = DeadLetter {
-            source_topic: Some(self.topic.into()),
+            source_topic: Some(self.topic.clone()),
             source_partition: Some(partition),
             source_offset: Some(offset),
             ..DeadLetter::new(self.service, reason, detail, original, now_ms())

@@ -53,6 +53,8 @@ pub struct ErasureConfig {
     pub deadline_days: u32,
     pub poll_interval_ms: u64,
     pub max_attempts: u32,
+    /// Where erasure requests arrive from other services (cdc's account deletions).
+    pub requests_topic: String,
     /// External compacted topics keyed by the raw user id (an explicit option: no feedloop
     /// topic is keyed so).
     pub tombstone_topics: Vec<String>,

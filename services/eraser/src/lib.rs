@@ -72,6 +72,16 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
     if let Err(e) = ensure_topics(&config.kafka, TOPICS).await {
         tracing::warn!(error = %e, "Could not ensure topics; continuing");
     }
+    // A requests topic of another name (one deployment's of several on a cluster) is made
+    // like the catalogue's.
+    if let Err(e) = feedloop_core::kafka::create_missing(
+        &config.kafka,
+        &[(config.erasure.requests_topic.as_str(), 3, false)],
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "Could not ensure the erasure requests topic; continuing");
+    }
     let catalogue = Catalogue::embedded()?;
     let subject = |topic: &str, record: &str| {
         TOPICS
@@ -121,7 +131,7 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
     let intake = feedloop_core::intake::Intake::new(
         &cfg.kafka,
         "feedloop-eraser",
-        feedloop_core::catalogue::ERASURE_REQUESTS_TOPIC,
+        &cfg.erasure.requests_topic,
         "eraser",
         registry,
         producer,

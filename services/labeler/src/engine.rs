@@ -6,9 +6,12 @@
 //! 1. join state writes are idempotent upserts, flushed before the commit;
 //! 2. Parquet files are written, then a manifest per touched partition version (JSON next to
 //!    the files);
-//! 3. examples are published to `feedloop.labels.<dataset>` and acknowledged;
-//! 4. one Postgres transaction inserts the partition versions, the per-user index, and the
-//!    dataset's position (next offsets, per-partition watermarks, emitted-through watermark);
+//! 3. under the shared suppression lock (checked first: a user erased since the rows were
+//!    labeled makes the commit start again without them), examples are published to
+//!    `feedloop.labels.<dataset>` and acknowledged;
+//! 4. in the same transaction, still under the lock, the partition versions, the per-user
+//!    index, and the dataset's position (next offsets, per-partition watermarks,
+//!    emitted-through watermark) are inserted;
 //! 5. the new versions are announced on `feedloop.datasets.partitions`, and join state that
 //!    committed examples no longer need expires.
 //!
@@ -1587,14 +1590,12 @@ impl Pipeline {
         shared: &Shared,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, EngineError> {
         let spec = &self.dataset.spec;
-        // 2. The labels topic, acknowledged.
-        if shared.mode.publishes() {
-            self.publish_examples(by_partition).await?;
-            tracing::debug!(dataset = %self.name, "Commit: examples acknowledged");
-        }
-
-        // 3. One transaction: manifests, the per-user index, the position; under the shared
-        // suppression lock, after checking that no user of the rows was erased meanwhile.
+        // 2 and 3 run under the shared suppression lock, taken first and checked against the
+        // rows' users: an erasure that suppressed one of them since step 0 is noticed before
+        // anything is published, and one that comes later waits for this commit, whose rows
+        // its dataset rewrite then finds (with their examples, which it tombstones on the
+        // labels topic). Publishing first and checking after would leave the examples of a
+        // user erased in between on the labels topic, named by no committed row.
         let mut tx = shared.control.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
             .bind(erasure::SUPPRESSION_LOCK)
@@ -1604,6 +1605,14 @@ impl Pipeline {
         if !erasure::erased_among(&mut *tx, &user_ids).await?.is_empty() {
             return Err(EngineError::ErasureRaced(self.name.clone()));
         }
+
+        // 2. The labels topic, acknowledged.
+        if shared.mode.publishes() {
+            self.publish_examples(by_partition).await?;
+            tracing::debug!(dataset = %self.name, "Commit: examples acknowledged");
+        }
+
+        // 3. One transaction: manifests, the per-user index, the position.
         for m in manifests {
             sqlx::query(
                 "INSERT INTO labeler.partitions
