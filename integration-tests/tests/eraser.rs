@@ -1017,6 +1017,31 @@ async fn after_compaction_the_labels_topic_holds_none_of_an_erased_users_example
         "keyed by example id"
     );
 
+    // An example of the user that a labeler published in a commit it never recorded (it
+    // stopped between publishing and its transaction): no committed row names it. Its value
+    // is the published record of one of the user's examples (the user as an Avro string in
+    // it), under a key of its own.
+    let unrecorded = uuid::Uuid::new_v4().to_string();
+    {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let template = published
+            .iter()
+            .find(|r| theirs.contains(String::from_utf8_lossy(&r.key).as_ref()))
+            .and_then(|r| r.value.clone())
+            .expect("a published example of the user");
+        let producer: FutureProducer = kafka
+            .client_config("unrecorded-commit")
+            .create()
+            .expect("producer");
+        producer
+            .send(
+                FutureRecord::to(&topic).key(&unrecorded).payload(&template),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+
     // The erasure, through the eraser's API.
     let mut ecfg = feedloop_eraser::Config::from_defaults().expect("defaults");
     ecfg.http.listen = "127.0.0.1:0".into();
@@ -1070,9 +1095,17 @@ async fn after_compaction_the_labels_topic_holds_none_of_an_erased_users_example
         .expect("a labels_topic target");
     assert_eq!(
         labels["affected"].as_i64(),
-        Some(theirs.len() as i64),
+        Some(theirs.len() as i64 + 1),
         "{labels}"
     );
+    let detail: Value =
+        serde_json::from_str(labels["detail"].as_str().unwrap_or("{}")).expect("detail");
+    assert_eq!(
+        detail["found_by_scan"].as_u64(),
+        Some(theirs.len() as u64 + 1),
+        "the unrecorded example found with the others: {labels}"
+    );
+    theirs.insert(unrecorded);
     let remaining: i64 = sqlx::query_scalar("SELECT count(*) FROM labeler.erased_examples")
         .fetch_one(&control)
         .await

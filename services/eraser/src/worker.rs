@@ -5,7 +5,7 @@
 //! safe to repeat (suppression and tombstones are idempotent, purges and rewrites find nothing
 //! left to remove).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use feedloop_core::kafka::HealingProducer;
 use feedloop_core::{
@@ -54,6 +54,24 @@ const REWRAP_INTERVAL: Duration = Duration::from_secs(600);
 
 /// What a target did: how many rows, keys, records or files it affected, and details.
 type Done = (i64, serde_json::Value);
+
+/// `s` as Avro encodes a string: its length (zig-zag varint), then its bytes.
+fn avro_string(s: &str) -> Vec<u8> {
+    let len = s.len() as i64;
+    let mut n = ((len << 1) ^ (len >> 63)) as u64;
+    let mut out = Vec::with_capacity(s.len() + 2);
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(s.as_bytes());
+    out
+}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -248,7 +266,7 @@ impl Worker {
                 Ok((n as i64, json!({ "entries_removed": n })))
             }
             "datasets" => self.rewrite_datasets(id, users).await,
-            "labels_topic" => self.tombstone_labels(id).await,
+            "labels_topic" => self.tombstone_labels(id, users).await,
             "tombstones" => self.tombstones(users).await,
             "verify" => self.verify(id, users).await,
             other => Err(format!("unknown target {other}")),
@@ -399,7 +417,7 @@ impl Worker {
     /// Tombstones, on each `feedloop.labels.<dataset>` (compacted, keyed by example id), every
     /// example the datasets target removed for this request: compaction then drops every
     /// version of them.
-    async fn tombstone_labels(&self, id: Uuid) -> Result<Done, String> {
+    async fn tombstone_labels(&self, id: Uuid, users: &[String]) -> Result<Done, String> {
         let erased = erasure::erased_examples(&self.control, id)
             .await
             .map_err(|e| e.to_string())?;
@@ -412,11 +430,19 @@ impl Worker {
                     .map(|e| (topic.clone(), e.as_bytes().to_vec())),
             );
         }
+        // Every live record naming them, found by reading the topics: the examples above,
+        // and any a labeler published in a commit it never recorded.
+        let found = self.live_examples_naming(users).await?;
+        let found_n = found.len();
+        targets.extend(found);
+        targets.sort();
+        targets.dedup();
         let per_topic = self.send_tombstones(&targets).await?;
         Ok((
             targets.len() as i64,
             json!({
                 "tombstones_written": targets.len(),
+                "found_by_scan": found_n,
                 "topics": per_topic,
                 "compaction": format!(
                     "the broker drops every earlier version of these keys within max.compaction.lag.ms ({} ms) of the tombstone",
@@ -424,6 +450,53 @@ impl Worker {
                 ),
             }),
         ))
+    }
+
+    /// The keys of live records on the datasets' labels topics that name one of `users` (as
+    /// an Avro string: the viewer or candidate of a labeled example). Besides the examples the
+    /// dataset rewrite removed, they include any a labeler published in a commit it never
+    /// recorded (it stopped between publishing and its transaction), which no committed row,
+    /// and so no dataset rewrite, names.
+    async fn live_examples_naming(
+        &self,
+        users: &[String],
+    ) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let datasets: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT dataset FROM labeler.positions ORDER BY 1")
+                .fetch_all(&self.control)
+                .await
+                .map_err(|e| e.to_string())?;
+        let needles: Vec<Vec<u8>> = users.iter().map(|u| avro_string(u)).collect();
+        let mut out = Vec::new();
+        for dataset in datasets {
+            let topic = feedloop_core::catalogue::labels_topic(&dataset);
+            let kafka = self.cfg.kafka.clone();
+            let t = topic.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                feedloop_core::kafka::read_to_end(&kafka, &t, Duration::from_secs(120))
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            // An absent topic (a dataset whose labeler published nothing) reads as empty.
+            let records = read.map_err(|e| format!("reading {topic}: {e}"))?;
+            // The latest record of each key decides (a key lives in one partition, read in
+            // offset order).
+            let mut latest: HashMap<Vec<u8>, bool> = HashMap::new();
+            for r in records {
+                let names = r
+                    .value
+                    .as_deref()
+                    .is_some_and(|v| needles.iter().any(|n| memchr::memmem::find(v, n).is_some()));
+                latest.insert(r.key, names);
+            }
+            out.extend(
+                latest
+                    .into_iter()
+                    .filter(|(_, names)| *names)
+                    .map(|(key, _)| (topic.clone(), key)),
+            );
+        }
+        Ok(out)
     }
 
     /// Writes a tombstone (a null value) under each (topic, key) and waits for every delivery,
@@ -689,4 +762,17 @@ pub async fn recorded_values(
     let plain = feedloop_core::crypto::open_bytes(&key, &owner, &sealed)
         .ok_or("the recorded values do not open")?;
     serde_json::from_slice(&plain).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::avro_string;
+
+    #[test]
+    fn strings_are_encoded_as_avro_does() {
+        assert_eq!(avro_string("bob"), [6, b'b', b'o', b'b']);
+        assert_eq!(avro_string(""), [0]);
+        let long = "x".repeat(64);
+        assert_eq!(avro_string(&long)[..2], [0x80, 0x01]);
+    }
 }
