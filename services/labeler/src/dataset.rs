@@ -49,6 +49,8 @@ pub enum DatasetError {
         "a manifest lists {uri}, which is not under the dataset root {root}: is the root configured as the service that wrote it had it?"
     )]
     Outside { uri: String, root: String },
+    #[error("Parquet encoding: {0}")]
+    Encoding(String),
 }
 
 /// One labeled example, as written.
@@ -294,6 +296,49 @@ pub fn parquet_bytes(batch: &RecordBatch) -> Result<Vec<u8>, DatasetError> {
     writer.write(batch)?;
     writer.close()?;
     Ok(out)
+}
+
+/// The Parquet files of several partitions' rows (`record_batch`, then `parquet_bytes`), in
+/// the order given, encoded on as many threads as there are cores and files.
+pub fn parquet_files(
+    spec: &LabelSpec,
+    schema: &SchemaRef,
+    parts: &[&[Example]],
+) -> Result<Vec<Vec<u8>>, DatasetError> {
+    let one = |rows: &[Example]| parquet_bytes(&record_batch(spec, schema, rows)?);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(parts.len());
+    if threads <= 1 {
+        return parts.iter().map(|rows| one(rows)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, Result<Vec<u8>, DatasetError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(rows) = parts.get(i) else { break };
+                        mine.push((i, one(rows)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    if done.len() != parts.len() {
+        return Err(DatasetError::Encoding(
+            "a Parquet encoding thread panicked".into(),
+        ));
+    }
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

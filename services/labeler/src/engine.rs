@@ -59,9 +59,12 @@ use crate::{
     },
     erasure,
     input::{self, Decoded, Input},
-    observability,
+    observability::{self, RecordCounts, RecordKind},
     spec::{Label, LatePolicy, TYPED_OUTCOMES},
-    state::{CloseCursor, Emission, Emitted, StateError, StateStore, StoredImpression},
+    state::{
+        CloseCursor, Emission, Emitted, StateError, StateStore, StoredImpression, decode_emissions,
+        encode_emissions,
+    },
     window::{Compiled, Outcome, Scalar, SourceRef, Watermarks, match_key, tp},
 };
 
@@ -551,7 +554,7 @@ struct Pipeline {
     /// Partitions read from their start in this session: their first record is their `starts`.
     from_start: HashSet<String>,
     /// The reading position of each events partition, to catch skipped records.
-    resume: HashMap<(String, i32), Resume>,
+    resume: HashMap<String, HashMap<i32, Resume>>,
 
     /// First offset read since the last commit, per `topic/partition`.
     batch_start: BTreeMap<String, i64>,
@@ -570,6 +573,8 @@ struct Pipeline {
     touched: Vec<Touched>,
     /// The dataset's late-data counts (committed with the position).
     late: BTreeMap<String, i64>,
+    /// Records handled since they were last reported to the metrics registry.
+    records: RecordCounts,
 }
 
 impl Pipeline {
@@ -658,6 +663,7 @@ impl Pipeline {
                 .collect(),
             touched: Vec::new(),
             late: position.late,
+            records: RecordCounts::default(),
         };
         p.clean_uncommitted().await?;
         p.apply_outbox().await?;
@@ -743,8 +749,8 @@ impl Pipeline {
         .await?;
         for r in rows {
             let seq: i64 = r.try_get("seq")?;
-            let emitted: Vec<Emitted> =
-                serde_json::from_slice(&r.try_get::<Vec<u8>, _>("emissions")?).map_err(|e| {
+            let emitted =
+                decode_emissions(&r.try_get::<Vec<u8>, _>("emissions")?).map_err(|e| {
                     EngineError::Position {
                         dataset: self.name.clone(),
                         message: format!("emission outbox {seq}: {e}"),
@@ -795,7 +801,10 @@ impl Pipeline {
                 let offset = match self.offsets.get(&key).copied() {
                     Some(next) if self.same_log(&probe, &topic, p).await? => {
                         if table.is_none() {
-                            self.resume.insert((topic.clone(), p), Resume::at(next));
+                            self.resume
+                                .entry(topic.clone())
+                                .or_default()
+                                .insert(p, Resume::at(next));
                         }
                         Offset::Offset(next)
                     }
@@ -880,6 +889,21 @@ impl Pipeline {
         );
     }
 
+    /// The reading position of an events partition, starting at `expected` if new.
+    fn resume_of(&mut self, topic: &str, partition: i32, expected: i64) -> &mut Resume {
+        if !self.resume.contains_key(topic) {
+            self.resume.insert(topic.to_owned(), HashMap::new());
+        }
+        self.resume
+            .get_mut(topic)
+            .map(|partitions| {
+                partitions
+                    .entry(partition)
+                    .or_insert_with(|| Resume::at(expected))
+            })
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
     /// The end of an input partition was reached; `Some(offset)` when it came before any
     /// record since the read started, to read again from there (see [`Resume::ended`]).
     fn ended(&mut self, topic: &str, table: Option<&str>, partition: i32) -> Option<i64> {
@@ -887,12 +911,7 @@ impl Pipeline {
             return None;
         }
         let expected = self.offsets.get(&tp(topic, partition)).copied()?;
-        match self
-            .resume
-            .entry((topic.to_owned(), partition))
-            .or_insert_with(|| Resume::at(expected))
-            .ended()
-        {
+        match self.resume_of(topic, partition, expected).ended() {
             Some(Step::Rewind(to)) => {
                 observability::rewind(&self.name, topic);
                 Some(to)
@@ -905,10 +924,12 @@ impl Pipeline {
     /// again from (see [`Resume::stalled`]).
     fn stalled(&mut self) -> Vec<(String, i32, i64)> {
         let mut out = Vec::new();
-        for ((topic, partition), r) in &mut self.resume {
-            if let Some(Step::Rewind(to)) = r.stalled(STALL) {
-                observability::rewind(&self.name, topic);
-                out.push((topic.clone(), *partition, to));
+        for (topic, partitions) in &mut self.resume {
+            for (partition, r) in partitions {
+                if let Some(Step::Rewind(to)) = r.stalled(STALL) {
+                    observability::rewind(&self.name, topic);
+                    out.push((topic.clone(), *partition, to));
+                }
             }
         }
         out
@@ -932,11 +953,7 @@ impl Pipeline {
                     self.log_reset(topic, partition, expected, offset);
                 }
             } else {
-                let step = self
-                    .resume
-                    .entry((topic.to_owned(), partition))
-                    .or_insert_with(|| Resume::at(expected))
-                    .step(offset);
+                let step = self.resume_of(topic, partition, expected).step(offset);
                 match step {
                     Step::Take => {}
                     Step::Skip => return Ok(Flow::Next),
@@ -967,24 +984,33 @@ impl Pipeline {
     ) -> Result<(), EngineError> {
         let partition = msg.partition();
         let offset = msg.offset();
-        self.offsets.insert(key.clone(), offset + 1);
-        if self.from_start.remove(&key)
+        match self.offsets.get_mut(&key) {
+            Some(next) => *next = offset + 1,
+            None => {
+                self.offsets.insert(key.clone(), offset + 1);
+            }
+        }
+        if !self.from_start.is_empty()
+            && self.from_start.remove(&key)
             && let Some(ts) = msg.timestamp().to_millis()
         {
             self.starts.insert(key.clone(), (offset, ts));
         }
-        self.batch_start.entry(key).or_insert(offset);
+        if !self.batch_start.contains_key(&key) {
+            self.batch_start.insert(key.clone(), offset);
+        }
         let Some(bytes) = msg.payload() else {
             // Tombstones of compacted cdc topics carry nothing to label.
-            observability::record(&self.name, "other");
+            self.records.add(RecordKind::Other);
             return Ok(());
         };
-        let poisoned = self
-            .shared
-            .poison
-            .lock()
-            .ok()
-            .and_then(|mut p| p.remove(&format!("{topic}/{partition}/{offset}")));
+        let poisoned = self.shared.poison.lock().ok().and_then(|mut p| {
+            if p.is_empty() {
+                None
+            } else {
+                p.remove(&format!("{topic}/{partition}/{offset}"))
+            }
+        });
         if let Some(error) = poisoned {
             let source = SourceRef {
                 topic: topic.to_owned(),
@@ -1007,10 +1033,10 @@ impl Pipeline {
                 return self.dead_letter(reason, &detail, bytes, &source).await;
             }
         };
-        self.watermarks.observe(topic, partition, decoded.time_ms);
+        self.watermarks.observe_tp(&key, decoded.time_ms);
         match decoded.input {
             Input::Impression(impression) => {
-                observability::record(&self.name, "impression");
+                self.records.add(RecordKind::Impression);
                 let spec = &self.dataset.spec;
                 let stored = StoredImpression {
                     example_id: spec.example_id(&impression),
@@ -1029,10 +1055,10 @@ impl Pipeline {
                 }
             }
             Input::Outcomes(outcomes) if outcomes.is_empty() => {
-                observability::record(&self.name, "other");
+                self.records.add(RecordKind::Other);
             }
             Input::Outcomes(outcomes) => {
-                observability::record(&self.name, "outcome");
+                self.records.add(RecordKind::Outcome);
                 let spec = self.dataset.spec.clone();
                 let emitted_ms = self.emitted.close_ms;
                 for o in outcomes {
@@ -1184,6 +1210,7 @@ impl Pipeline {
             .watermarks
             .global(std::time::Instant::now(), idle_after);
         observability::watermark(&self.name, w, now_ms());
+        self.records.report(&self.name);
         let target = CloseCursor::after(w);
         if target <= self.emitted {
             return Ok(());
@@ -1329,27 +1356,29 @@ impl Pipeline {
         // Label, a page at a time.
         let mut rows = Vec::with_capacity(work.len());
         let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for page in work.chunks(2000) {
-            let keys: Vec<String> = page
-                .iter()
-                .flat_map(|(i, _)| i.impression.keys())
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            let mut by_key: HashMap<String, Vec<Outcome>> = HashMap::new();
-            for o in state.outcomes_by_keys(&self.name, &keys).await? {
-                by_key.entry(o.join_key.clone()).or_default().push(o);
+        let mut work = work.into_iter();
+        loop {
+            let page: Vec<(StoredImpression, Revision)> = work.by_ref().take(2000).collect();
+            if page.is_empty() {
+                break;
             }
-            for (imp, revision) in page {
-                let outcomes: Vec<Outcome> = imp
-                    .impression
-                    .keys()
+            let page_keys: Vec<Vec<String>> =
+                page.iter().map(|(i, _)| i.impression.keys()).collect();
+            let mut keys: Vec<String> = page_keys.iter().flatten().cloned().collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let found = state.outcomes_by_keys(&self.name, &keys).await?;
+            let mut by_key: HashMap<&str, Vec<&Outcome>> = HashMap::new();
+            for o in &found {
+                by_key.entry(o.join_key.as_str()).or_default().push(o);
+            }
+            for ((imp, revision), ikeys) in page.into_iter().zip(&page_keys) {
+                let outcomes = ikeys
                     .iter()
-                    .filter_map(|k| by_key.get(k))
+                    .filter_map(|k| by_key.get(k.as_str()))
                     .flatten()
-                    .cloned()
-                    .collect();
-                let labeled = spec.label(&imp.impression, &outcomes);
+                    .copied();
+                let labeled = spec.label_keyed(&imp.impression, ikeys, outcomes);
                 let version = match revision {
                     Revision::First | Revision::Late => 1,
                     Revision::Correction { .. } => {
@@ -1379,9 +1408,9 @@ impl Pipeline {
                 rows.push(Example {
                     example_id: imp.example_id,
                     version,
-                    impression: imp.impression.clone(),
+                    impression: imp.impression,
                     labeled,
-                    revision: *revision,
+                    revision,
                 });
             }
         }
@@ -1403,6 +1432,7 @@ impl Pipeline {
         }
         let started = Instant::now();
         let mut rows = self.label_rows(release_all).await?;
+        tracing::debug!(dataset = %self.name, rows = rows.len(), ms = started.elapsed().as_millis(), "Commit: rows labeled");
         let shared = self.shared.clone();
         let root = &shared.root;
         let spec = &self.dataset.spec;
@@ -1436,9 +1466,10 @@ impl Pipeline {
         let mut manifests = Vec::new();
         let mut written: Vec<String> = Vec::new();
         let mut users: Vec<(String, String)> = Vec::new();
-        for (partition, rows) in &by_partition {
-            let batch = dataset::record_batch(&spec.spec, &schema, rows)?;
-            let bytes = tokio::task::block_in_place(|| dataset::parquet_bytes(&batch))?;
+        let parts: Vec<&[Example]> = by_partition.values().map(Vec::as_slice).collect();
+        let files =
+            tokio::task::block_in_place(|| dataset::parquet_files(&spec.spec, &schema, &parts))?;
+        for ((partition, rows), bytes) in by_partition.iter().zip(files) {
             let rel = data_file_rel(&self.name, partition);
             let file = DataFile {
                 uri: root.uri_of(&rel),
@@ -1473,7 +1504,7 @@ impl Pipeline {
             manifests.push(manifest);
         }
 
-        tracing::debug!(dataset = %self.name, files = manifests.len(), "Commit: files written");
+        tracing::debug!(dataset = %self.name, files = manifests.len(), ms = started.elapsed().as_millis(), "Commit: files written");
         let emitted: Vec<Emitted> = by_partition
             .values()
             .flatten()
@@ -1649,7 +1680,7 @@ impl Pipeline {
             )
             .bind(&self.name)
             .bind(self.seq + 1)
-            .bind(serde_json::to_vec(emitted).map_err(DatasetError::from)?)
+            .bind(encode_emissions(emitted))
             .execute(&mut *tx)
             .await?;
         }
@@ -1723,7 +1754,7 @@ impl Pipeline {
         original: &[u8],
         source: &SourceRef,
     ) -> Result<(), EngineError> {
-        observability::record(&self.name, "dead_letter");
+        self.records.add(RecordKind::DeadLetter);
         observability::dead_letter(&self.name, reason.as_str());
         tracing::warn!(dataset = %self.name, topic = %source.topic, partition = source.partition, offset = source.offset, reason = reason.as_str(), detail, "Poison record sent to the dead-letter topic");
         let dl = DeadLetter {

@@ -149,29 +149,33 @@ pub fn event(
     source: SourceRef,
 ) -> Result<Decoded, InputError> {
     let event = Event::decode(schema, body)?;
+    let event = match event {
+        Event::MatchImpression(i) => {
+            let time_ms = i.envelope.timestamp;
+            return Ok(Decoded {
+                time_ms,
+                input: Input::Impression(Box::new(Impression {
+                    event_id: i.envelope.event_id,
+                    match_id: i.match_id,
+                    viewer_id: i.envelope.user_id,
+                    candidate_id: i.candidate_id,
+                    time_ms,
+                    request_id: i.request_id,
+                    model_version: i.model_version,
+                    experiment_id: i.experiment_id,
+                    experiment_arm: i.experiment_arm,
+                    rank: i.rank,
+                    score: i.score,
+                    features: i.features,
+                    source,
+                })),
+            });
+        }
+        other => other,
+    };
     let origin = format!("{}/{}/{}", source.topic, source.partition, source.offset);
     let env = event.envelope();
     let time_ms = env.timestamp;
-    if let Event::MatchImpression(i) = &event {
-        return Ok(Decoded {
-            time_ms,
-            input: Input::Impression(Box::new(Impression {
-                event_id: env.event_id,
-                match_id: i.match_id,
-                viewer_id: env.user_id.clone(),
-                candidate_id: i.candidate_id.clone(),
-                time_ms,
-                request_id: i.request_id.clone(),
-                model_version: i.model_version.clone(),
-                experiment_id: i.experiment_id.clone(),
-                experiment_arm: i.experiment_arm.clone(),
-                rank: i.rank,
-                score: i.score,
-                features: i.features.clone(),
-                source,
-            })),
-        });
-    }
     let Some(kind) = event_kind(&event) else {
         return Ok(Decoded {
             time_ms,

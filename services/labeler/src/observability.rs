@@ -121,8 +121,36 @@ pub fn log_reset(dataset: &str, topic: &str) {
     counter!(LOG_RESETS, "dataset" => dataset.to_owned(), "topic" => topic.to_owned()).increment(1);
 }
 
-pub fn record(dataset: &str, kind: &'static str) {
-    counter!(RECORDS, "dataset" => dataset.to_owned(), "kind" => kind).increment(1);
+/// Input records handled since the last report, by kind: counted in the hot path with no
+/// lookup, reported to the registry by [`RecordCounts::report`].
+#[derive(Debug, Default)]
+pub struct RecordCounts {
+    counts: [u64; RECORD_KINDS.len()],
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum RecordKind {
+    Impression = 0,
+    Outcome = 1,
+    Other = 2,
+    DeadLetter = 3,
+}
+
+const RECORD_KINDS: [&str; 4] = ["impression", "outcome", "other", "dead_letter"];
+
+impl RecordCounts {
+    pub fn add(&mut self, kind: RecordKind) {
+        self.counts[kind as usize] += 1;
+    }
+
+    pub fn report(&mut self, dataset: &str) {
+        for (kind, n) in RECORD_KINDS.iter().zip(&mut self.counts) {
+            if *n > 0 {
+                counter!(RECORDS, "dataset" => dataset.to_owned(), "kind" => *kind).increment(*n);
+                *n = 0;
+            }
+        }
+    }
 }
 
 pub fn erased_examples(dataset: &str, n: u64) {

@@ -234,11 +234,20 @@ impl Compiled {
     /// The example for `impression` from the joined `outcomes` (any order, duplicates allowed):
     /// every outcome that joins it counts.
     pub fn label(&self, impression: &Impression, outcomes: &[Outcome]) -> Labeled {
+        self.label_keyed(impression, &impression.keys(), outcomes)
+    }
+
+    /// [`label`](Self::label), with the impression's [`keys`](Impression::keys) at hand.
+    pub fn label_keyed<'a>(
+        &self,
+        impression: &Impression,
+        keys: &[String],
+        outcomes: impl IntoIterator<Item = &'a Outcome>,
+    ) -> Labeled {
         let close = self.close_ms(impression);
-        let keys = impression.keys();
         let mut joined: BTreeMap<(&str, i64, &str), &Outcome> = BTreeMap::new();
         for o in outcomes {
-            if self.joins(impression, &keys, o) {
+            if self.joins(impression, keys, o) {
                 joined
                     .entry((o.name.as_str(), o.time_ms, o.id.as_str()))
                     .or_insert(o);
@@ -418,9 +427,23 @@ impl Watermarks {
 
     /// The partition's watermark before a record at `time_ms`; then advances it.
     pub fn observe(&mut self, topic: &str, partition: i32, time_ms: i64) -> i64 {
-        let key = tp(topic, partition);
-        self.at_end.insert(key.clone(), None);
-        let wm = self.partitions.entry(key).or_insert(i64::MIN);
+        self.observe_tp(&tp(topic, partition), time_ms)
+    }
+
+    /// [`observe`](Self::observe) by [`tp`] key.
+    pub fn observe_tp(&mut self, key: &str, time_ms: i64) -> i64 {
+        match self.at_end.get_mut(key) {
+            Some(since) => *since = None,
+            None => {
+                self.at_end.insert(key.to_owned(), None);
+            }
+        }
+        if !self.partitions.contains_key(key) {
+            self.partitions.insert(key.to_owned(), i64::MIN);
+        }
+        let Some(wm) = self.partitions.get_mut(key) else {
+            return i64::MIN;
+        };
         let before = *wm;
         *wm = (*wm).max(time_ms);
         before

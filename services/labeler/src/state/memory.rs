@@ -1,7 +1,11 @@
 //! In-memory `StateStore`, for unit tests and benchmarks of the pure logic.
+//!
+//! Every read the engine makes is an index lookup: impressions by close order and by each of
+//! their join keys, outcomes by join key. None of them scans the whole state, so a burst of
+//! late data costs what it reads.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeSet, HashMap},
     sync::Mutex,
 };
 
@@ -14,8 +18,52 @@ use crate::window::Outcome;
 #[derive(Debug, Default)]
 struct Dataset {
     impressions: HashMap<Uuid, StoredImpression>,
-    by_close: BTreeMap<CloseCursor, ()>,
-    outcomes: BTreeMap<(String, String, String), Outcome>,
+    by_close: BTreeSet<CloseCursor>,
+    /// Impressions by each of their join keys.
+    by_key: HashMap<String, Vec<Uuid>>,
+    /// Outcomes by join key, each list ordered by (name, id).
+    outcomes: HashMap<String, Vec<Outcome>>,
+}
+
+impl Dataset {
+    fn remove_impression(&mut self, id: &Uuid) -> Option<StoredImpression> {
+        let old = self.impressions.remove(id)?;
+        self.by_close.remove(&CloseCursor {
+            close_ms: old.close_ms,
+            example_id: old.example_id,
+        });
+        for key in old.impression.keys() {
+            if let Some(ids) = self.by_key.get_mut(&key) {
+                ids.retain(|i| i != id);
+                if ids.is_empty() {
+                    self.by_key.remove(&key);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    fn insert_impression(&mut self, new: StoredImpression) {
+        self.by_close.insert(CloseCursor {
+            close_ms: new.close_ms,
+            example_id: new.example_id,
+        });
+        for key in new.impression.keys() {
+            self.by_key.entry(key).or_default().push(new.example_id);
+        }
+        self.impressions.insert(new.example_id, new);
+    }
+
+    fn retain_outcomes(&mut self, mut keep: impl FnMut(&Outcome) -> bool) -> usize {
+        let mut gone = 0;
+        self.outcomes.retain(|_, list| {
+            let before = list.len();
+            list.retain(&mut keep);
+            gone += before - list.len();
+            !list.is_empty()
+        });
+        gone
+    }
 }
 
 #[derive(Debug, Default)]
@@ -29,6 +77,9 @@ impl MemoryStore {
             .datasets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(d) = all.get_mut(dataset) {
+            return f(d);
+        }
         f(all.entry(dataset.to_owned()).or_default())
     }
 }
@@ -44,22 +95,10 @@ impl StateStore for MemoryStore {
             for i in items {
                 let mut new = i.clone();
                 // The impression is upserted; what was emitted for it stays.
-                if let Some(old) = d.impressions.get(&i.example_id) {
+                if let Some(old) = d.remove_impression(&i.example_id) {
                     new.emitted = old.emitted.or(new.emitted);
                 }
-                if let Some(old) = d.impressions.insert(i.example_id, new) {
-                    d.by_close.remove(&CloseCursor {
-                        close_ms: old.close_ms,
-                        example_id: old.example_id,
-                    });
-                }
-                d.by_close.insert(
-                    CloseCursor {
-                        close_ms: i.close_ms,
-                        example_id: i.example_id,
-                    },
-                    (),
-                );
+                d.insert_impression(new);
             }
         });
         Ok(())
@@ -79,10 +118,11 @@ impl StateStore for MemoryStore {
     async fn put_outcomes(&self, dataset: &str, items: &[Outcome]) -> Result<(), StateError> {
         self.with(dataset, |d| {
             for o in items {
-                d.outcomes.insert(
-                    (o.join_key.clone(), o.name.clone(), o.id.clone()),
-                    o.clone(),
-                );
+                let list = d.outcomes.entry(o.join_key.clone()).or_default();
+                match list.binary_search_by(|x| (&x.name, &x.id).cmp(&(&o.name, &o.id))) {
+                    Ok(at) => list[at] = o.clone(),
+                    Err(at) => list.insert(at, o.clone()),
+                }
             }
         });
         Ok(())
@@ -98,9 +138,9 @@ impl StateStore for MemoryStore {
         Ok(self.with(dataset, |d| {
             d.by_close
                 .range((std::ops::Bound::Excluded(from), std::ops::Bound::Unbounded))
-                .take_while(|(c, _)| c.close_ms <= upto_ms)
+                .take_while(|c| c.close_ms <= upto_ms)
                 .take(limit)
-                .filter_map(|(c, _)| d.impressions.get(&c.example_id).cloned())
+                .filter_map(|c| d.impressions.get(&c.example_id).cloned())
                 .collect()
         }))
     }
@@ -111,14 +151,17 @@ impl StateStore for MemoryStore {
         keys: &[String],
     ) -> Result<Vec<StoredImpression>, StateError> {
         Ok(self.with(dataset, |d| {
-            let mut found: Vec<StoredImpression> = d
-                .impressions
-                .values()
-                .filter(|i| i.impression.keys().iter().any(|k| keys.contains(k)))
-                .cloned()
+            let mut ids: Vec<Uuid> = keys
+                .iter()
+                .filter_map(|k| d.by_key.get(k))
+                .flatten()
+                .copied()
                 .collect();
-            found.sort_by_key(|i| i.example_id);
-            found
+            ids.sort_unstable();
+            ids.dedup();
+            ids.iter()
+                .filter_map(|id| d.impressions.get(id).cloned())
+                .collect()
         }))
     }
 
@@ -129,12 +172,9 @@ impl StateStore for MemoryStore {
     ) -> Result<Vec<Outcome>, StateError> {
         Ok(self.with(dataset, |d| {
             keys.iter()
-                .flat_map(|k| {
-                    d.outcomes
-                        .range((k.clone(), String::new(), String::new())..)
-                        .take_while(move |((key, _, _), _)| key == k)
-                        .map(|(_, o)| o.clone())
-                })
+                .filter_map(|k| d.outcomes.get(k))
+                .flatten()
+                .cloned()
                 .collect()
         }))
     }
@@ -154,15 +194,13 @@ impl StateStore for MemoryStore {
                         example_id: Uuid::nil(),
                     },
                 )
-                .map(|(c, _)| *c)
+                .copied()
                 .collect();
             for c in &gone {
-                d.by_close.remove(c);
-                d.impressions.remove(&c.example_id);
+                d.remove_impression(&c.example_id);
             }
-            let before = d.outcomes.len();
-            d.outcomes.retain(|_, o| o.time_ms >= outcomes_before);
-            (gone.len() + before - d.outcomes.len()) as u64
+            let outcomes = d.retain_outcomes(|o| o.time_ms >= outcomes_before);
+            (gone.len() + outcomes) as u64
         }))
     }
 
@@ -173,24 +211,17 @@ impl StateStore for MemoryStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut n = 0u64;
         for d in all.values_mut() {
-            let gone: Vec<StoredImpression> = d
+            let gone: Vec<Uuid> = d
                 .impressions
                 .values()
                 .filter(|i| i.impression.users().iter().any(|u| users.contains(u)))
-                .cloned()
+                .map(|i| i.example_id)
                 .collect();
-            for i in gone {
-                d.impressions.remove(&i.example_id);
-                d.by_close.remove(&CloseCursor {
-                    close_ms: i.close_ms,
-                    example_id: i.example_id,
-                });
-                n += 1;
+            for id in &gone {
+                d.remove_impression(id);
             }
-            let before = d.outcomes.len();
-            d.outcomes
-                .retain(|_, o| !o.users.iter().any(|u| users.contains(u)));
-            n += (before - d.outcomes.len()) as u64;
+            n += gone.len() as u64;
+            n += d.retain_outcomes(|o| !o.users.iter().any(|u| users.contains(u))) as u64;
         }
         Ok(n)
     }

@@ -60,6 +60,68 @@ pub struct Emitted {
     pub emission: Emission,
 }
 
+/// The emission outbox's encoding (`labeler.emission_outbox.emissions`): a format byte, then
+/// per emission the example id (16 bytes), close time (8), version (4), digest (8) and label
+/// (1), big-endian. Rows written as a JSON array by earlier versions still read.
+const EMISSIONS_FORMAT: u8 = 1;
+const EMISSION_BYTES: usize = 16 + 8 + 4 + 8 + 1;
+
+pub fn encode_emissions(items: &[Emitted]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + items.len() * EMISSION_BYTES);
+    out.push(EMISSIONS_FORMAT);
+    for e in items {
+        out.extend_from_slice(e.example_id.as_bytes());
+        out.extend_from_slice(&e.close_ms.to_be_bytes());
+        out.extend_from_slice(&e.emission.version.to_be_bytes());
+        out.extend_from_slice(&e.emission.digest.to_be_bytes());
+        out.push(match e.emission.label {
+            Label::Positive => 0,
+            Label::Negative => 1,
+            Label::Unknown => 2,
+        });
+    }
+    out
+}
+
+pub fn decode_emissions(bytes: &[u8]) -> Result<Vec<Emitted>, StateError> {
+    let corrupt = |m: &str| StateError::Corrupt(format!("emission outbox: {m}"));
+    match bytes.split_first() {
+        Some((b'[', _)) => serde_json::from_slice(bytes).map_err(|e| corrupt(&e.to_string())),
+        Some((&EMISSIONS_FORMAT, body)) => {
+            if body.len() % EMISSION_BYTES != 0 {
+                return Err(corrupt("truncated entry"));
+            }
+            body.chunks_exact(EMISSION_BYTES)
+                .map(|c| {
+                    let (id, rest) = c.split_at(16);
+                    let (close, rest) = rest.split_at(8);
+                    let (version, rest) = rest.split_at(4);
+                    let (digest, label) = rest.split_at(8);
+                    let array = |b: &[u8]| <[u8; 8]>::try_from(b).map_err(|_| corrupt("entry"));
+                    Ok(Emitted {
+                        example_id: Uuid::from_slice(id).map_err(|e| corrupt(&e.to_string()))?,
+                        close_ms: i64::from_be_bytes(array(close)?),
+                        emission: Emission {
+                            version: i32::from_be_bytes(
+                                <[u8; 4]>::try_from(version).map_err(|_| corrupt("entry"))?,
+                            ),
+                            digest: i64::from_be_bytes(array(digest)?),
+                            label: match label {
+                                [0] => Label::Positive,
+                                [1] => Label::Negative,
+                                [2] => Label::Unknown,
+                                _ => return Err(corrupt("unknown label")),
+                            },
+                        },
+                    })
+                })
+                .collect()
+        }
+        Some((other, _)) => Err(corrupt(&format!("unknown format {other}"))),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// A position in close order: impressions strictly after it are returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CloseCursor {
@@ -131,4 +193,38 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// Erasure: deletes every impression and outcome, of every dataset, that names one of
     /// `users`; returns how many entries went.
     async fn purge_users(&self, users: &[String]) -> Result<u64, StateError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Emitted> {
+        [Label::Positive, Label::Negative, Label::Unknown]
+            .into_iter()
+            .enumerate()
+            .map(|(n, label)| Emitted {
+                example_id: Uuid::from_u128(0x1234_5678_9abc_def0_u128 << n),
+                close_ms: -5 + n as i64 * 1_795_132_800_000,
+                emission: Emission {
+                    version: n as i32 + 1,
+                    digest: i64::MAX - n as i64,
+                    label,
+                },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn emissions_round_trip_and_read_the_json_of_earlier_versions() {
+        let items = sample();
+        let bytes = encode_emissions(&items);
+        assert_eq!(bytes.len(), 1 + 3 * EMISSION_BYTES);
+        assert_eq!(decode_emissions(&bytes).unwrap(), items);
+        let json = serde_json::to_vec(&items).unwrap();
+        assert_eq!(decode_emissions(&json).unwrap(), items);
+        assert!(decode_emissions(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_emissions(&[9, 0]).is_err());
+        assert_eq!(decode_emissions(&[]).unwrap(), Vec::new());
+    }
 }
