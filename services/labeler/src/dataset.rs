@@ -571,6 +571,65 @@ pub fn manifest_rel(dataset: &str, partition: &str, version: i32) -> String {
 mod tests {
     use super::*;
 
+    /// Files encoded side by side are the files encoded one after another, in the order given.
+    #[test]
+    fn partitions_encoded_in_parallel_are_the_files_encoded_one_by_one() {
+        use crate::{
+            spec::EXAMPLE_SPEC,
+            window::{Compiled, SourceRef},
+        };
+        let spec = Compiled::new(LabelSpec::parse("example", EXAMPLE_SPEC).expect("spec"));
+        let schema = arrow_schema(&spec.spec);
+        let example = |n: u128| {
+            let impression = Impression {
+                event_id: Uuid::from_u128(n),
+                match_id: Uuid::from_u128(n / 2),
+                viewer_id: format!("u{}", n % 7),
+                candidate_id: format!("u{}", n % 5),
+                time_ms: 1_795_888_800_000 + n as i64 * 1000,
+                request_id: "r".into(),
+                model_version: "m1".into(),
+                experiment_id: None,
+                experiment_arm: Some("b".into()),
+                rank: 1,
+                score: 0.5,
+                features: BTreeMap::new(),
+                source: SourceRef {
+                    topic: "events".into(),
+                    partition: 0,
+                    offset: n as i64,
+                },
+            };
+            let labeled = spec.label(&impression, &[]);
+            Example {
+                example_id: Uuid::from_u128(n + 1000),
+                version: 1,
+                impression,
+                labeled,
+                revision: Revision::First,
+            }
+        };
+        let parts: Vec<Vec<Example>> = [3u128, 50, 1, 17, 8]
+            .iter()
+            .enumerate()
+            .map(|(p, n)| (0..*n).map(|i| example(p as u128 * 100 + i)).collect())
+            .collect();
+        let slices: Vec<&[Example]> = parts.iter().map(Vec::as_slice).collect();
+        let together = parquet_files(&spec.spec, &schema, &slices).expect("encoded");
+        let one_by_one: Vec<Vec<u8>> = parts
+            .iter()
+            .map(|rows| parquet_bytes(&record_batch(&spec.spec, &schema, rows).expect("batch")))
+            .collect::<Result<_, _>>()
+            .expect("encoded");
+        assert_eq!(together.len(), 5);
+        assert!(together == one_by_one, "the files differ");
+        assert!(
+            parquet_files(&spec.spec, &schema, &[])
+                .expect("none")
+                .is_empty()
+        );
+    }
+
     #[test]
     fn hive_partitions_are_utc_hours() {
         assert_eq!(hive_partition(0), "dt=1970-01-01/hour=00");

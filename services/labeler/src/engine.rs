@@ -4,18 +4,18 @@
 //!
 //! Commit protocol (exactly once across crashes and replays):
 //! 1. join state writes are idempotent upserts, flushed before the commit;
-//! 2. Parquet files are written, then a manifest per touched partition version (JSON next to
-//!    the files);
-//! 3. under the shared suppression lock (checked first: a user erased since the rows were
-//!    labeled makes the commit start again without them), examples are published to
-//!    `feedloop.labels.<dataset>` and acknowledged;
-//! 4. in the same transaction, still under the lock, the partition versions, the per-user
-//!    index, and the dataset's position (next offsets, per-partition watermarks,
-//!    emitted-through watermark) are inserted;
-//! 5. the new versions are announced on `feedloop.datasets.partitions`, and join state that
+//! 2. under the shared suppression lock (checked first: a user erased since the rows were
+//!    labeled makes the commit start again without them), the Parquet files are written and
+//!    the examples published to `feedloop.labels.<dataset>` and acknowledged, the two encoded
+//!    side by side;
+//! 3. in the same transaction, still under the lock, the partition versions (manifests), the
+//!    per-user index, and the dataset's position (next offsets, per-partition watermarks,
+//!    emitted-through watermark) are inserted; after COMMIT, each manifest's JSON copy is
+//!    written next to its files;
+//! 4. the new versions are announced on `feedloop.datasets.partitions`, and join state that
 //!    committed examples no longer need expires.
 //!
-//! A crash before 4 leaves files no manifest in Postgres references: the next session deletes
+//! A crash before 3 leaves files no manifest in Postgres references: the next session deletes
 //! them and resumes from the previous position, and replays produce the same examples (same
 //! ids). Examples on the labels topic are at-least-once: a replay may publish an
 //! (example_id, version) again, which consumers drop by id.
@@ -133,8 +133,8 @@ enum Flow {
 enum Recorded {
     /// Before COMMIT: nothing was recorded.
     Not(EngineError),
-    /// COMMIT itself failed: it may have gone through.
-    Unknown(EngineError),
+    /// COMMIT itself failed: it may have gone through (with these manifests).
+    Unknown(EngineError, Vec<Manifest>),
 }
 
 /// The committed sequence number of `dataset`'s position.
@@ -1450,49 +1450,14 @@ impl Pipeline {
             observability::erased_examples(&self.name, (before - rows.len()) as u64);
         }
 
-        // 1. Files, grouped by Hive partition.
+        // 1. Rows grouped by Hive partition, the per-user index, and what each example's
+        // version says (for the join state).
         let mut by_partition: BTreeMap<String, Vec<Example>> = BTreeMap::new();
         for row in rows {
             by_partition.entry(row.partition()).or_default().push(row);
         }
-        let schema = dataset::arrow_schema(&spec.spec);
-        let epoch: i64 =
-            sqlx::query_scalar("SELECT epoch FROM labeler.erasure_epochs WHERE dataset = $1")
-                .bind(&self.name)
-                .fetch_optional(&shared.control)
-                .await?
-                .unwrap_or(0);
-        let committed_at = now_ms();
-        let mut manifests = Vec::new();
-        let mut written: Vec<String> = Vec::new();
         let mut users: Vec<(String, String)> = Vec::new();
-        let parts: Vec<&[Example]> = by_partition.values().map(Vec::as_slice).collect();
-        let files =
-            tokio::task::block_in_place(|| dataset::parquet_files(&spec.spec, &schema, &parts))?;
-        for ((partition, rows), bytes) in by_partition.iter().zip(files) {
-            let rel = data_file_rel(&self.name, partition);
-            let file = DataFile {
-                uri: root.uri_of(&rel),
-                row_count: rows.len() as i64,
-                byte_size: bytes.len() as i64,
-                sha256: dataset::sha256_hex(&bytes),
-            };
-            root.put(&rel, bytes).await?;
-            written.push(rel);
-            let previous = latest_manifest(&shared.control, &self.name, partition).await?;
-            let manifest = next_manifest(NextManifest {
-                previous: previous.as_ref(),
-                root,
-                dataset: &self.name,
-                partition,
-                file,
-                rows,
-                schema_id: self.dataset.labels_schema.id(),
-                spec_hash: &spec.hash,
-                epoch,
-                committed_at,
-                late_outcomes: &self.late,
-            });
+        for (partition, rows) in &by_partition {
             let mut seen = HashSet::new();
             for r in rows {
                 for u in [&r.impression.viewer_id, &r.impression.candidate_id] {
@@ -1501,10 +1466,7 @@ impl Pipeline {
                     }
                 }
             }
-            manifests.push(manifest);
         }
-
-        tracing::debug!(dataset = %self.name, files = manifests.len(), ms = started.elapsed().as_millis(), "Commit: files written");
         let emitted: Vec<Emitted> = by_partition
             .values()
             .flatten()
@@ -1518,11 +1480,12 @@ impl Pipeline {
                 },
             })
             .collect();
-        match self
-            .record(&by_partition, &manifests, users, &emitted, &shared)
-            .await
-        {
-            Ok(()) => {}
+        let mut written: Vec<String> = Vec::new();
+        let recorded = self
+            .record(&by_partition, users, &emitted, &shared, &mut written)
+            .await;
+        let manifests = match recorded {
+            Ok(manifests) => manifests,
             Err(Recorded::Not(e)) => {
                 // Nothing of this commit is recorded: its files go now, not at the next start
                 // (an eraser rewriting the same partitions may be writing files of its own
@@ -1532,13 +1495,14 @@ impl Pipeline {
                 }
                 return Err(e);
             }
-            Err(Recorded::Unknown(e)) => {
+            Err(Recorded::Unknown(e, manifests)) => {
                 // COMMIT itself failed: Postgres may have committed and lost the reply. Its
                 // files stay unless the position says it did not; files of a version that did
                 // not commit are removed by a later start, once older than ORPHAN_GRACE_MS.
                 match committed_seq(&shared.control, &self.name).await {
                     Ok(Some(seq)) if seq == self.seq + 1 => {
                         tracing::warn!(dataset = %self.name, error = %e, "The reply to COMMIT was lost, but the commit went through");
+                        manifests
                     }
                     Ok(_) => {
                         tracing::warn!(dataset = %self.name, error = %e, "COMMIT failed and did not go through; its files are left for the start-up clean-up");
@@ -1550,7 +1514,8 @@ impl Pipeline {
                     }
                 }
             }
-        }
+        };
+        tracing::debug!(dataset = %self.name, ms = started.elapsed().as_millis(), "Commit: recorded");
         // The manifests' JSON copies, once their versions are committed (a start writes any
         // that a crash left out).
         for m in &manifests {
@@ -1566,6 +1531,7 @@ impl Pipeline {
         if !emitted.is_empty() {
             self.emitted_recorded(self.seq, &emitted).await?;
         }
+        tracing::debug!(dataset = %self.name, ms = started.elapsed().as_millis(), "Commit: join state told");
 
         // 4. Announce, then forget state committed examples no longer need.
         if shared.mode.publishes() {
@@ -1593,40 +1559,44 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Steps 2 and 3 of a commit: the examples on the labels topic, then one transaction with
-    /// the manifests, the per-user index and the position.
+    /// Steps 2 to 4 of a commit: the files and the examples on the labels topic, then one
+    /// transaction with the manifests, the per-user index and the position. Files it wrote
+    /// are added to `written`.
     async fn record(
         &self,
         by_partition: &BTreeMap<String, Vec<Example>>,
-        manifests: &[Manifest],
         users: Vec<(String, String)>,
         emitted: &[Emitted],
         shared: &Shared,
-    ) -> Result<(), Recorded> {
-        self.record_until_commit(by_partition, manifests, users, emitted, shared)
+        written: &mut Vec<String>,
+    ) -> Result<Vec<Manifest>, Recorded> {
+        let (tx, manifests) = self
+            .record_until_commit(by_partition, users, emitted, shared, written)
             .await
-            .map_err(Recorded::Not)?
-            .commit()
-            .await
-            .map_err(|e| Recorded::Unknown(e.into()))
+            .map_err(Recorded::Not)?;
+        match tx.commit().await {
+            Ok(()) => Ok(manifests),
+            Err(e) => Err(Recorded::Unknown(e.into(), manifests)),
+        }
     }
 
     /// [`record`](Self::record) up to the COMMIT, which it leaves to the caller.
     async fn record_until_commit(
         &self,
         by_partition: &BTreeMap<String, Vec<Example>>,
-        manifests: &[Manifest],
         users: Vec<(String, String)>,
         emitted: &[Emitted],
         shared: &Shared,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, EngineError> {
+        written: &mut Vec<String>,
+    ) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, Vec<Manifest>), EngineError> {
         let spec = &self.dataset.spec;
-        // 2 and 3 run under the shared suppression lock, taken first and checked against the
-        // rows' users: an erasure that suppressed one of them since step 0 is noticed before
-        // anything is published, and one that comes later waits for this commit, whose rows
-        // its dataset rewrite then finds (with their examples, which it tombstones on the
-        // labels topic). Publishing first and checking after would leave the examples of a
-        // user erased in between on the labels topic, named by no committed row.
+        let root = &shared.root;
+        // Everything from here runs under the shared suppression lock, taken first and checked
+        // against the rows' users: an erasure that suppressed one of them since step 0 is
+        // noticed before anything is published, and one that comes later waits for this
+        // commit, whose rows its dataset rewrite then finds (with their examples, which it
+        // tombstones on the labels topic). Publishing first and checking after would leave the
+        // examples of a user erased in between on the labels topic, named by no committed row.
         let mut tx = shared.control.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
             .bind(erasure::SUPPRESSION_LOCK)
@@ -1637,14 +1607,68 @@ impl Pipeline {
             return Err(EngineError::ErasureRaced(self.name.clone()));
         }
 
-        // 2. The labels topic, acknowledged.
+        // 2. The Parquet files and the labels topic's records, encoded side by side: the
+        // files on every core but one, the records on this thread, which enqueues them.
+        let schema = dataset::arrow_schema(&spec.spec);
+        let parts: Vec<&[Example]> = by_partition.values().map(Vec::as_slice).collect();
+        let (files, deliveries) = tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                let files = scope.spawn(|| dataset::parquet_files(&spec.spec, &schema, &parts));
+                let deliveries = if shared.mode.publishes() {
+                    self.enqueue_examples(by_partition)
+                } else {
+                    Ok(Vec::new())
+                };
+                (files.join(), deliveries)
+            })
+        });
+        let files = files
+            .map_err(|_| DatasetError::Encoding("a Parquet encoding thread panicked".into()))??;
+        let deliveries = deliveries?;
+        let epoch: i64 =
+            sqlx::query_scalar("SELECT epoch FROM labeler.erasure_epochs WHERE dataset = $1")
+                .bind(&self.name)
+                .fetch_optional(&shared.control)
+                .await?
+                .unwrap_or(0);
+        let committed_at = now_ms();
+        let mut manifests = Vec::with_capacity(files.len());
+        for ((partition, rows), bytes) in by_partition.iter().zip(files) {
+            let rel = data_file_rel(&self.name, partition);
+            let file = DataFile {
+                uri: root.uri_of(&rel),
+                row_count: rows.len() as i64,
+                byte_size: bytes.len() as i64,
+                sha256: dataset::sha256_hex(&bytes),
+            };
+            root.put(&rel, bytes).await?;
+            written.push(rel);
+            let previous = latest_manifest(&shared.control, &self.name, partition).await?;
+            manifests.push(next_manifest(NextManifest {
+                previous: previous.as_ref(),
+                root,
+                dataset: &self.name,
+                partition,
+                file,
+                rows,
+                schema_id: self.dataset.labels_schema.id(),
+                spec_hash: &spec.hash,
+                epoch,
+                committed_at,
+                late_outcomes: &self.late,
+            }));
+        }
+        tracing::debug!(dataset = %self.name, files = manifests.len(), "Commit: files written");
+        let limit = delivery_limit(&shared.cfg);
+        for f in deliveries {
+            delivered(f, limit).await?;
+        }
         if shared.mode.publishes() {
-            self.publish_examples(by_partition).await?;
             tracing::debug!(dataset = %self.name, "Commit: examples acknowledged");
         }
 
         // 3. One transaction: manifests, the per-user index, the position.
-        for m in manifests {
+        for m in &manifests {
             sqlx::query(
                 "INSERT INTO labeler.partitions
                  (dataset, partition, version, manifest_uri, manifest, row_count, byte_size, erasure_epoch)
@@ -1708,43 +1732,42 @@ impl Pipeline {
         .bind(json(&self.late))
         .execute(&mut *tx)
         .await?;
-        Ok(tx)
+        Ok((tx, manifests))
     }
 
-    async fn publish_examples(
+    /// Encodes the examples and hands them to the producer (blocking while its queue is
+    /// full); the caller awaits their deliveries.
+    fn enqueue_examples(
         &self,
         rows: &BTreeMap<String, Vec<Example>>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Vec<Delivery>, EngineError> {
         let topic = &self.dataset.labels_topic;
         let mut encoder = self.dataset.labels_schema.encoder();
-        let mut futures = Vec::new();
+        let mut deliveries = Vec::with_capacity(rows.values().map(Vec::len).sum());
+        let mut value = Vec::with_capacity(512);
+        let mut id = Uuid::encode_buffer();
         for row in rows.values().flatten() {
             let record = LabeledExampleRecord::new(&self.name, &self.dataset.spec.hash, row);
-            let mut value = Vec::with_capacity(512);
+            value.clear();
             encoder.encode(&record, &mut value)?;
             let version = row.version.to_string();
-            let id = row.example_id.to_string();
-            let key = id.clone();
-            let headers = OwnedHeaders::new()
+            let id = row.example_id.hyphenated().encode_lower(&mut id);
+            let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {
                     key: "example_id",
-                    value: Some(id.as_str()),
+                    value: Some(&*id),
                 })
                 .insert(Header {
                     key: "version",
                     value: Some(version.as_str()),
                 });
             let record = FutureRecord::to(topic)
-                .key(&key)
+                .key(&*id)
                 .payload(&value)
                 .headers(headers);
-            futures.push(send(&self.shared.producer, record).await?);
+            deliveries.push(enqueue(&self.shared.producer, record)?);
         }
-        let limit = delivery_limit(&self.shared.cfg);
-        for f in futures {
-            delivered(f, limit).await?;
-        }
-        Ok(())
+        Ok(deliveries)
     }
 
     async fn dead_letter(
@@ -1791,6 +1814,26 @@ async fn delivered(f: Delivery, limit: Duration) -> Result<(), KafkaError> {
         Err(_) => Err(KafkaError::MessageProduction(
             rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
         )),
+    }
+}
+
+/// [`send`] for a thread outside the runtime.
+fn enqueue<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<Delivery, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                r,
+            )) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e),
+        }
     }
 }
 
