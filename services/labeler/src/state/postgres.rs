@@ -109,17 +109,28 @@ impl StateStore for PostgresStore {
         }
         let mut ids = Vec::with_capacity(items.len());
         let mut emissions = Vec::with_capacity(items.len());
-        for e in items {
-            ids.push(e.example_id.to_string());
-            emissions.push(encode(&e.emission)?);
+        // ON CONFLICT cannot touch one row twice in a statement: the last copy of each wins.
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        let mut closes = Vec::with_capacity(items.len());
+        for e in items.iter().rev() {
+            if seen.insert(e.example_id) {
+                ids.push(e.example_id.to_string());
+                closes.push(e.close_ms);
+                emissions.push(encode(&e.emission)?);
+            }
         }
         sqlx::query(
-            "UPDATE labeler.impressions i SET emitted = t.emitted
-             FROM UNNEST($2::text[], $3::bytea[]) AS t(id, emitted)
-             WHERE i.dataset = $1 AND i.example_id = t.id::uuid",
+            "INSERT INTO labeler.emissions (dataset, example_id, close_ms, emitted)
+             SELECT $1, t.id::uuid, t.close_ms, t.emitted
+             FROM UNNEST($2::text[], $3::bigint[], $4::bytea[]) AS t(id, close_ms, emitted)
+             WHERE EXISTS (SELECT 1 FROM labeler.impressions i
+                           WHERE i.dataset = $1 AND i.example_id = t.id::uuid)
+             ON CONFLICT (dataset, example_id) DO UPDATE
+             SET close_ms = EXCLUDED.close_ms, emitted = EXCLUDED.emitted",
         )
         .bind(dataset)
         .bind(&ids)
+        .bind(&closes)
         .bind(&emissions)
         .execute(&self.pool)
         .await?;
@@ -175,9 +186,11 @@ impl StateStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<StoredImpression>, StateError> {
         let rows = sqlx::query(
-            "SELECT example_id::text AS example_id, close_ms, payload, emitted FROM labeler.impressions
-             WHERE dataset = $1 AND (close_ms, example_id) > ($2, $3::uuid) AND close_ms <= $4
-             ORDER BY close_ms, example_id LIMIT $5",
+            "SELECT i.example_id::text AS example_id, i.close_ms, i.payload, e.emitted
+             FROM labeler.impressions i
+             LEFT JOIN labeler.emissions e ON e.dataset = i.dataset AND e.example_id = i.example_id
+             WHERE i.dataset = $1 AND (i.close_ms, i.example_id) > ($2, $3::uuid) AND i.close_ms <= $4
+             ORDER BY i.close_ms, i.example_id LIMIT $5",
         )
         .bind(dataset)
         .bind(from.close_ms)
@@ -195,8 +208,10 @@ impl StateStore for PostgresStore {
         keys: &[String],
     ) -> Result<Vec<StoredImpression>, StateError> {
         let rows = sqlx::query(
-            "SELECT example_id::text AS example_id, close_ms, payload, emitted FROM labeler.impressions
-             WHERE dataset = $1 AND keys && $2::text[] ORDER BY example_id",
+            "SELECT i.example_id::text AS example_id, i.close_ms, i.payload, e.emitted
+             FROM labeler.impressions i
+             LEFT JOIN labeler.emissions e ON e.dataset = i.dataset AND e.example_id = i.example_id
+             WHERE i.dataset = $1 AND i.keys && $2::text[] ORDER BY i.example_id",
         )
         .bind(dataset)
         .bind(keys)
@@ -228,6 +243,11 @@ impl StateStore for PostgresStore {
         impressions_closed_before: i64,
         outcomes_before: i64,
     ) -> Result<u64, StateError> {
+        sqlx::query("DELETE FROM labeler.emissions WHERE dataset = $1 AND close_ms < $2")
+            .bind(dataset)
+            .bind(impressions_closed_before)
+            .execute(&self.pool)
+            .await?;
         let a = sqlx::query("DELETE FROM labeler.impressions WHERE dataset = $1 AND close_ms < $2")
             .bind(dataset)
             .bind(impressions_closed_before)
@@ -245,6 +265,13 @@ impl StateStore for PostgresStore {
 
     async fn purge_users(&self, users: &[String]) -> Result<u64, StateError> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM labeler.emissions e USING labeler.impressions i
+             WHERE i.users && $1::text[] AND e.dataset = i.dataset AND e.example_id = i.example_id",
+        )
+        .bind(users)
+        .execute(&mut *tx)
+        .await?;
         let a = sqlx::query("DELETE FROM labeler.impressions WHERE users && $1::text[]")
             .bind(users)
             .execute(&mut *tx)
