@@ -1817,23 +1817,36 @@ async fn delivered(f: Delivery, limit: Duration) -> Result<(), KafkaError> {
     }
 }
 
+/// One attempt to enqueue a record: its delivery, or the record back when the producer queue
+/// is full.
+#[allow(clippy::type_complexity)]
+fn try_enqueue<'a, K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+    producer: &FutureProducer,
+    record: FutureRecord<'a, K, P>,
+) -> Result<Result<Delivery, FutureRecord<'a, K, P>>, KafkaError> {
+    match producer.send_result(record) {
+        Ok(f) => Ok(Ok(f)),
+        Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+            Ok(Err(r))
+        }
+        Err((e, _)) => Err(e),
+    }
+}
+
+/// How long a full producer queue is left to drain before trying again.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+
 /// [`send`] for a thread outside the runtime.
 fn enqueue<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
     producer: &FutureProducer,
     mut record: FutureRecord<'_, K, P>,
 ) -> Result<Delivery, KafkaError> {
     loop {
-        match producer.send_result(record) {
+        match try_enqueue(producer, record)? {
             Ok(f) => return Ok(f),
-            Err((
-                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                r,
-            )) => {
-                record = r;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err((e, _)) => return Err(e),
+            Err(r) => record = r,
         }
+        std::thread::sleep(QUEUE_FULL_PAUSE);
     }
 }
 
@@ -1843,17 +1856,11 @@ async fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToByte
     mut record: FutureRecord<'_, K, P>,
 ) -> Result<Delivery, KafkaError> {
     loop {
-        match producer.send_result(record) {
+        match try_enqueue(producer, record)? {
             Ok(f) => return Ok(f),
-            Err((
-                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                r,
-            )) => {
-                record = r;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((e, _)) => return Err(e),
+            Err(r) => record = r,
         }
+        tokio::time::sleep(QUEUE_FULL_PAUSE).await;
     }
 }
 
