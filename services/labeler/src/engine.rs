@@ -54,11 +54,12 @@ use uuid::Uuid;
 use crate::{
     config::Config,
     dataset::{
-        self, DataFile, DatasetError, Example, Manifest, Revision, Root, SourceRange,
-        data_file_rel, manifest_rel,
+        self, DataFile, DatasetError, Example, Manifest, Revision, Root, data_file_rel,
+        manifest_rel,
     },
     erasure,
     input::{self, Decoded, Input},
+    manifest::{NextManifest, next_manifest},
     observability::{self, RecordCounts, RecordKind},
     spec::{Label, LatePolicy, TYPED_OUTCOMES},
     state::{
@@ -539,7 +540,7 @@ const CORRECTED: &str = "corrected";
 const UNCHANGED: &str = "unchanged";
 const BEYOND_HORIZON: &str = "beyond_horizon";
 const DROPPED: &str = "dropped";
-const LATE_IMPRESSIONS_KEY: &str = "late_impressions";
+pub(crate) const LATE_IMPRESSIONS_KEY: &str = "late_impressions";
 
 struct Pipeline {
     shared: Shared,
@@ -1959,122 +1960,6 @@ async fn latest_manifest(
         Some(t) => Some(serde_json::from_str(&t).map_err(DatasetError::from)?),
         None => None,
     })
-}
-
-struct NextManifest<'a> {
-    previous: Option<&'a Manifest>,
-    root: &'a Root,
-    dataset: &'a str,
-    partition: &'a str,
-    file: DataFile,
-    rows: &'a [Example],
-    schema_id: u32,
-    spec_hash: &'a str,
-    epoch: i64,
-    committed_at: i64,
-    late_outcomes: &'a BTreeMap<String, i64>,
-}
-
-/// The partition's next version: the previous files plus the new one.
-fn next_manifest(n: NextManifest<'_>) -> Manifest {
-    let version = n.previous.map_or(1, |p| p.version + 1);
-    let mut files = n.previous.map(|p| p.files.clone()).unwrap_or_default();
-    files.push(n.file);
-    // Labels of the latest versions: a correction moves its example from the label it
-    // replaces to its own.
-    let mut counts = n
-        .previous
-        .map(|p| p.label_counts.clone())
-        .unwrap_or_default();
-    let mut examples = n.previous.map_or(0, |p| p.examples);
-    let mut late = n.previous.map(|p| p.late_data.clone()).unwrap_or_default();
-    for r in n.rows {
-        *counts
-            .entry(r.labeled.label.as_str().to_owned())
-            .or_insert(0) += 1;
-        match r.revision {
-            Revision::First => examples += 1,
-            Revision::Late => {
-                examples += 1;
-                late.late_impression_rows += 1;
-            }
-            Revision::Correction { replaces } => {
-                late.correction_rows += 1;
-                if let Some(c) = replaces.and_then(|l| counts.get_mut(l.as_str())) {
-                    *c -= 1;
-                }
-            }
-        }
-    }
-    counts.retain(|_, c| *c > 0);
-    late.dataset_late_outcomes = n.late_outcomes.clone();
-    late.dataset_late_outcomes.remove(LATE_IMPRESSIONS_KEY);
-    let times = n.rows.iter().map(|r| r.impression.time_ms);
-    let (mut lo, mut hi) = n.previous.map_or((i64::MAX, i64::MIN), |p| {
-        (p.event_time_min, p.event_time_max)
-    });
-    for t in times {
-        lo = lo.min(t);
-        hi = hi.max(t);
-    }
-    // Lineage: the offset ranges of every impression and joined outcome behind the rows.
-    let mut sources: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
-    let mut add = |topic: &str, partition: i32, start: i64, end: i64| {
-        let e = sources
-            .entry((topic.to_owned(), partition))
-            .or_insert((start, end));
-        e.0 = e.0.min(start);
-        e.1 = e.1.max(end);
-    };
-    for s in n.previous.map(|p| p.sources.as_slice()).unwrap_or_default() {
-        add(&s.topic, s.partition, s.start_offset, s.end_offset);
-    }
-    for r in n.rows {
-        let src = &r.impression.source;
-        add(&src.topic, src.partition, src.offset, src.offset + 1);
-        for origin in &r.labeled.origins {
-            let mut parts = origin.rsplitn(3, '/');
-            let (Some(offset), Some(partition), Some(topic)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
-                continue;
-            };
-            if let (Ok(o), Ok(p)) = (offset.parse::<i64>(), partition.parse::<i32>()) {
-                add(topic, p, o, o + 1);
-            }
-        }
-    }
-    let rel = manifest_rel(n.dataset, n.partition, version);
-    Manifest {
-        dataset: n.dataset.to_owned(),
-        partition: n.partition.to_owned(),
-        version,
-        manifest_uri: n.root.uri_of(&rel),
-        row_count: files.iter().map(|f| f.row_count).sum(),
-        byte_size: files.iter().map(|f| f.byte_size).sum(),
-        files,
-        schema_id: i32::try_from(n.schema_id).unwrap_or(i32::MAX),
-        event_time_min: lo,
-        event_time_max: hi,
-        sources: sources
-            .into_iter()
-            .map(
-                |((topic, partition), (start_offset, end_offset))| SourceRange {
-                    topic,
-                    partition,
-                    start_offset,
-                    end_offset,
-                },
-            )
-            .collect(),
-        label_spec_hash: n.spec_hash.to_owned(),
-        label_counts: counts,
-        examples,
-        late_data: late,
-        erasure_epoch: n.epoch,
-        supersedes_version: n.previous.map(|p| p.version),
-        committed_at: n.committed_at,
-    }
 }
 
 /// Announces committed partition versions not announced yet (of one dataset, or all).

@@ -14,6 +14,7 @@ pub mod dataset;
 pub mod engine;
 pub mod erasure;
 pub mod input;
+pub mod manifest;
 pub mod observability;
 pub mod spec;
 pub mod state;
