@@ -1468,6 +1468,8 @@ impl Pipeline {
                 }
             }
         }
+        // In the index's key order: Postgres then inserts into its B-tree leaf after leaf.
+        users.sort_unstable();
         let emitted: Vec<Emitted> = by_partition
             .values()
             .flatten()
