@@ -167,7 +167,7 @@ async fn erasing_two_users_removes_them_everywhere_with_a_certificate() {
     state
         .put_impressions(
             &dataset,
-            &[feedloop_labeler::state::StoredImpression {
+            vec![feedloop_labeler::state::StoredImpression {
                 example_id: uuid::Uuid::new_v4(),
                 close_ms: pending.time + 86_430_000,
                 impression: feedloop_labeler::window::Impression {

@@ -1185,16 +1185,14 @@ impl Pipeline {
         if !self.pending_impressions.is_empty() {
             self.shared
                 .state
-                .put_impressions(&self.name, &self.pending_impressions)
+                .put_impressions(&self.name, std::mem::take(&mut self.pending_impressions))
                 .await?;
-            self.pending_impressions.clear();
         }
         if !self.pending_outcomes.is_empty() {
             self.shared
                 .state
-                .put_outcomes(&self.name, &self.pending_outcomes)
+                .put_outcomes(&self.name, std::mem::take(&mut self.pending_outcomes))
                 .await?;
-            self.pending_outcomes.clear();
         }
         Ok(())
     }

@@ -103,7 +103,7 @@ async fn emissions(store: &dyn StateStore) -> Result<(), ContractFailure> {
     const CASE: &str = "emissions";
     let i = impression(600, "kate", "leo", 7_000);
     store
-        .put_impressions("ds-a", std::slice::from_ref(&i))
+        .put_impressions("ds-a", vec![i.clone()])
         .await
         .map_err(fail(CASE))?;
     let emission = |version, digest, label| super::Emission {
@@ -131,7 +131,7 @@ async fn emissions(store: &dyn StateStore) -> Result<(), ContractFailure> {
         .await
         .map_err(fail(CASE))?;
     store
-        .put_impressions("ds-a", std::slice::from_ref(&i))
+        .put_impressions("ds-a", vec![i.clone()])
         .await
         .map_err(fail(CASE))?;
     let keys = i.impression.keys();
@@ -169,11 +169,11 @@ async fn roundtrip_and_idempotence(store: &dyn StateStore) -> Result<(), Contrac
     const CASE: &str = "roundtrip_and_idempotence";
     let i = impression(1, "alice", "bob", 10_000);
     store
-        .put_impressions("ds-a", std::slice::from_ref(&i))
+        .put_impressions("ds-a", vec![i.clone()])
         .await
         .map_err(fail(CASE))?;
     store
-        .put_impressions("ds-a", std::slice::from_ref(&i))
+        .put_impressions("ds-a", vec![i.clone()])
         .await
         .map_err(fail(CASE))?;
     let due = store
@@ -198,11 +198,11 @@ async fn roundtrip_and_idempotence(store: &dyn StateStore) -> Result<(), Contrac
         &["alice"],
     );
     store
-        .put_outcomes("ds-a", &[o.clone(), o.clone()])
+        .put_outcomes("ds-a", vec![o.clone(), o.clone()])
         .await
         .map_err(fail(CASE))?;
     store
-        .put_outcomes("ds-a", std::slice::from_ref(&o))
+        .put_outcomes("ds-a", vec![o.clone()])
         .await
         .map_err(fail(CASE))?;
     let got = store
@@ -217,7 +217,7 @@ async fn roundtrip_and_idempotence(store: &dyn StateStore) -> Result<(), Contrac
     o2.name = "accepted".into();
     o2.value = Scalar::Bool(true);
     store
-        .put_outcomes("ds-a", &[o2.clone()])
+        .put_outcomes("ds-a", vec![o2.clone()])
         .await
         .map_err(fail(CASE))?;
     let got = store
@@ -240,7 +240,7 @@ async fn due_order_and_paging(store: &dyn StateStore) -> Result<(), ContractFail
         .map(|n| impression(100 + n, "u", "v", 50_000 + (n as i64 % 5) * 1000))
         .collect();
     store
-        .put_impressions("ds-a", &items)
+        .put_impressions("ds-a", items.clone())
         .await
         .map_err(fail(CASE))?;
     let mut expected: Vec<StoredImpression> = items
@@ -298,7 +298,7 @@ async fn lookups_by_key(store: &dyn StateStore) -> Result<(), ContractFailure> {
     let b = impression(301, "dave", "carol", 70_000);
     let c = impression(302, "erin", "frank", 70_000);
     store
-        .put_impressions("ds-a", &[a.clone(), b.clone(), c.clone()])
+        .put_impressions("ds-a", vec![a.clone(), b.clone(), c.clone()])
         .await
         .map_err(fail(CASE))?;
     let pair = pair_key("dave", "carol");
@@ -329,7 +329,7 @@ async fn lookups_by_key(store: &dyn StateStore) -> Result<(), ContractFailure> {
         &["erin"],
     );
     store
-        .put_outcomes("ds-a", &[o1.clone(), o2.clone()])
+        .put_outcomes("ds-a", vec![o1.clone(), o2.clone()])
         .await
         .map_err(fail(CASE))?;
     let got = store
@@ -351,14 +351,14 @@ async fn expiry(store: &dyn StateStore) -> Result<(), ContractFailure> {
     let early = impression(400, "g", "h", 1_000);
     let late = impression(401, "g", "h", 2_000);
     store
-        .put_impressions("ds-a", &[early.clone(), late.clone()])
+        .put_impressions("ds-a", vec![early.clone(), late.clone()])
         .await
         .map_err(fail(CASE))?;
     let key = match_key(&Uuid::from_u128(9));
     let old = outcome(key.clone(), "accepted", "old", 500, &["g"]);
     let new = outcome(key.clone(), "accepted", "new", 1_500, &["g"]);
     store
-        .put_outcomes("ds-a", &[old, new.clone()])
+        .put_outcomes("ds-a", vec![old, new.clone()])
         .await
         .map_err(fail(CASE))?;
     store
@@ -390,18 +390,18 @@ async fn purge(store: &dyn StateStore) -> Result<(), ContractFailure> {
     let gone_viewer = impression(501, "mallory", "judy", 5_000);
     let gone_candidate = impression(502, "ivan", "mallory", 5_000);
     store
-        .put_impressions("ds-a", &[keep.clone(), gone_viewer])
+        .put_impressions("ds-a", vec![keep.clone(), gone_viewer])
         .await
         .map_err(fail(CASE))?;
     store
-        .put_impressions("ds-b", &[gone_candidate])
+        .put_impressions("ds-b", vec![gone_candidate])
         .await
         .map_err(fail(CASE))?;
     let key = pair_key("ivan", "judy");
     let kept = outcome(key.clone(), "reported", "k", 4_000, &["ivan", "judy"]);
     let dropped = outcome(key.clone(), "reported", "d", 4_000, &["mallory", "judy"]);
     store
-        .put_outcomes("ds-a", &[kept.clone(), dropped])
+        .put_outcomes("ds-a", vec![kept.clone(), dropped])
         .await
         .map_err(fail(CASE))?;
     let n = store

@@ -89,13 +89,12 @@ impl StateStore for MemoryStore {
     async fn put_impressions(
         &self,
         dataset: &str,
-        items: &[StoredImpression],
+        items: Vec<StoredImpression>,
     ) -> Result<(), StateError> {
         self.with(dataset, |d| {
-            for i in items {
-                let mut new = i.clone();
+            for mut new in items {
                 // The impression is upserted; what was emitted for it stays.
-                if let Some(old) = d.remove_impression(&i.example_id) {
+                if let Some(old) = d.remove_impression(&new.example_id) {
                     new.emitted = old.emitted.or(new.emitted);
                 }
                 d.insert_impression(new);
@@ -115,13 +114,16 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
-    async fn put_outcomes(&self, dataset: &str, items: &[Outcome]) -> Result<(), StateError> {
+    async fn put_outcomes(&self, dataset: &str, items: Vec<Outcome>) -> Result<(), StateError> {
         self.with(dataset, |d| {
             for o in items {
-                let list = d.outcomes.entry(o.join_key.clone()).or_default();
+                let list = match d.outcomes.get_mut(&o.join_key) {
+                    Some(list) => list,
+                    None => d.outcomes.entry(o.join_key.clone()).or_default(),
+                };
                 match list.binary_search_by(|x| (&x.name, &x.id).cmp(&(&o.name, &o.id))) {
-                    Ok(at) => list[at] = o.clone(),
-                    Err(at) => list.insert(at, o.clone()),
+                    Ok(at) => list[at] = o,
+                    Err(at) => list.insert(at, o),
                 }
             }
         });

@@ -146,7 +146,7 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     async fn put_impressions(
         &self,
         dataset: &str,
-        items: &[StoredImpression],
+        items: Vec<StoredImpression>,
     ) -> Result<(), StateError>;
 
     /// Records the committed version of examples whose impressions are in the state (others
@@ -155,7 +155,7 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     async fn put_emitted(&self, dataset: &str, items: &[Emitted]) -> Result<(), StateError>;
 
     /// Upserts outcomes by (join key, name, id).
-    async fn put_outcomes(&self, dataset: &str, items: &[Outcome]) -> Result<(), StateError>;
+    async fn put_outcomes(&self, dataset: &str, items: Vec<Outcome>) -> Result<(), StateError>;
 
     /// Impressions with `from < (close, id)` and `close <= upto_ms`, in (close, id) order, at
     /// most `limit`.

@@ -56,8 +56,9 @@ impl StateStore for PostgresStore {
     async fn put_impressions(
         &self,
         dataset: &str,
-        items: &[StoredImpression],
+        items: Vec<StoredImpression>,
     ) -> Result<(), StateError> {
+        let items = items.as_slice();
         if items.is_empty() {
             return Ok(());
         }
@@ -137,7 +138,8 @@ impl StateStore for PostgresStore {
         Ok(())
     }
 
-    async fn put_outcomes(&self, dataset: &str, items: &[Outcome]) -> Result<(), StateError> {
+    async fn put_outcomes(&self, dataset: &str, items: Vec<Outcome>) -> Result<(), StateError> {
+        let items = items.as_slice();
         if items.is_empty() {
             return Ok(());
         }

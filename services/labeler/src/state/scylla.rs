@@ -283,8 +283,9 @@ impl StateStore for ScyllaStore {
     async fn put_impressions(
         &self,
         dataset: &str,
-        items: &[StoredImpression],
+        items: Vec<StoredImpression>,
     ) -> Result<(), StateError> {
+        let items = items.as_slice();
         let s = &self.session;
         let mut buckets = BTreeSet::new();
         for i in items {
@@ -346,7 +347,8 @@ impl StateStore for ScyllaStore {
         Ok(())
     }
 
-    async fn put_outcomes(&self, dataset: &str, items: &[Outcome]) -> Result<(), StateError> {
+    async fn put_outcomes(&self, dataset: &str, items: Vec<Outcome>) -> Result<(), StateError> {
+        let items = items.as_slice();
         let s = &self.session;
         let mut buckets = BTreeSet::new();
         for o in items {
