@@ -8,8 +8,14 @@
 //! [`Resume`] tells them apart. When a record comes after the offset needed, the read starts
 //! again further back (twice as far each time), records before the needed offset are skipped,
 //! and only when the read starts at the log's beginning and still misses the offset is it a
-//! real gap, to report. On a broker without the defect, a read starts where asked and nothing
-//! is re-read; with it, a restart re-reads at most twice the batch it landed in.
+//! real gap, to report. The first step back is as long as the run of records the broker
+//! skipped, which is about one batch. On a broker without the defect, a read starts where
+//! asked and nothing is re-read; with it, a restart re-reads at most about twice the batch it
+//! landed in.
+//!
+//! Records of the reads a rewind replaced can still come after it (fetches already under way).
+//! For [`REREAD_WINDOW`] after a rewind, a record at or after the lowest offset a read started
+//! from is one read already and is skipped; only a record before it means the log was lost.
 //!
 //! For non-compacted topics only: compaction leaves gaps by design.
 
@@ -18,6 +24,9 @@ use std::time::{Duration, Instant};
 /// How long a read that started gets, without records or an end-of-partition event, before it
 /// is deemed to have started inside the last batch of its partition.
 pub const STALL: Duration = Duration::from_secs(2);
+
+/// How long after a rewind records of the reads it replaced may still come.
+pub const REREAD_WINDOW: Duration = Duration::from_secs(30);
 
 /// What to do with a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +54,9 @@ pub struct Resume {
     seen: bool,
     /// When the current read started.
     started: Instant,
+    /// The lowest offset a read started from since the first of the latest rewinds, and when
+    /// the latest rewind was.
+    rewound: Option<(i64, Instant)>,
 }
 
 impl Resume {
@@ -55,6 +67,7 @@ impl Resume {
             start: next,
             seen: false,
             started: Instant::now(),
+            rewound: None,
         }
     }
 
@@ -71,7 +84,7 @@ impl Resume {
         if self.seen || self.start <= 0 {
             return None;
         }
-        Some(self.rewind())
+        Some(self.rewind(0))
     }
 
     /// Nothing came for `after` since the read started: on the embedded broker, a read that
@@ -84,12 +97,32 @@ impl Resume {
         self.ended()
     }
 
-    fn rewind(&mut self) -> Step {
-        let back = (self.next - self.start).max(1).saturating_mul(2);
+    /// Starts the read again further back: twice as far as the last time, and at least
+    /// `skipped` records (the run the broker just skipped, about the size of its batches).
+    fn rewind(&mut self, skipped: i64) -> Step {
+        let back = (self.next - self.start)
+            .max(1)
+            .saturating_mul(2)
+            .max(skipped);
         self.start = self.next.saturating_sub(back).max(0);
         self.seen = false;
-        self.started = Instant::now();
+        let now = Instant::now();
+        self.started = now;
+        let floor = match self.rewound {
+            Some((floor, at)) if at.elapsed() < REREAD_WINDOW => floor.min(self.start),
+            _ => self.start,
+        };
+        self.rewound = Some((floor, now));
         Step::Rewind(self.start)
+    }
+
+    /// Whether the record at `offset`, before the one needed, was read already by this read
+    /// or by one a recent rewind replaced.
+    fn read_already(&self, offset: i64) -> bool {
+        offset >= self.start
+            || self
+                .rewound
+                .is_some_and(|(floor, at)| offset >= floor && at.elapsed() < REREAD_WINDOW)
     }
 
     /// What to do with the record at `offset`; [`Step::Take`] and [`Step::Gap`] move the
@@ -101,16 +134,16 @@ impl Resume {
             self.start = self.next;
             return Step::Take;
         }
-        if offset < self.start {
+        if offset < self.next {
+            if self.read_already(offset) {
+                return Step::Skip;
+            }
             let expected = self.next;
             *self = Self::at(offset + 1);
             return Step::Reset {
                 expected,
                 got: offset,
             };
-        }
-        if offset < self.next {
-            return Step::Skip;
         }
         // After the offset needed.
         if self.start <= 0 {
@@ -121,7 +154,7 @@ impl Resume {
                 got: offset,
             };
         }
-        self.rewind()
+        self.rewind(offset - self.next)
     }
 }
 
@@ -174,7 +207,8 @@ mod tests {
         let (taken, gaps, rewinds) = read(&batches, 50);
         assert_eq!(taken, (50..=200).collect::<Vec<_>>());
         assert!(gaps.is_empty());
-        assert!(rewinds <= 7, "{rewinds}");
+        // The first step back is the 50 records skipped: it reaches the batch's start.
+        assert_eq!(rewinds, 1);
         let (taken, gaps, _) = read(&batches, 150);
         assert_eq!(taken, (150..=200).collect::<Vec<_>>());
         assert!(gaps.is_empty());
@@ -264,20 +298,42 @@ mod tests {
     }
 
     #[test]
-    fn a_jump_in_the_middle_of_a_read_rewinds_too() {
-        let mut r = Resume::at(10);
-        assert_eq!(r.step(10), Step::Take);
-        assert_eq!(r.step(11), Step::Take);
-        assert_eq!(r.step(40), Step::Rewind(10));
-        assert_eq!(r.step(10), Step::Skip);
-        assert_eq!(r.step(11), Step::Skip);
-        assert_eq!(r.step(12), Step::Take);
+    fn a_jump_in_the_middle_of_a_read_rewinds_by_the_records_skipped() {
+        let mut r = Resume::at(100);
+        assert_eq!(r.step(100), Step::Take);
+        assert_eq!(r.step(101), Step::Take);
+        assert_eq!(r.step(140), Step::Rewind(64));
+        assert_eq!(r.step(64), Step::Skip);
+        assert_eq!(r.step(101), Step::Skip);
+        assert_eq!(r.step(102), Step::Take);
+    }
+
+    #[test]
+    fn records_of_reads_a_rewind_replaced_are_skipped_not_taken_for_a_lost_log() {
+        // A restart needs 198 of batches (180, 239), (240, 299). Each stale record of the read
+        // before a seek asks for another rewind, and every one of those reads delivers the
+        // batch from 180 again, also after the records were taken.
+        let mut r = Resume::at(198);
+        assert_eq!(r.step(240), Step::Rewind(156));
+        assert_eq!(r.step(241), Step::Rewind(114));
+        for o in 180..198 {
+            assert_eq!(r.step(o), Step::Skip);
+        }
+        for o in 198..240 {
+            assert_eq!(r.step(o), Step::Take);
+        }
+        for o in 180..240 {
+            assert_eq!(r.step(o), Step::Skip, "offset {o} again");
+        }
+        assert_eq!(r.step(240), Step::Take);
+        // A record before any read started: the log was lost and started again.
         assert_eq!(
-            r.step(11),
+            r.step(3),
             Step::Reset {
-                expected: 13,
-                got: 11
+                expected: 241,
+                got: 3
             }
         );
+        assert_eq!(r.step(4), Step::Take);
     }
 }

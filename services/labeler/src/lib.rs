@@ -75,7 +75,20 @@ pub enum StartError {
 pub struct Running {
     /// Address of the operational HTTP endpoints.
     pub addr: SocketAddr,
+    /// Ends after a shutdown's final commits. Aborting it stops every pipeline where it is,
+    /// with no final commit, as a crash would.
     pub task: JoinHandle<()>,
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// The configured join-state adapter.
@@ -297,6 +310,9 @@ async fn start_up(config: Config, shutdown: CancellationToken) -> Result<Running
         .map(|(d, r)| tokio::spawn(engine::run(shared.clone(), d, shutdown.clone(), r)))
         .collect();
     let task = tokio::spawn(async move {
+        // Aborting this task (as a crash would) aborts the pipelines too: none of them gets to
+        // make the final commit of a shutdown.
+        let _abort = AbortOnDrop(pipelines.iter().map(JoinHandle::abort_handle).collect());
         for p in pipelines {
             let _ = p.await;
         }

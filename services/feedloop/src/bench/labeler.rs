@@ -465,21 +465,14 @@ struct Setup {
 /// The labeler's `inputs.idle_timeout_ms` in the bench (see `labeler_run`).
 const BENCH_IDLE_TIMEOUT_MS: u64 = 200;
 
-async fn labeler_run(
+/// A fresh control database and label spec for one run of the labeler over the bench's log.
+async fn labeler_config(
     setup: &Setup,
     store: StoreKind,
-    rep: usize,
-) -> anyhow::Result<(f64, BTreeMap<String, i64>)> {
-    let dataset = format!(
-        "bench_{}_{rep}",
-        match store {
-            StoreKind::Postgres => "pg",
-            StoreKind::Memory => "mem",
-            StoreKind::Scylla => "scylla",
-        }
-    );
-    let dir = tempfile::tempdir()?;
-    let spec_path = dir.path().join("spec.toml");
+    dataset: &str,
+    dir: &Path,
+) -> anyhow::Result<(feedloop_labeler::Config, PgPool)> {
+    let spec_path = dir.join("spec.toml");
     std::fs::write(
         &spec_path,
         EXAMPLE_SPEC.replace(
@@ -487,12 +480,12 @@ async fn labeler_run(
             &format!("name = \"{dataset}\""),
         ),
     )?;
-    let control = crate::datasets::fresh_control_database(&setup.postgres, &dataset).await?;
+    let control = crate::datasets::fresh_control_database(&setup.postgres, dataset).await?;
     let mut cfg = feedloop_labeler::Config::from_defaults()?;
     cfg.specs.files = vec![spec_path.display().to_string()];
     cfg.inputs.events_topic = format!("{}.events", setup.topic_prefix);
     cfg.inputs.cdc_prefix = setup.topic_prefix.clone();
-    cfg.datasets.root = dir.path().join("datasets").display().to_string();
+    cfg.datasets.root = dir.join("datasets").display().to_string();
     cfg.state.store = store;
     // A partition read to its end holds the watermark for the idle timeout (5 s by default)
     // before the labeler trusts that nothing more is coming: a fixed wait at the end of the
@@ -505,28 +498,61 @@ async fn labeler_run(
     cfg.http.listen = "127.0.0.1:0".into();
     cfg.validate()?;
     let pool = PgPool::connect(&control).await?;
+    Ok((cfg, pool))
+}
+
+fn store_name(store: StoreKind) -> &'static str {
+    match store {
+        StoreKind::Postgres => "pg",
+        StoreKind::Memory => "mem",
+        StoreKind::Scylla => "scylla",
+    }
+}
+
+/// Rows of the latest version of every partition of `dataset`.
+async fn committed_rows(pool: &PgPool, dataset: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(SUM(row_count), 0)::bigint FROM (SELECT DISTINCT ON (partition) row_count
+         FROM labeler.partitions WHERE dataset = $1 ORDER BY partition, version DESC) v",
+    )
+    .bind(dataset)
+    .fetch_one(pool)
+    .await
+    .unwrap_or(0)
+}
+
+/// Polls `done` every 50 ms until it holds, for at most 30 minutes.
+async fn wait_until<F, Fut>(what: &str, mut done: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while !done().await? {
+        if Instant::now() > deadline {
+            bail!("{what}: not after 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn labeler_run(
+    setup: &Setup,
+    store: StoreKind,
+    rep: usize,
+) -> anyhow::Result<(f64, BTreeMap<String, i64>)> {
+    let dataset = format!("bench_{}_{rep}", store_name(store));
+    let dir = tempfile::tempdir()?;
+    let (cfg, pool) = labeler_config(setup, store, &dataset, dir.path()).await?;
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let running = feedloop_labeler::start(cfg, shutdown.clone()).await?;
     let target = setup.impressions as i64;
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    loop {
-        let rows: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(row_count), 0)::bigint FROM (SELECT DISTINCT ON (partition) row_count
-             FROM labeler.partitions WHERE dataset = $1 ORDER BY partition, version DESC) v",
-        )
-        .bind(&dataset)
-        .fetch_one(&pool)
-        .await
-        .unwrap_or(0);
-        if rows >= target {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the labeler committed {rows} of {target} rows in 30 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("every row committed", || async {
+        Ok(committed_rows(&pool, &dataset).await >= target)
+    })
+    .await?;
     let secs = started.elapsed().as_secs_f64();
     let mut counts = BTreeMap::new();
     let manifests: Vec<String> = sqlx::query_scalar(
@@ -546,6 +572,102 @@ async fn labeler_run(
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
     pool.close().await;
     Ok((setup.events as f64 / secs, counts))
+}
+
+/// Records of the bench's log that `dataset`'s committed position does not cover yet.
+async fn uncommitted_records(
+    pool: &PgPool,
+    dataset: &str,
+    log_end: &BTreeMap<String, i64>,
+) -> anyhow::Result<i64> {
+    let offsets: Option<String> =
+        sqlx::query_scalar("SELECT offsets::text FROM labeler.positions WHERE dataset = $1")
+            .bind(dataset)
+            .fetch_optional(pool)
+            .await?;
+    let offsets: BTreeMap<String, i64> = match offsets {
+        Some(o) => serde_json::from_str(&o)?,
+        None => BTreeMap::new(),
+    };
+    Ok(log_end
+        .iter()
+        .map(|(tp, end)| (end - offsets.get(tp).copied().unwrap_or(0)).max(0))
+        .sum())
+}
+
+/// The end offset of every partition of the bench's input topics, keyed as the labeler's
+/// position keys them (`topic/partition`).
+fn log_end(kafka: &KafkaConfig, topics: &[String]) -> anyhow::Result<BTreeMap<String, i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = kafka.client_config("bench-labeler-ends").create()?;
+    let mut ends = BTreeMap::new();
+    for topic in topics {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+                if high > 0 {
+                    ends.insert(format!("{topic}/{}", p.id()), high);
+                }
+            }
+        }
+    }
+    Ok(ends)
+}
+
+/// A labeler crashes after its first commit, while it is still reading the log, and a new one
+/// starts in its place: the time from that start until the committed position covers the whole
+/// log, and how many records it had to read again (the log after the crashed labeler's
+/// committed offsets).
+async fn restart_run(
+    setup: &Setup,
+    store: StoreKind,
+    rep: usize,
+    log_end: &BTreeMap<String, i64>,
+) -> anyhow::Result<(f64, i64)> {
+    let dataset = format!("bench_restart_{}_{rep}", store_name(store));
+    let dir = tempfile::tempdir()?;
+    let (cfg, pool) = labeler_config(setup, store, &dataset, dir.path()).await?;
+    let shutdown = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg.clone(), shutdown.clone()).await?;
+    wait_until("the first commit", || async {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM labeler.positions WHERE dataset = $1")
+                .bind(&dataset)
+                .fetch_optional(&pool)
+                .await?;
+        Ok(seq.is_some_and(|s| s >= 1))
+    })
+    .await?;
+    running.task.abort();
+    let _ = running.task.await;
+    shutdown.cancel();
+    // A crashed process's connections close with it, and Postgres releases its dataset lock at
+    // once; an aborted task's go when the runtime drops them, a moment later.
+    wait_until("the crashed labeler's dataset lock released", || async {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok(held == 0)
+    })
+    .await?;
+    let backlog = uncommitted_records(&pool, &dataset, log_end).await?;
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let running = feedloop_labeler::start(cfg, shutdown.clone()).await?;
+    wait_until("caught up after the restart", || async {
+        Ok(uncommitted_records(&pool, &dataset, log_end).await? == 0)
+    })
+    .await?;
+    let secs = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    pool.close().await;
+    Ok((secs, backlog))
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -699,6 +821,40 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             against: "DuckDB batch query".into(),
             peer: Some(duck.clone()),
             goal: "≥200k events/s; ≥1× DuckDB".into(),
+        });
+    }
+    let inputs = [
+        topic.clone(),
+        format!("{prefix}.app.reports"),
+        format!("{prefix}.app.blocks"),
+    ];
+    let ends = log_end(&setup.kafka, &inputs)?;
+    for &store in &opts.stores {
+        if store == StoreKind::Memory {
+            // Not durable: a restart starts from an empty state.
+            continue;
+        }
+        let mut secs = Vec::new();
+        let mut backlogs = Vec::new();
+        for rep in 0..opts.repetitions {
+            let (s, backlog) = restart_run(&setup, store, rep, &ends).await?;
+            println!(
+                "  restart ({store:?} state) caught up in {s:.2} s, {backlog} records read again"
+            );
+            secs.push(s);
+            backlogs.push(backlog as f64);
+        }
+        let backlog = Stat::of(backlogs).median;
+        rows.push(Row {
+            measurement: format!(
+                "labeler restart after a crash → caught up ({store:?} join state; median {backlog:.0} records after the committed offsets)"
+            ),
+            unit: "s".into(),
+            feedloop: Stat::of(secs),
+            against: "goal".into(),
+            peer: Some(Stat::of(vec![10.0])),
+            ratio: None,
+            goal: "< 10 s for the benchmark's state".into(),
         });
     }
     let n = opts.parquet_rows;
