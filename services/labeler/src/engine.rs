@@ -793,14 +793,12 @@ impl Pipeline {
                 shutdown,
             )
             .await?;
-            let probe = consumer_config(&cfg.kafka, &cfg.consumer, &self.name)
-                .create_with_context::<_, BaseConsumer<QuietEof>>(QuietEof)
-                .map(Arc::new)?;
+            let same = self.same_logs(&topic, &partitions).await?;
             let mut tpl = TopicPartitionList::new();
             for p in partitions {
                 let key = tp(&topic, p);
                 let offset = match self.offsets.get(&key).copied() {
-                    Some(next) if self.same_log(&probe, &topic, p).await? => {
+                    Some(next) if same.contains(&p) => {
                         if table.is_none() {
                             self.resume
                                 .entry(topic.clone())
@@ -824,43 +822,66 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// Whether the log of `topic`/`partition` is still the one committed against. Its first
-    /// record is looked up again (by `probe`): a log that holds another record there, or none,
-    /// was lost and started again (a broker without durable storage restarted, or the topic
-    /// was deleted and created again). That is reported, and the new log is read from its start.
-    /// Offsets going back would only show a new log still shorter than the committed position;
-    /// one that had grown past it would be read from there, its first records skipped.
-    async fn same_log(
+    /// The partitions of `topic` whose log is still the one committed against. The first
+    /// record of each is looked up again, all partitions in one read: a log that holds another
+    /// record there, or none, was lost and started again (a broker without durable storage
+    /// restarted, or the topic was deleted and created again). That is reported, and the new
+    /// log is read from its start. Offsets going back would only show a new log still shorter
+    /// than the committed position; one that had grown past it would be read from there, its
+    /// first records skipped. Partitions committed before first records were kept have nothing
+    /// to compare, and count as the same.
+    async fn same_logs(
         &mut self,
-        probe: &Arc<BaseConsumer<QuietEof>>,
         topic: &str,
-        partition: i32,
-    ) -> Result<bool, EngineError> {
-        let key = tp(topic, partition);
-        let Some((start, timestamp)) = self.starts.get(&key).copied() else {
-            // Committed before first records were kept: nothing to compare.
-            return Ok(true);
-        };
-        let (probe, owned) = (probe.clone(), topic.to_owned());
+        partitions: &[i32],
+    ) -> Result<HashSet<i32>, EngineError> {
+        let mut same = HashSet::new();
+        let mut probes = Vec::new();
+        for &p in partitions {
+            match self.starts.get(&tp(topic, p)).copied() {
+                Some((start, timestamp)) => probes.push((p, start, timestamp)),
+                None => {
+                    same.insert(p);
+                }
+            }
+        }
+        if probes.is_empty() {
+            return Ok(same);
+        }
+        let probe = consumer_config(&self.shared.cfg.kafka, &self.shared.cfg.consumer, &self.name)
+            .create_with_context::<_, BaseConsumer<QuietEof>>(QuietEof)?;
+        let (owned, at) = (
+            topic.to_owned(),
+            probes.iter().map(|&(p, start, _)| (p, start)).collect::<Vec<_>>(),
+        );
         let found = tokio::task::spawn_blocking(move || {
-            read_one(&probe, &owned, partition, start, Duration::from_secs(10))
+            read_first(&probe, &owned, &at, Duration::from_secs(10))
         })
         .await
         .map_err(|_| KafkaError::Canceled)?;
-        let same = match found {
-            Ok(Some((offset, ts))) if offset == start => ts == Some(timestamp),
-            // Expired or compacted away, later records kept: the same log, shortened.
-            Ok(Some((offset, _))) => offset > start,
-            Ok(None) => false,
+        let found = match found {
+            Ok(found) => found,
             Err(e) => {
-                tracing::warn!(dataset = %self.name, topic, partition, error = %e, "Cannot read the first record of an input partition; assuming its log is the one committed against");
-                true
+                tracing::warn!(dataset = %self.name, topic, error = %e, "Cannot read the first records of the input partitions; assuming their logs are the ones committed against");
+                same.extend(probes.iter().map(|&(p, _, _)| p));
+                return Ok(same);
             }
         };
-        if !same {
-            let committed = self.offsets.get(&key).copied().unwrap_or(0);
-            self.log_reset(topic, partition, committed, start);
-            self.starts.remove(&key);
+        for (p, start, timestamp) in probes {
+            let is_same = match found.get(&p).copied().flatten() {
+                Some((offset, ts)) if offset == start => ts == Some(timestamp),
+                // Expired or compacted away, later records kept: the same log, shortened.
+                Some((offset, _)) => offset > start,
+                None => false,
+            };
+            if is_same {
+                same.insert(p);
+            } else {
+                let key = tp(topic, p);
+                let committed = self.offsets.get(&key).copied().unwrap_or(0);
+                self.log_reset(topic, p, committed, start);
+                self.starts.remove(&key);
+            }
         }
         Ok(same)
     }
@@ -1882,38 +1903,53 @@ fn consumer_config(
     cfg
 }
 
-/// The first record of `topic`/`partition` at or after `offset`: its offset and timestamp;
-/// `None` when the partition ends before it.
-fn read_one(
+/// A record's offset and timestamp (ms).
+type FirstRecord = (i64, Option<i64>);
+
+/// The first record of each partition of `topic` at or after its offset in `at`: its offset
+/// and timestamp, or `None` when the partition ends before it. One read for every partition.
+fn read_first(
     consumer: &BaseConsumer<QuietEof>,
     topic: &str,
-    partition: i32,
-    offset: i64,
+    at: &[(i32, i64)],
     timeout: Duration,
-) -> Result<Option<(i64, Option<i64>)>, KafkaError> {
-    // Past the end, some brokers (tansu) answer nothing rather than "out of range".
-    let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
-    if high <= offset {
-        return Ok(None);
-    }
+) -> Result<HashMap<i32, Option<FirstRecord>>, KafkaError> {
+    let mut found = HashMap::new();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    for &(partition, offset) in at {
+        // Past the end, some brokers (tansu) answer nothing rather than "out of range".
+        let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        if high <= offset {
+            found.insert(partition, None);
+        } else {
+            tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        }
+    }
+    let mut waiting = tpl.count();
+    if waiting == 0 {
+        return Ok(found);
+    }
     consumer.assign(&tpl)?;
     let deadline = Instant::now() + timeout;
-    loop {
+    while waiting > 0 {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(KafkaError::MessageConsumption(
                 rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
             ));
         }
-        match consumer.poll(left.min(Duration::from_millis(500))) {
-            Some(Ok(m)) => return Ok(Some((m.offset(), m.timestamp().to_millis()))),
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+        let (partition, first) = match consumer.poll(left.min(Duration::from_millis(500))) {
+            Some(Ok(m)) => (m.partition(), Some((m.offset(), m.timestamp().to_millis()))),
+            Some(Err(KafkaError::PartitionEOF(partition))) => (partition, None),
             Some(Err(e)) => return Err(e),
-            None => {}
+            None => continue,
+        };
+        if let std::collections::hash_map::Entry::Vacant(v) = found.entry(partition) {
+            v.insert(first);
+            waiting -= 1;
         }
     }
+    Ok(found)
 }
 
 async fn wait_for_partitions(
