@@ -295,8 +295,10 @@ async fn a_commit_whose_reply_is_lost_keeps_its_files() {
 
 /// A labeler whose committed position is inside a record batch (a restart after a commit
 /// made mid-batch): the embedded broker answers a fetch from there with the batches after it,
-/// here none, so without reading again from further back the rest of the batch is never read
-/// and its examples never written.
+/// so without reading again from further back the rest of the batch is never read and its
+/// examples never written. Reading again must not be taken for a lost log either: records of
+/// the read a rewind replaced can come after it, and the labeler once reported those as "the
+/// broker lost its log" and read their batch again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
     use feedloop_integration_tests::{TestRegistry, kafka, labeler::T0};
@@ -318,7 +320,7 @@ async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
     .await
     .expect("topics");
     let schemas = labeler::event_schemas(&registry.client(), &events_topic).await;
-    let mut events: Vec<labeler::Ev> = (0..6)
+    let mut events: Vec<labeler::Ev> = (0..12)
         .map(|i| {
             labeler::Ev::Impression(labeler::Imp {
                 event_id: uuid::Uuid::new_v4(),
@@ -338,25 +340,28 @@ async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
         rows: Vec::new(),
         impressions: Vec::new(),
     };
-    // One batch of seven records.
+    // Three batches: six impressions, six more, and the clock.
     let producer: FutureProducer = kafka()
         .client_config("mid-batch-test")
         .set("linger.ms", "500")
         .set("compression.type", "lz4")
         .create()
         .expect("producer");
-    let mut sends = Vec::new();
-    for (_, value) in labeler::encoded(&scenario, &schemas) {
-        sends.push(
-            producer
-                .send_result(FutureRecord::to(&events_topic).key("k").payload(&value))
-                .unwrap_or_else(|(e, _)| panic!("enqueue: {e}")),
-        );
-    }
-    for s in sends {
-        s.await
-            .expect("delivered")
-            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    let encoded = labeler::encoded(&scenario, &schemas);
+    for batch in encoded.chunks(6) {
+        let mut sends = Vec::new();
+        for (_, value) in batch {
+            sends.push(
+                producer
+                    .send_result(FutureRecord::to(&events_topic).key("k").payload(value))
+                    .unwrap_or_else(|(e, _)| panic!("enqueue: {e}")),
+            );
+        }
+        for s in sends {
+            s.await
+                .expect("delivered")
+                .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+        }
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -391,7 +396,7 @@ async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
     let running = feedloop_labeler::start(cfg, shutdown.clone())
         .await
         .expect("start");
-    labeler::wait_rows(&control, &dataset, 3, Duration::from_secs(60)).await;
+    labeler::wait_rows(&control, &dataset, 9, Duration::from_secs(60)).await;
     let data = labeler::read_dataset(&root, &dataset);
     let mut viewers: Vec<&str> = data["rows"]
         .as_array()
@@ -400,7 +405,33 @@ async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
         .filter_map(|r| r["viewer_id"].as_str())
         .collect();
     viewers.sort_unstable();
-    assert_eq!(viewers, ["v3", "v4", "v5"], "{data}");
+    assert_eq!(
+        viewers,
+        ["v10", "v11", "v3", "v4", "v5", "v6", "v7", "v8", "v9"],
+        "{data}"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", running.addr))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let of_dataset = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(&format!("dataset=\"{dataset}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        of_dataset("feedloop_labeler_offset_rewinds_total") > 0.0,
+        "the read started inside the batch and was not read again: {metrics}"
+    );
+    assert_eq!(
+        of_dataset("feedloop_labeler_log_resets_total"),
+        0.0,
+        "reading the batch again was reported as a lost log"
+    );
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }

@@ -848,11 +848,18 @@ impl Pipeline {
         if probes.is_empty() {
             return Ok(same);
         }
-        let probe = consumer_config(&self.shared.cfg.kafka, &self.shared.cfg.consumer, &self.name)
-            .create_with_context::<_, BaseConsumer<QuietEof>>(QuietEof)?;
+        let probe = consumer_config(
+            &self.shared.cfg.kafka,
+            &self.shared.cfg.consumer,
+            &self.name,
+        )
+        .create_with_context::<_, BaseConsumer<QuietEof>>(QuietEof)?;
         let (owned, at) = (
             topic.to_owned(),
-            probes.iter().map(|&(p, start, _)| (p, start)).collect::<Vec<_>>(),
+            probes
+                .iter()
+                .map(|&(p, start, _)| (p, start))
+                .collect::<Vec<_>>(),
         );
         let found = tokio::task::spawn_blocking(move || {
             read_first(&probe, &owned, &at, Duration::from_secs(10))
