@@ -416,13 +416,10 @@ async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
         .text()
         .await
         .expect("metrics body");
-    let of_dataset = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name) && l.contains(&format!("dataset=\"{dataset}\"")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    // Other tests' labelers report to the same recorder: this dataset's series only.
+    let label = format!("dataset=\"{dataset}\"");
+    let mine: Vec<&str> = metrics.lines().filter(|l| l.contains(&label)).collect();
+    let of_dataset = |name: &str| feedloop::demo::report::metric_sum(&mine.join("\n"), name);
     assert!(
         of_dataset("feedloop_labeler_offset_rewinds_total") > 0.0,
         "the read started inside the batch and was not read again: {metrics}"
