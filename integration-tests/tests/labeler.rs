@@ -981,3 +981,142 @@ async fn an_erasure_racing_a_commit_leaves_none_of_the_users_examples_on_the_lab
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }
+
+/// Files under `dir` whose bytes contain `needle`.
+fn files_naming(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let bytes = std::fs::read(e.path()).unwrap_or_default();
+        if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
+
+/// Records of `topic` the dataset's committed position is past (the sum of its next offsets).
+async fn events_committed(control: &PgPool, dataset: &str, topic: &str) -> i64 {
+    let offsets: Option<String> =
+        sqlx::query_scalar("SELECT offsets FROM labeler.positions WHERE dataset = $1")
+            .bind(dataset)
+            .fetch_optional(control)
+            .await
+            .expect("position");
+    let offsets: std::collections::BTreeMap<String, i64> =
+        serde_json::from_str(&offsets.unwrap_or_else(|| "{}".into())).expect("offsets");
+    offsets
+        .iter()
+        .filter(|(tp, _)| tp.rsplit_once('/').is_some_and(|(t, _)| t == topic))
+        .map(|(_, next)| next)
+        .sum()
+}
+
+/// Local join state labels like every store, and erasure reaches it: once a user is on the
+/// suppression list, the labeler purges them from its memory and commits a snapshot that
+/// supersedes every segment naming them (the eraser's `join_state` target waits for exactly
+/// this), the user's records still in the log never get back in, and a restart restores a
+/// state without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_user_leaves_the_local_join_state_and_every_checkpoint() {
+    let scenario = labeler::scenario(29, 300);
+    let cdc = TestCdc::start_with(|_| async {}, |_| {}).await;
+    labeler::insert_rows(&cdc.source, &scenario).await;
+    let events_topic = format!("{}.events", cdc.config.topics.prefix);
+    labeler::publish_events(&cdc.registry.client(), &events_topic, &scenario).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = format!("local_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let spec = labeler::spec_file(dir.path(), &dataset);
+    let root = dir.path().join("datasets");
+    let mut cfg = labeler::config(
+        &cdc.registry,
+        &spec,
+        &events_topic,
+        &cdc.config.topics.prefix,
+        &root,
+    )
+    .await;
+    cfg.state.store = feedloop_labeler::config::StoreKind::Local;
+    let control = PgPool::connect(cfg.control.url.expose())
+        .await
+        .expect("control");
+    let total = scenario.impressions.len() as i64;
+    let stop = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg.clone(), stop.clone())
+        .await
+        .expect("labeler");
+    labeler::wait_rows(&control, &dataset, total, Duration::from_secs(120)).await;
+    check_rows(&scenario, &labeler::read_dataset(&root, &dataset));
+
+    let user = scenario.impressions[0].viewer.clone();
+    let state_dir = root.join("_state").join(&dataset);
+    assert!(
+        !files_naming(&state_dir, &user).is_empty(),
+        "the checkpoint holds the user's join state before the erasure"
+    );
+    feedloop_labeler::erasure::suppress(&control, std::slice::from_ref(&user))
+        .await
+        .expect("suppress");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let behind =
+            feedloop_labeler::erasure::local_state_behind(&control, std::slice::from_ref(&user))
+                .await
+                .expect("behind")
+                .expect("the user is suppressed");
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint without the user: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The superseded segments go right after the commit that recorded the snapshot.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !files_naming(&state_dir, &user).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segments still name the erased user: {:?}",
+            files_naming(&state_dir, &user)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The user's impressions read again (a producer's retry, a replay): they stay out.
+    let again = Scenario {
+        events: scenario
+            .events
+            .iter()
+            .filter(|e| matches!(e, labeler::Ev::Impression(i) if i.viewer == user))
+            .cloned()
+            .collect(),
+        rows: Vec::new(),
+        impressions: Vec::new(),
+    };
+    assert!(!again.events.is_empty());
+    labeler::publish_events(&cdc.registry.client(), &events_topic, &again).await;
+    let published = (scenario.events.len() + again.events.len()) as i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while events_committed(&control, &dataset, &events_topic).await < published {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the labeler did not commit the records read again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(files_naming(&state_dir, &user), Vec::<String>::new());
+
+    // A restart restores the checkpoint, which does not name the user.
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    let stop = CancellationToken::new();
+    let running = feedloop_labeler::start(cfg.clone(), stop.clone())
+        .await
+        .expect("labeler");
+    labeler::wait_rows(&control, &dataset, total, Duration::from_secs(60)).await;
+    assert_eq!(files_naming(&state_dir, &user), Vec::<String>::new());
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    cdc.cleanup().await;
+}

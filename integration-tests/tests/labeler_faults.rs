@@ -80,6 +80,17 @@ async fn prepared(seed: u64, matches: usize) -> (Scenario, TestCdc, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labeler_killed_mid_run_writes_the_same_dataset_as_an_uninterrupted_run() {
+    killed_mid_run("postgres").await;
+}
+
+/// The same with local join state: the restarted labeler has nothing but its checkpoint
+/// (segments written with each commit, snapshots among them) and the log after its offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labeler_with_local_state_killed_mid_run_restores_its_checkpoint() {
+    killed_mid_run("local").await;
+}
+
+async fn killed_mid_run(store: &str) {
     let (scenario, cdc, events_topic) = prepared(11, 1200).await;
     let total = scenario.impressions.len() as i64;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -117,7 +128,7 @@ async fn labeler_killed_mid_run_writes_the_same_dataset_as_an_uninterrupted_run(
         format!(
             "[specs]\nfiles = [\"{spec}\"]\n[inputs]\nevents_topic = \"{events_topic}\"\ncdc_prefix = \"{prefix}\"\n\
              [datasets]\nroot = \"{root}\"\ncommit_interval_ms = 50\ncommit_max_rows = 100\n\
-             [kafka]\nbootstrap = \"{bootstrap}\"\n\
+             [state]\nstore = \"{store}\"\n[kafka]\nbootstrap = \"{bootstrap}\"\n\
              [registry]\nurl = \"{registry}\"\nuser = \"{user}\"\npassword = \"{password}\"\n\
              [control]\nurl = \"{control}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
             root = killed_root.display(),
@@ -147,6 +158,28 @@ async fn labeler_killed_mid_run_writes_the_same_dataset_as_an_uninterrupted_run(
     first.kill();
     let _second = spawn();
     labeler::wait_rows(&control, &killed, total, Duration::from_secs(120)).await;
+    let checkpoint: Option<String> =
+        sqlx::query_scalar("SELECT checkpoint FROM labeler.positions WHERE dataset = $1")
+            .bind(&killed)
+            .fetch_one(&control)
+            .await
+            .expect("position");
+    if store == "local" {
+        let checkpoint: Value =
+            serde_json::from_str(&checkpoint.expect("a checkpoint")).expect("checkpoint JSON");
+        let segments = checkpoint["segments"].as_array().expect("segments");
+        assert!(!segments.is_empty(), "{checkpoint}");
+        for s in segments {
+            let path = killed_root.join(s["path"].as_str().expect("path"));
+            assert!(
+                path.exists(),
+                "checkpoint segment {} is missing",
+                path.display()
+            );
+        }
+    } else {
+        assert_eq!(checkpoint, None, "a shared store writes no checkpoint");
+    }
     let got = rows_by_impression(&labeler::read_dataset(&killed_root, &killed));
     assert_eq!(got.len(), expected.len(), "no gaps, no duplicates");
     for (id, row) in &expected {

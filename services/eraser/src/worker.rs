@@ -29,6 +29,10 @@ use crate::{
     store::{self, StoreError, TARGETS},
 };
 
+/// How long one attempt of the `join_state` target waits for labelers with local state to
+/// commit a checkpoint without the users (they look at every commit interval).
+const LOCAL_STATE_WAIT: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct Worker {
     pub cfg: Arc<Config>,
@@ -257,14 +261,7 @@ impl Worker {
                     }),
                 ))
             }
-            "join_state" => {
-                let n = self
-                    .state
-                    .purge_users(users)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok((n as i64, json!({ "entries_removed": n })))
-            }
+            "join_state" => self.purge_join_state(users).await,
             "datasets" => self.rewrite_datasets(id, users).await,
             "labels_topic" => self.tombstone_labels(id, users).await,
             "tombstones" => self.tombstones(users).await,
@@ -354,6 +351,41 @@ impl Worker {
     async fn suppress(&self, users: &[String]) -> Result<Done, sqlx::Error> {
         let n = erasure::suppress(&self.control, users).await?;
         Ok((users.len() as i64, json!({ "newly_suppressed": n })))
+    }
+
+    /// Purges the users from a shared join-state store, then waits until every dataset
+    /// whose labeler keeps local state has committed a checkpoint without them (each purges
+    /// the users above its checkpoint's suppression seq at its next commit).
+    async fn purge_join_state(&self, users: &[String]) -> Result<Done, String> {
+        let shared = if self.state.local().is_none() {
+            self.state
+                .purge_users(users)
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            0
+        };
+        let deadline = tokio::time::Instant::now() + LOCAL_STATE_WAIT;
+        loop {
+            let behind = erasure::local_state_behind(&self.control, users)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the users are not on the suppression list")?;
+            if behind.is_empty() {
+                return Ok((
+                    shared as i64,
+                    json!({ "entries_removed": shared, "local_state_checkpoints": "purged" }),
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the local join state of dataset(s) {} has no checkpoint without the users yet: \
+                     their labeler purges them at its next commit (is it running?)",
+                    behind.join(", ")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     async fn rewrite_datasets(&self, id: Uuid, users: &[String]) -> Result<Done, String> {

@@ -330,8 +330,8 @@ enum BenchScenario {
         /// Rows per Parquet-write repetition.
         #[arg(long, default_value_t = 1_000_000)]
         parquet_rows: usize,
-        /// Join-state stores to measure (postgres, memory).
-        #[arg(long, value_delimiter = ',', default_value = "postgres,memory")]
+        /// Join-state stores to measure (postgres, local).
+        #[arg(long, value_delimiter = ',', default_value = "postgres,local")]
         stores: Vec<String>,
         #[arg(long, default_value = "bench-results/labeler.json")]
         out: PathBuf,
@@ -635,9 +635,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|s| match s.as_str() {
                         "postgres" => Ok(feedloop_labeler::config::StoreKind::Postgres),
-                        "memory" => Ok(feedloop_labeler::config::StoreKind::Memory),
+                        "local" | "memory" => Ok(feedloop_labeler::config::StoreKind::Local),
                         other => Err(anyhow::anyhow!(
-                            "--stores: unknown store {other} (postgres, memory)"
+                            "--stores: unknown store {other} (postgres, local)"
                         )),
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;

@@ -96,7 +96,7 @@ fn bench_labeler_reports_events_per_second_against_duckdb() {
             "--parquet-rows",
             "20000",
             "--stores",
-            "memory",
+            "local",
         ],
         &out,
     );

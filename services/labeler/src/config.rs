@@ -64,9 +64,11 @@ pub struct DatasetsConfig {
 pub enum StoreKind {
     Postgres,
     Scylla,
-    /// Not durable: a restart loses join state that the committed offsets do not replay.
-    /// For benchmarks and tests only.
-    Memory,
+    /// In the labeler's memory, made durable by checkpoints committed with the offsets
+    /// (segments under `<datasets.root>/_state/`). The eraser cannot reach it; see the
+    /// README's erasure section. `memory` is the name earlier versions gave it.
+    #[serde(alias = "memory")]
+    Local,
 }
 
 #[derive(Debug, Clone, Deserialize)]

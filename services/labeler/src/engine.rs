@@ -63,8 +63,9 @@ use crate::{
     observability::{self, RecordCounts, RecordKind},
     spec::{Label, LatePolicy, TYPED_OUTCOMES},
     state::{
-        CloseCursor, Emission, Emitted, StateError, StateStore, StoredImpression, decode_emissions,
-        encode_emissions,
+        CloseCursor, Emission, Emitted, StateError, StateStore, StoredImpression,
+        checkpoint::{self, Checkpoint, Segment, SegmentRef},
+        decode_emissions, encode_emissions,
     },
     window::{Compiled, Outcome, Scalar, SourceRef, Watermarks, match_key, tp},
 };
@@ -94,6 +95,16 @@ pub enum EngineError {
         committed: String,
         configured: String,
     },
+    #[error(
+        "dataset {dataset} was committed with its join state in {committed}, but the configured \
+         state.store keeps it in {configured}: set state.store back, or rebuild the dataset with \
+         `feedloop replay`"
+    )]
+    StoreChanged {
+        dataset: String,
+        committed: &'static str,
+        configured: &'static str,
+    },
     #[error("another labeler holds dataset {0}; waiting for it to stop")]
     Locked(String),
     #[error("input topic {0} does not exist (is cdc running with the same prefix?)")]
@@ -118,7 +129,8 @@ impl Classify for EngineError {
             | Self::Dataset(_)
             | Self::Codec(_)
             | Self::Position { .. }
-            | Self::SpecChanged { .. } => ErrorClass::Internal,
+            | Self::SpecChanged { .. }
+            | Self::StoreChanged { .. } => ErrorClass::Internal,
         }
     }
 }
@@ -480,6 +492,11 @@ pub(crate) async fn session(
             return Ok(());
         }
         let due = tokio::time::Instant::now() >= next_commit;
+        if due {
+            // An erasure is progress: an idle labeler with local state still commits a
+            // snapshot without the users.
+            p.poll_suppressions().await?;
+        }
         // Caught up with every input: commit now rather than at the next interval, so that a
         // quiet log does not hold finished examples back.
         let caught_up = since_advance == 0 && p.watermarks.all_at_end() && p.has_work();
@@ -506,7 +523,14 @@ struct Position {
     emitted: CloseCursor,
     held: Vec<Held>,
     late: BTreeMap<String, i64>,
+    /// The local join state's checkpoint (JSON), `None` if the state is in a shared store.
+    checkpoint: Option<String>,
+    suppression_through: i64,
 }
+
+/// Where a local join state is said to be, and a shared one, in errors.
+const LOCAL_STATE: &str = "local memory with checkpoints";
+const SHARED_STATE: &str = "a shared store (postgres or scylla)";
 
 /// Records read past a late impression before it is emitted: the outcomes a phone sent with
 /// it (the same batch, published together) are read by then. Its partition read to its end
@@ -576,6 +600,15 @@ struct Pipeline {
     late: BTreeMap<String, i64>,
     /// Records handled since they were last reported to the metrics registry.
     records: RecordCounts,
+    /// The committed checkpoint of the local join state; `None` when the state is in a shared
+    /// store.
+    checkpoint: Option<Checkpoint>,
+    /// Local state: the users on the suppression list (never let into the state), through
+    /// which `seq` of the list, and whether the next segment must be a snapshot because users
+    /// were purged that earlier segments may name.
+    suppressed: HashSet<String>,
+    suppression_through: i64,
+    snapshot_due: bool,
 }
 
 impl Pipeline {
@@ -583,7 +616,8 @@ impl Pipeline {
         let name = dataset.name().to_owned();
         let row = sqlx::query(
             "SELECT spec_hash, seq, offsets, starts, watermarks, emitted_through_ms,
-                    emitted_through_id::text AS emitted_through_id, held, late
+                    emitted_through_id::text AS emitted_through_id, held, late, checkpoint,
+                    suppression_through
              FROM labeler.positions WHERE dataset = $1",
         )
         .bind(&name)
@@ -598,6 +632,8 @@ impl Pipeline {
                 emitted: CloseCursor::after(i64::MIN),
                 held: Vec::new(),
                 late: BTreeMap::new(),
+                checkpoint: None,
+                suppression_through: 0,
             },
             Some(r) => {
                 let committed: String = r.try_get("spec_hash")?;
@@ -628,6 +664,8 @@ impl Pipeline {
                     held: serde_json::from_str(&r.try_get::<String, _>("held")?)
                         .map_err(position_err)?,
                     late: parse(r.try_get("late")?)?,
+                    checkpoint: r.try_get("checkpoint")?,
+                    suppression_through: r.try_get("suppression_through")?,
                     emitted: CloseCursor {
                         close_ms: r.try_get("emitted_through_ms")?,
                         example_id: Uuid::parse_str(&r.try_get::<String, _>("emitted_through_id")?)
@@ -641,7 +679,7 @@ impl Pipeline {
         };
         let mut watermarks = Watermarks::default();
         watermarks.restore(position.watermarks);
-        let p = Self {
+        let mut p = Self {
             shared,
             dataset,
             name,
@@ -665,13 +703,170 @@ impl Pipeline {
             touched: Vec::new(),
             late: position.late,
             records: RecordCounts::default(),
+            checkpoint: None,
+            suppressed: HashSet::new(),
+            suppression_through: position.suppression_through,
+            snapshot_due: false,
         };
+        p.checkpoint = p.restore(position.checkpoint).await?;
+        if p.checkpoint.is_some() {
+            p.load_suppressed().await?;
+        }
         p.clean_uncommitted().await?;
         p.apply_outbox().await?;
         if p.shared.mode.publishes() {
             publish_pending(&p.shared, Some(&p.name)).await?;
         }
         Ok(p)
+    }
+
+    /// A local join state: forgets what this process holds of the dataset and reads the
+    /// committed checkpoint back, so the state is exactly what the committed offsets follow
+    /// (whatever an earlier session of this process wrote since is replayed from the log). A
+    /// shared store needs nothing. A dataset committed with the other kind of store is refused:
+    /// its state is not where the configured store looks.
+    async fn restore(&self, committed: Option<String>) -> Result<Option<Checkpoint>, EngineError> {
+        let changed = |committed, configured| EngineError::StoreChanged {
+            dataset: self.name.clone(),
+            committed,
+            configured,
+        };
+        let Some(local) = self.shared.state.local() else {
+            return match committed {
+                None => Ok(None),
+                Some(_) => Err(changed(LOCAL_STATE, SHARED_STATE)),
+            };
+        };
+        let checkpoint = match committed {
+            None if self.seq > 0 => return Err(changed(SHARED_STATE, LOCAL_STATE)),
+            None => Checkpoint::default(),
+            Some(text) => serde_json::from_str(&text).map_err(|e| EngineError::Position {
+                dataset: self.name.clone(),
+                message: format!("checkpoint: {e}"),
+            })?,
+        };
+        let started = Instant::now();
+        local.reset(&self.name);
+        let mut bytes_read = 0;
+        for s in &checkpoint.segments {
+            let bytes = self.shared.root.get(&s.path).await?;
+            if dataset::sha256_hex(&bytes) != s.sha256 {
+                return Err(EngineError::Position {
+                    dataset: self.name.clone(),
+                    message: format!("state segment {} does not match its checksum", s.path),
+                });
+            }
+            bytes_read += bytes.len();
+            let segment = tokio::task::block_in_place(|| Segment::decode(&bytes))?;
+            local.apply(&self.name, segment);
+        }
+        tracing::info!(
+            dataset = %self.name,
+            segments = checkpoint.segments.len(),
+            bytes = bytes_read,
+            entries = local.live(&self.name),
+            ms = started.elapsed().as_millis() as u64,
+            "Join state restored from its checkpoint"
+        );
+        Ok(Some(checkpoint))
+    }
+
+    /// Local state: reads the whole suppression list, and purges the users suppressed since
+    /// the checkpoint was committed (its segments may name them: the next one is a snapshot).
+    async fn load_suppressed(&mut self) -> Result<(), EngineError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT user_id, seq FROM collector.suppressed_users")
+                .fetch_all(&self.shared.control)
+                .await?;
+        let committed = self.suppression_through;
+        let mut new = Vec::new();
+        for (user, seq) in rows {
+            if seq > committed {
+                new.push(user.clone());
+            }
+            self.suppression_through = self.suppression_through.max(seq);
+            self.suppressed.insert(user);
+        }
+        self.purge(&new).await
+    }
+
+    /// Local state: takes the users suppressed since the last look on the list and out of the
+    /// state.
+    async fn poll_suppressions(&mut self) -> Result<(), EngineError> {
+        if self.checkpoint.is_none() {
+            return Ok(());
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT user_id, seq FROM collector.suppressed_users WHERE seq > $1 ORDER BY seq",
+        )
+        .bind(self.suppression_through)
+        .fetch_all(&self.shared.control)
+        .await?;
+        let mut new = Vec::with_capacity(rows.len());
+        for (user, seq) in rows {
+            self.suppression_through = self.suppression_through.max(seq);
+            self.suppressed.insert(user.clone());
+            new.push(user);
+        }
+        self.purge(&new).await
+    }
+
+    /// Purges newly suppressed users from the local state; the next segment is then a
+    /// snapshot, which supersedes every segment that may name them.
+    async fn purge(&mut self, users: &[String]) -> Result<(), EngineError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let pending = self.pending_impressions.len() + self.pending_outcomes.len();
+        self.pending_impressions.retain(|i| {
+            !users.contains(&i.impression.viewer_id) && !users.contains(&i.impression.candidate_id)
+        });
+        self.pending_outcomes
+            .retain(|o| !o.users.iter().any(|u| users.contains(u)));
+        let purged = self.shared.state.purge_users(users).await?;
+        let dropped = pending - self.pending_impressions.len() - self.pending_outcomes.len();
+        tracing::info!(
+            dataset = %self.name,
+            users = users.len(),
+            entries = purged + dropped as u64,
+            "Erased users purged from the local join state; the next checkpoint is a snapshot"
+        );
+        self.snapshot_due = true;
+        Ok(())
+    }
+
+    /// The local join state's changes since the last commit as a new segment, written next to
+    /// the commit's files (a snapshot of the whole state when the segments grew too many or
+    /// too heavy), with what the commit emits; returns the checkpoint once the commit records
+    /// it and the segments that then go. `None` when the state is in a shared store.
+    async fn write_segment(
+        &self,
+        emitted: &[Emitted],
+        written: &mut Vec<String>,
+    ) -> Result<Option<(Checkpoint, Vec<SegmentRef>, bool)>, EngineError> {
+        let (Some(local), Some(committed)) = (self.shared.state.local(), &self.checkpoint) else {
+            return Ok(None);
+        };
+        let full = self.snapshot_due || committed.wants_snapshot(local.live(&self.name));
+        let mut segment = local.take(&self.name, full);
+        if segment.is_empty() && emitted.is_empty() {
+            return Ok(Some((committed.clone(), Vec::new(), false)));
+        }
+        segment.emitted = emitted.to_vec();
+        let rows = segment.rows();
+        let bytes = tokio::task::block_in_place(|| segment.encode())?;
+        let rel = checkpoint::segment_rel(&self.name, self.seq + 1);
+        let r = SegmentRef {
+            path: rel.clone(),
+            sha256: dataset::sha256_hex(&bytes),
+            rows,
+        };
+        let size = bytes.len();
+        self.shared.root.put(&rel, bytes).await?;
+        written.push(rel);
+        tracing::debug!(dataset = %self.name, full, rows, bytes = size, "Commit: state segment written");
+        let (next, gone) = committed.with(r, full);
+        Ok(Some((next, gone, full)))
     }
 
     /// Deletes data files no committed partition version references, left by a commit that
@@ -736,6 +931,27 @@ impl Pipeline {
         if removed > 0 {
             tracing::info!(dataset = %self.name, files = removed, "Removed files of an unfinished commit");
         }
+        // State segments no committed checkpoint lists: of a commit that did not go through,
+        // or superseded by a snapshot and not deleted yet. Only this dataset's labeler (which
+        // holds its lock) writes them, so none can be about to commit.
+        if let Some(checkpoint) = &self.checkpoint {
+            let keep: HashSet<&str> = checkpoint
+                .segments
+                .iter()
+                .map(|s| s.path.as_str())
+                .collect();
+            let dir = checkpoint::segments_dir(&self.name);
+            let mut removed = 0;
+            for rel in self.shared.root.list(&dir).await? {
+                if !keep.contains(rel.as_str()) {
+                    self.shared.root.delete(&rel).await?;
+                    removed += 1;
+                }
+            }
+            if removed > 0 {
+                tracing::info!(dataset = %self.name, files = removed, "Removed state segments no checkpoint lists");
+            }
+        }
         Ok(())
     }
 
@@ -766,6 +982,10 @@ impl Pipeline {
     async fn emitted_recorded(&self, seq: i64, emitted: &[Emitted]) -> Result<(), EngineError> {
         for chunk in emitted.chunks(2000) {
             self.shared.state.put_emitted(&self.name, chunk).await?;
+        }
+        if self.checkpoint.is_some() {
+            // The commit's state segment carries them; it wrote no outbox entry.
+            return Ok(());
         }
         sqlx::query("DELETE FROM labeler.emission_outbox WHERE dataset = $1 AND seq <= $2")
             .bind(&self.name)
@@ -899,7 +1119,7 @@ impl Pipeline {
     }
 
     fn has_progress(&self) -> bool {
-        self.has_work() || !self.batch_start.is_empty()
+        self.has_work() || !self.batch_start.is_empty() || self.snapshot_due
     }
 
     /// Reports an input partition that went back behind the committed position: a log lost
@@ -1210,6 +1430,16 @@ impl Pipeline {
     }
 
     async fn flush(&mut self) -> Result<(), EngineError> {
+        if !self.suppressed.is_empty() {
+            // Local state never takes a suppressed user in, whatever the log still holds.
+            let erased = &self.suppressed;
+            self.pending_impressions.retain(|i| {
+                !erased.contains(&i.impression.viewer_id)
+                    && !erased.contains(&i.impression.candidate_id)
+            });
+            self.pending_outcomes
+                .retain(|o| !o.users.iter().any(|u| erased.contains(u)));
+        }
         if !self.pending_impressions.is_empty() {
             self.shared
                 .state
@@ -1454,6 +1684,7 @@ impl Pipeline {
     /// Writes the waiting examples and commits them with the position they cover;
     /// `release_all` emits every held late impression (the last commit of a session).
     async fn commit(&mut self, release_all: bool) -> Result<(), EngineError> {
+        self.poll_suppressions().await?;
         if !self.has_progress() {
             return Ok(());
         }
@@ -1510,8 +1741,24 @@ impl Pipeline {
             })
             .collect();
         let mut written: Vec<String> = Vec::new();
+        let segment = match self.write_segment(&emitted, &mut written).await {
+            Ok(segment) => segment,
+            Err(e) => {
+                for rel in &written {
+                    let _ = root.delete(rel).await;
+                }
+                return Err(e);
+            }
+        };
         let recorded = self
-            .record(&by_partition, users, &emitted, &shared, &mut written)
+            .record(
+                &by_partition,
+                users,
+                &emitted,
+                segment.as_ref().map(|(next, _, _)| next),
+                &shared,
+                &mut written,
+            )
             .await;
         let manifests = match recorded {
             Ok(manifests) => manifests,
@@ -1556,6 +1803,17 @@ impl Pipeline {
         }
         self.seq += 1;
         self.batch_start.clear();
+        if let Some((next, gone, full)) = segment {
+            self.checkpoint = Some(next);
+            if full {
+                self.snapshot_due = false;
+            }
+            for s in gone {
+                if let Err(e) = root.delete(&s.path).await {
+                    tracing::warn!(dataset = %self.name, segment = %s.path, error = %e, "Could not delete a superseded state segment; the next start does");
+                }
+            }
+        }
         let rows: usize = by_partition.values().map(Vec::len).sum();
         if !emitted.is_empty() {
             self.emitted_recorded(self.seq, &emitted).await?;
@@ -1596,11 +1854,12 @@ impl Pipeline {
         by_partition: &BTreeMap<String, Vec<Example>>,
         users: Vec<(String, String)>,
         emitted: &[Emitted],
+        checkpoint: Option<&Checkpoint>,
         shared: &Shared,
         written: &mut Vec<String>,
     ) -> Result<Vec<Manifest>, Recorded> {
         let (tx, manifests) = self
-            .record_until_commit(by_partition, users, emitted, shared, written)
+            .record_until_commit(by_partition, users, emitted, checkpoint, shared, written)
             .await
             .map_err(Recorded::Not)?;
         match tx.commit().await {
@@ -1615,6 +1874,7 @@ impl Pipeline {
         by_partition: &BTreeMap<String, Vec<Example>>,
         users: Vec<(String, String)>,
         emitted: &[Emitted],
+        checkpoint: Option<&Checkpoint>,
         shared: &Shared,
         written: &mut Vec<String>,
     ) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, Vec<Manifest>), EngineError> {
@@ -1634,6 +1894,17 @@ impl Pipeline {
         let user_ids: Vec<String> = users.iter().map(|(u, _)| u.clone()).collect();
         if !erasure::erased_among(&mut *tx, &user_ids).await?.is_empty() {
             return Err(EngineError::ErasureRaced(self.name.clone()));
+        }
+        // A local state's segment was written without the users suppressed through
+        // `suppression_through`; one suppressed since may be in it.
+        if checkpoint.is_some() {
+            let latest: i64 =
+                sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM collector.suppressed_users")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if latest > self.suppression_through {
+                return Err(EngineError::ErasureRaced(self.name.clone()));
+            }
         }
 
         // 2. The Parquet files and the labels topic's records, encoded side by side: the
@@ -1727,7 +1998,9 @@ impl Pipeline {
             .execute(&mut *tx)
             .await?;
         }
-        if !emitted.is_empty() {
+        // A local state's segment carries what the commit emits; a shared store is told after
+        // COMMIT, from this outbox.
+        if !emitted.is_empty() && checkpoint.is_none() {
             sqlx::query(
                 "INSERT INTO labeler.emission_outbox (dataset, seq, emissions) VALUES ($1, $2, $3)",
             )
@@ -1741,13 +2014,14 @@ impl Pipeline {
             |m: &BTreeMap<String, i64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
         let held: Vec<&Held> = self.held.values().collect();
         sqlx::query(
-            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, starts, watermarks, emitted_through_ms, emitted_through_id, held, late)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::uuid, $9, $10)
+            "INSERT INTO labeler.positions (dataset, spec_hash, seq, offsets, starts, watermarks, emitted_through_ms, emitted_through_id, held, late, checkpoint, suppression_through)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::uuid, $9, $10, $11, $12)
              ON CONFLICT (dataset) DO UPDATE SET spec_hash = EXCLUDED.spec_hash, seq = EXCLUDED.seq,
                offsets = EXCLUDED.offsets, starts = EXCLUDED.starts, watermarks = EXCLUDED.watermarks,
                emitted_through_ms = EXCLUDED.emitted_through_ms,
                emitted_through_id = EXCLUDED.emitted_through_id, held = EXCLUDED.held,
-               late = EXCLUDED.late, committed_at = now()",
+               late = EXCLUDED.late, checkpoint = EXCLUDED.checkpoint,
+               suppression_through = EXCLUDED.suppression_through, committed_at = now()",
         )
         .bind(&self.name)
         .bind(&spec.hash)
@@ -1759,6 +2033,13 @@ impl Pipeline {
         .bind(self.emitted.example_id.to_string())
         .bind(serde_json::to_string(&held).map_err(DatasetError::from)?)
         .bind(json(&self.late))
+        .bind(
+            checkpoint
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(DatasetError::from)?,
+        )
+        .bind(self.suppression_through)
         .execute(&mut *tx)
         .await?;
         Ok((tx, manifests))

@@ -60,6 +60,33 @@ pub async fn suppress(control: &PgPool, users: &[String]) -> Result<u64, sqlx::E
     Ok(n)
 }
 
+/// The datasets whose local join state (`state.store = "local"`) may still name one of
+/// `users`: their committed checkpoint was written before the users were suppressed. Each
+/// one's labeler purges them and commits a snapshot without them at its next commit. `None`
+/// when none of `users` is on the suppression list.
+pub async fn local_state_behind(
+    control: &PgPool,
+    users: &[String],
+) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let seq: Option<i64> = sqlx::query_scalar(
+        "SELECT max(seq) FROM collector.suppressed_users WHERE user_id = ANY($1)",
+    )
+    .bind(users)
+    .fetch_one(control)
+    .await?;
+    let Some(seq) = seq else {
+        return Ok(None);
+    };
+    let behind = sqlx::query_scalar(
+        "SELECT dataset FROM labeler.positions
+         WHERE checkpoint IS NOT NULL AND suppression_through < $1 ORDER BY dataset",
+    )
+    .bind(seq)
+    .fetch_all(control)
+    .await?;
+    Ok(Some(behind))
+}
+
 /// Which of `users` are erased (on the suppression list the eraser keeps).
 pub async fn erased_among<'c, E>(conn: E, users: &[String]) -> Result<HashSet<String>, sqlx::Error>
 where

@@ -98,7 +98,7 @@ pub async fn state_store(
 ) -> Result<Arc<dyn StateStore>, StartError> {
     Ok(match state.store {
         StoreKind::Postgres => Arc::new(state::postgres::PostgresStore::new(control.clone())),
-        StoreKind::Memory => Arc::new(state::memory::MemoryStore::default()),
+        StoreKind::Local => Arc::new(state::memory::MemoryStore::default()),
         StoreKind::Scylla => Arc::new(
             state::scylla::ScyllaStore::connect(
                 &state.scylla_nodes,
@@ -197,7 +197,11 @@ pub async fn replay(
             known: specs.iter().map(|s| s.name.clone()).collect(),
         });
     };
-    config.state.store = StoreKind::Postgres;
+    // A shared store would mix the rebuild's state with the live dataset's; local state is the
+    // rebuild's own, checkpointed under its root.
+    if config.state.store != StoreKind::Local {
+        config.state.store = StoreKind::Postgres;
+    }
     config.specs.files = config
         .specs
         .files

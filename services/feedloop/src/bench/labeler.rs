@@ -504,7 +504,7 @@ async fn labeler_config(
 fn store_name(store: StoreKind) -> &'static str {
     match store {
         StoreKind::Postgres => "pg",
-        StoreKind::Memory => "mem",
+        StoreKind::Local => "local",
         StoreKind::Scylla => "scylla",
     }
 }
@@ -830,10 +830,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     ];
     let ends = log_end(&setup.kafka, &inputs)?;
     for &store in &opts.stores {
-        if store == StoreKind::Memory {
-            // Not durable: a restart starts from an empty state.
-            continue;
-        }
         let mut secs = Vec::new();
         let mut backlogs = Vec::new();
         for rep in 0..opts.repetitions {

@@ -39,7 +39,12 @@ fn fail(case: &'static str) -> impl FnOnce(super::StateError) -> ContractFailure
     }
 }
 
-fn impression(n: u128, viewer: &str, candidate: &str, close_ms: i64) -> StoredImpression {
+pub(crate) fn impression(
+    n: u128,
+    viewer: &str,
+    candidate: &str,
+    close_ms: i64,
+) -> StoredImpression {
     StoredImpression {
         example_id: Uuid::from_u128(n),
         close_ms,
@@ -69,7 +74,7 @@ fn impression(n: u128, viewer: &str, candidate: &str, close_ms: i64) -> StoredIm
     }
 }
 
-fn outcome(key: String, name: &str, id: &str, time_ms: i64, users: &[&str]) -> Outcome {
+pub(crate) fn outcome(key: String, name: &str, id: &str, time_ms: i64, users: &[&str]) -> Outcome {
     Outcome {
         name: name.into(),
         id: id.into(),

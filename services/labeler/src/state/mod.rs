@@ -1,12 +1,13 @@
 //! The `StateStore` port: the labeler's join state (impressions waiting for their windows to
-//! close, and outcomes waiting for impressions), with adapters for memory (tests), Postgres
-//! (the default) and ScyllaDB (scale-out). `contract` is the one test suite every adapter
-//! passes.
+//! close, and outcomes waiting for impressions), with adapters for local memory (made durable
+//! by the labeler's [`checkpoint`]s), Postgres (the default) and ScyllaDB. `contract` is the
+//! one test suite every adapter passes.
 //!
 //! Every write is an idempotent upsert keyed by record identity, so that replaying the log
 //! from the last committed offsets over a state that already saw some of it changes nothing.
 //! Deletions happen only for what a committed dataset already covers.
 
+pub mod checkpoint;
 pub mod contract;
 pub mod memory;
 pub mod postgres;
@@ -193,6 +194,28 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// Erasure: deletes every impression and outcome, of every dataset, that names one of
     /// `users`; returns how many entries went.
     async fn purge_users(&self, users: &[String]) -> Result<u64, StateError>;
+
+    /// A store that holds the state in this process, which the labeler then makes durable with
+    /// [`checkpoint`]s; `None` for a store that is durable on its own.
+    fn local(&self) -> Option<&dyn LocalState> {
+        None
+    }
+}
+
+/// Join state held in this process: the labeler resets it and restores it from the committed
+/// checkpoint at every start, and writes what changed into a segment at every commit.
+pub trait LocalState: Send + Sync {
+    /// Forgets `dataset`'s state and its change log.
+    fn reset(&self, dataset: &str);
+
+    /// Applies a segment of the committed checkpoint (in order); leaves no change logged.
+    fn apply(&self, dataset: &str, segment: checkpoint::Segment);
+
+    /// What changed since the last call, or the whole state (`full`); starts a new change log.
+    fn take(&self, dataset: &str, full: bool) -> checkpoint::Segment;
+
+    /// Entries (impressions and outcomes) in `dataset`'s state.
+    fn live(&self, dataset: &str) -> u64;
 }
 
 #[cfg(test)]
