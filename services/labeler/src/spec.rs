@@ -231,7 +231,8 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelSpec {
-    /// Dataset name: `[a-z0-9_]+`; the labels topic is `feedloop.labels.<name>`.
+    /// Dataset name: `[a-z0-9_]+`, not starting with `_`; the labels topic is
+    /// `feedloop.labels.<name>`.
     pub name: String,
     #[serde(default)]
     pub description: String,
@@ -286,6 +287,11 @@ impl LabelSpec {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         {
             return Err(self.invalid("name", "must be non-empty [a-z0-9_]"));
+        }
+        if self.name.starts_with('_') {
+            // Hive-style readers skip `_` directories, and `_state/` holds join-state
+            // checkpoints.
+            return Err(self.invalid("name", "must not start with _"));
         }
         if self.impression != "match_impression" {
             return Err(self.invalid(
@@ -659,6 +665,12 @@ mod tests {
             err(&bad_field).contains("has no field `choice`"),
             "{}",
             err(&bad_field)
+        );
+        let hidden = EXAMPLE_SPEC.replace("name = \"match_outcomes\"", "name = \"_state\"");
+        assert!(
+            err(&hidden).contains("must not start with _"),
+            "{}",
+            err(&hidden)
         );
         let unknown_key = format!("{EXAMPLE_SPEC}\nsurprise = 1\n");
         assert!(
