@@ -982,16 +982,22 @@ async fn an_erasure_racing_a_commit_leaves_none_of_the_users_examples_on_the_lab
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
 }
 
-/// Files under `dir` whose bytes contain `needle`.
-fn files_naming(dir: &std::path::Path, needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let bytes = std::fs::read(e.path()).unwrap_or_default();
-        if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-            out.push(e.path().display().to_string());
-        }
-    }
-    out
+/// The eraser's scan of the root's join-state checkpoints for `user`: whether any file names
+/// them, and what it read.
+async fn checkpoints_name(root: &std::path::Path, user: &str) -> (bool, String) {
+    let root =
+        feedloop_labeler::dataset::Root::open(&root.display().to_string(), &Default::default())
+            .expect("root");
+    let check = feedloop_eraser::verify::state_checkpoints(
+        &root,
+        &feedloop_eraser::verify::Needles {
+            users: vec![user.to_owned()],
+            values: Vec::new(),
+        },
+    )
+    .await
+    .expect("scan");
+    (check.status == "fail", check.detail)
 }
 
 /// Records of `topic` the dataset's committed position is past (the sum of its next offsets).
@@ -1048,10 +1054,10 @@ async fn an_erased_user_leaves_the_local_join_state_and_every_checkpoint() {
     check_rows(&scenario, &labeler::read_dataset(&root, &dataset));
 
     let user = scenario.impressions[0].viewer.clone();
-    let state_dir = root.join("_state").join(&dataset);
+    let (named, detail) = checkpoints_name(&root, &user).await;
     assert!(
-        !files_naming(&state_dir, &user).is_empty(),
-        "the checkpoint holds the user's join state before the erasure"
+        named,
+        "the checkpoint holds the user's join state before the erasure: {detail}"
     );
     feedloop_labeler::erasure::suppress(&control, std::slice::from_ref(&user))
         .await
@@ -1074,11 +1080,14 @@ async fn an_erased_user_leaves_the_local_join_state_and_every_checkpoint() {
     }
     // The superseded segments go right after the commit that recorded the snapshot.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !files_naming(&state_dir, &user).is_empty() {
+    loop {
+        let (named, detail) = checkpoints_name(&root, &user).await;
+        if !named {
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "segments still name the erased user: {:?}",
-            files_naming(&state_dir, &user)
+            "segments still name the erased user: {detail}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1105,7 +1114,8 @@ async fn an_erased_user_leaves_the_local_join_state_and_every_checkpoint() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(files_naming(&state_dir, &user), Vec::<String>::new());
+    let (named, detail) = checkpoints_name(&root, &user).await;
+    assert!(!named, "{detail}");
 
     // A restart restores the checkpoint, which does not name the user.
     stop.cancel();
@@ -1115,7 +1125,8 @@ async fn an_erased_user_leaves_the_local_join_state_and_every_checkpoint() {
         .await
         .expect("labeler");
     labeler::wait_rows(&control, &dataset, total, Duration::from_secs(60)).await;
-    assert_eq!(files_naming(&state_dir, &user), Vec::<String>::new());
+    let (named, detail) = checkpoints_name(&root, &user).await;
+    assert!(!named, "{detail}");
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
     cdc.cleanup().await;

@@ -50,8 +50,8 @@ pub enum VerifyError {
 /// One line of the pass/fail table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
-    /// What was scanned: `topic <name>`, `datasets`, `replaced files`, `table <schema.name>`,
-    /// `key store`.
+    /// What was scanned: `topic <name>`, `datasets`, `replaced files`, `join-state
+    /// checkpoints`, `table <schema.name>`, `key store`.
     pub check: String,
     /// `pass`, `fail`, or `info` (noted, not a failure).
     pub status: String,
@@ -133,6 +133,7 @@ pub async fn verify(
 ) -> Result<Vec<Check>, VerifyError> {
     let mut checks = topics(&places.kafka, needles).await?;
     checks.extend(datasets(&places.control, &places.datasets, needles).await?);
+    checks.push(state_checkpoints(&places.datasets, needles).await?);
     checks.extend(tables(&places.control, needles).await?);
     let mut live = 0;
     for u in &needles.users {
@@ -411,6 +412,38 @@ async fn datasets(
             format!("{replaced} files of superseded versions; {replaced_left} still readable"),
         ),
     ])
+}
+
+/// Every file under the root's join-state checkpoints (`_state/`: local join state), listed by
+/// a checkpoint or left over, read raw.
+pub async fn state_checkpoints(root: &Root, needles: &Needles) -> Result<Check, VerifyError> {
+    let files = root
+        .list(feedloop_labeler::state::checkpoint::STATE_DIR)
+        .await
+        .map_err(|e| VerifyError::Datasets(e.to_string()))?;
+    let mut hits = 0;
+    for rel in &files {
+        let bytes = root
+            .get(rel)
+            .await
+            .map_err(|e| VerifyError::Datasets(e.to_string()))?;
+        if needles
+            .users
+            .iter()
+            .chain(&needles.values)
+            .any(|n| contains(&bytes, n.as_bytes()))
+        {
+            hits += 1;
+        }
+    }
+    Ok(Check::new(
+        "join-state checkpoints",
+        hits > 0,
+        format!(
+            "{} segment files read; {hits} name the users or hold their personal data",
+            files.len()
+        ),
+    ))
 }
 
 /// Tables that name a user by design while they are erased, and why.

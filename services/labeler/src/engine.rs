@@ -854,7 +854,7 @@ impl Pipeline {
         }
         segment.emitted = emitted.to_vec();
         let rows = segment.rows();
-        let bytes = tokio::task::block_in_place(|| segment.encode())?;
+        let bytes = tokio::task::block_in_place(|| segment.encode());
         let rel = checkpoint::segment_rel(&self.name, self.seq + 1);
         let r = SegmentRef {
             path: rel.clone(),

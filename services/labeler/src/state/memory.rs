@@ -458,7 +458,7 @@ mod tests {
                     if segment.full {
                         segments.clear();
                     }
-                    let bytes = segment.encode().unwrap();
+                    let bytes = segment.encode();
                     segments.push(Segment::decode(&bytes).unwrap());
                 }
             }
