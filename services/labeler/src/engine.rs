@@ -848,13 +848,11 @@ impl Pipeline {
             return Ok(None);
         };
         let full = self.snapshot_due || committed.wants_snapshot(local.live(&self.name));
-        let mut segment = local.take(&self.name, full);
-        if segment.is_empty() && emitted.is_empty() {
+        let taken = tokio::task::block_in_place(|| local.take(&self.name, full, emitted));
+        if !taken.changes && emitted.is_empty() {
             return Ok(Some((committed.clone(), Vec::new(), false)));
         }
-        segment.emitted = emitted.to_vec();
-        let rows = segment.rows();
-        let bytes = tokio::task::block_in_place(|| segment.encode());
+        let (bytes, rows) = (taken.bytes, taken.rows);
         let rel = checkpoint::segment_rel(&self.name, self.seq + 1);
         let r = SegmentRef {
             path: rel.clone(),

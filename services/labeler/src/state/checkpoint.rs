@@ -69,34 +69,19 @@ impl Segment {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(
-            FORMAT_TAG.len() + 160 * self.impressions.len() + 100 * self.rows() as usize,
-        ));
-        w.0.extend_from_slice(FORMAT_TAG);
-        w.u8(u8::from(self.full));
-        w.len(self.impressions.len());
-        for i in &self.impressions {
-            w.impression(i);
-        }
-        w.len(self.removed_impressions.len());
-        for id in &self.removed_impressions {
-            w.uuid(id);
-        }
-        w.len(self.outcomes.len());
-        for (key, list) in &self.outcomes {
-            w.str(key);
-            w.len(list.len());
-            for o in list {
-                w.outcome(o);
-            }
-        }
-        w.len(self.emitted.len());
-        for e in &self.emitted {
-            w.uuid(&e.example_id);
-            w.i64(e.close_ms);
-            w.emission(&e.emission);
-        }
-        w.0
+        let impressions: Vec<&StoredImpression> = self.impressions.iter().collect();
+        let outcomes: Vec<(&str, &[Outcome])> = self
+            .outcomes
+            .iter()
+            .map(|(k, list)| (k.as_str(), list.as_slice()))
+            .collect();
+        encode_parts(
+            self.full,
+            &impressions,
+            &self.removed_impressions,
+            &outcomes,
+            &self.emitted,
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
@@ -148,6 +133,71 @@ impl Segment {
             emitted,
         })
     }
+}
+
+/// A segment encoded from borrowed parts, as a store that holds them encodes its changes
+/// without copying them first. Decodes as the [`Segment`] of the same parts.
+pub fn encode_parts(
+    full: bool,
+    impressions: &[&StoredImpression],
+    removed_impressions: &[Uuid],
+    outcomes: &[(&str, &[Outcome])],
+    emitted: &[Emitted],
+) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(
+        FORMAT_TAG.len()
+            + 200 * impressions.len()
+            + 100 * outcomes.iter().map(|(_, o)| o.len()).sum::<usize>()
+            + 16 * removed_impressions.len()
+            + 40 * emitted.len(),
+    ));
+    w.0.extend_from_slice(FORMAT_TAG);
+    w.u8(u8::from(full));
+    w.len(impressions.len());
+    for i in impressions {
+        w.impression(i);
+    }
+    w.len(removed_impressions.len());
+    for id in removed_impressions {
+        w.uuid(id);
+    }
+    w.len(outcomes.len());
+    for (key, list) in outcomes {
+        w.str(key);
+        w.len(list.len());
+        for o in *list {
+            w.outcome(o);
+        }
+    }
+    w.len(emitted.len());
+    for e in emitted {
+        w.uuid(&e.example_id);
+        w.i64(e.close_ms);
+        w.emission(&e.emission);
+    }
+    w.0
+}
+
+/// Rows a segment of these parts writes (see [`Segment::rows`]).
+pub fn rows_of(
+    impressions: usize,
+    removed_impressions: usize,
+    outcomes: &[(&str, &[Outcome])],
+    emitted: usize,
+) -> u64 {
+    (impressions
+        + removed_impressions
+        + outcomes.iter().map(|(_, o)| o.len().max(1)).sum::<usize>()
+        + emitted) as u64
+}
+
+/// A store's changes, encoded as a segment.
+#[derive(Debug)]
+pub struct Taken {
+    pub bytes: Vec<u8>,
+    pub rows: u64,
+    /// Whether it holds anything but the emissions: changes, or a snapshot.
+    pub changes: bool,
 }
 
 fn corrupt(what: &str) -> StateError {

@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    CloseCursor, Emitted, LocalState, StateError, StateStore, StoredImpression, checkpoint::Segment,
+    CloseCursor, Emitted, LocalState, StateError, StateStore, StoredImpression,
+    checkpoint::{Segment, Taken, encode_parts, rows_of},
 };
 use crate::window::Outcome;
 
@@ -294,25 +295,23 @@ impl LocalState for MemoryStore {
         });
     }
 
-    fn take(&self, dataset: &str, full: bool) -> Segment {
+    fn take(&self, dataset: &str, full: bool, emitted: &[Emitted]) -> Taken {
         self.with(dataset, |d| {
-            let segment = if full {
-                let mut outcomes: Vec<(String, Vec<Outcome>)> = d
+            let (impressions, removed, outcomes): (Vec<&StoredImpression>, Vec<Uuid>, _) = if full {
+                let mut outcomes: Vec<(&str, &[Outcome])> = d
                     .outcomes
                     .iter()
-                    .map(|(k, list)| (k.clone(), list.clone()))
+                    .map(|(k, list)| (k.as_str(), list.as_slice()))
                     .collect();
-                outcomes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-                Segment {
-                    full: true,
-                    impressions: d
-                        .by_close
+                outcomes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                (
+                    d.by_close
                         .iter()
-                        .filter_map(|c| d.impressions.get(&c.example_id).cloned())
+                        .filter_map(|c| d.impressions.get(&c.example_id))
                         .collect(),
+                    Vec::new(),
                     outcomes,
-                    ..Segment::default()
-                }
+                )
             } else {
                 let mut removed: Vec<Uuid> = d.removed.iter().copied().collect();
                 removed.sort_unstable();
@@ -324,19 +323,22 @@ impl LocalState for MemoryStore {
                 changed.sort_unstable_by_key(|i| (i.close_ms, i.example_id));
                 let mut keys: Vec<&String> = d.changed_keys.iter().collect();
                 keys.sort_unstable();
-                Segment {
-                    full: false,
-                    impressions: changed.into_iter().cloned().collect(),
-                    removed_impressions: removed,
-                    outcomes: keys
-                        .into_iter()
-                        .map(|k| (k.clone(), d.outcomes.get(k).cloned().unwrap_or_default()))
-                        .collect(),
-                    emitted: Vec::new(),
-                }
+                let outcomes = keys
+                    .into_iter()
+                    .map(|k| (k.as_str(), d.outcomes.get(k).map_or(&[][..], Vec::as_slice)))
+                    .collect();
+                (changed, removed, outcomes)
+            };
+            let taken = Taken {
+                bytes: encode_parts(full, &impressions, &removed, &outcomes, emitted),
+                rows: rows_of(impressions.len(), removed.len(), &outcomes, emitted.len()),
+                changes: full
+                    || !impressions.is_empty()
+                    || !removed.is_empty()
+                    || !outcomes.is_empty(),
             };
             d.clear_changes();
-            segment
+            taken
         })
     }
 
@@ -441,8 +443,7 @@ mod tests {
                     now(live.purge_users(&[format!("u{user}")])).unwrap();
                 }
                 Op::Commit { full, emit } => {
-                    let mut segment = live.take("d", *full);
-                    segment.emitted = emit
+                    let emitted: Vec<Emitted> = emit
                         .iter()
                         .map(|n| Emitted {
                             example_id: Uuid::from_u128(u128::from(*n)),
@@ -454,12 +455,21 @@ mod tests {
                             },
                         })
                         .collect();
-                    now(live.put_emitted("d", &segment.emitted)).unwrap();
+                    let taken = live.take("d", *full, &emitted);
+                    now(live.put_emitted("d", &emitted)).unwrap();
+                    let segment = Segment::decode(&taken.bytes).unwrap();
+                    assert_eq!(taken.rows, segment.rows());
+                    assert_eq!(
+                        taken.changes,
+                        segment.full
+                            || !segment.impressions.is_empty()
+                            || !segment.removed_impressions.is_empty()
+                            || !segment.outcomes.is_empty()
+                    );
                     if segment.full {
                         segments.clear();
                     }
-                    let bytes = segment.encode();
-                    segments.push(Segment::decode(&bytes).unwrap());
+                    segments.push(segment);
                 }
             }
         }
@@ -482,9 +492,10 @@ mod tests {
                 restored.apply("d", s);
             }
             prop_assert_eq!(restored.live("d"), live.live("d"));
-            prop_assert_eq!(restored.take("d", true), live.take("d", true));
+            let snapshot = |s: &MemoryStore| Segment::decode(&s.take("d", true, &[]).bytes).unwrap();
+            prop_assert_eq!(snapshot(&restored), snapshot(&live));
             // Nothing is logged by a restore: its next delta is empty.
-            prop_assert!(restored.take("d", false).is_empty());
+            prop_assert!(!restored.take("d", false, &[]).changes);
         }
     }
 
@@ -497,8 +508,8 @@ mod tests {
         store.reset("a");
         assert_eq!(store.live("a"), 0);
         assert_eq!(store.live("b"), 1);
-        let delta = store.take("b", false);
+        let delta = Segment::decode(&store.take("b", false, &[]).bytes).unwrap();
         assert_eq!(delta.impressions.len(), 1);
-        assert!(store.take("b", false).is_empty());
+        assert!(!store.take("b", false, &[]).changes);
     }
 }

@@ -211,8 +211,9 @@ pub trait LocalState: Send + Sync {
     /// Applies a segment of the committed checkpoint (in order); leaves no change logged.
     fn apply(&self, dataset: &str, segment: checkpoint::Segment);
 
-    /// What changed since the last call, or the whole state (`full`); starts a new change log.
-    fn take(&self, dataset: &str, full: bool) -> checkpoint::Segment;
+    /// What changed since the last call, or the whole state (`full`), encoded as a segment with
+    /// `emitted` (what the commit emits); starts a new change log.
+    fn take(&self, dataset: &str, full: bool, emitted: &[Emitted]) -> checkpoint::Taken;
 
     /// Entries (impressions and outcomes) in `dataset`'s state.
     fn live(&self, dataset: &str) -> u64;
