@@ -847,8 +847,10 @@ impl Pipeline {
         let (Some(local), Some(committed)) = (self.shared.state.local(), &self.checkpoint) else {
             return Ok(None);
         };
+        let started = Instant::now();
         let full = self.snapshot_due || committed.wants_snapshot(local.live(&self.name));
         let taken = tokio::task::block_in_place(|| local.take(&self.name, full, emitted));
+        let encoded_ms = started.elapsed().as_millis() as u64;
         if !taken.changes && emitted.is_empty() {
             return Ok(Some((committed.clone(), Vec::new(), false)));
         }
@@ -860,9 +862,19 @@ impl Pipeline {
             rows,
         };
         let size = bytes.len();
+        let hashed_ms = started.elapsed().as_millis() as u64;
         self.shared.root.put(&rel, bytes).await?;
         written.push(rel);
-        tracing::debug!(dataset = %self.name, full, rows, bytes = size, "Commit: state segment written");
+        tracing::debug!(
+            dataset = %self.name,
+            full,
+            rows,
+            bytes = size,
+            encoded_ms,
+            hashed_ms,
+            written_ms = started.elapsed().as_millis() as u64,
+            "Commit: state segment written"
+        );
         let (next, gone) = committed.with(r, full);
         Ok(Some((next, gone, full)))
     }
@@ -1697,6 +1709,7 @@ impl Pipeline {
         // their events were still in the log or the state when the erasure happened, or are
         // replayed later.
         let erased = erasure::erased_among(&shared.control, &row_users(&rows)).await?;
+        tracing::debug!(dataset = %self.name, ms = started.elapsed().as_millis(), "Commit: rows checked against the suppression list");
         if !erased.is_empty() {
             let before = rows.len();
             rows.retain(|r| {

@@ -313,18 +313,16 @@ impl LocalState for MemoryStore {
                     outcomes,
                 )
             } else {
-                let mut removed: Vec<Uuid> = d.removed.iter().copied().collect();
-                removed.sort_unstable();
-                let mut changed: Vec<&StoredImpression> = d
+                // In no particular order: a restore applies a delta's entries independently.
+                let removed: Vec<Uuid> = d.removed.iter().copied().collect();
+                let changed: Vec<&StoredImpression> = d
                     .changed
                     .iter()
                     .filter_map(|id| d.impressions.get(id))
                     .collect();
-                changed.sort_unstable_by_key(|i| (i.close_ms, i.example_id));
-                let mut keys: Vec<&String> = d.changed_keys.iter().collect();
-                keys.sort_unstable();
-                let outcomes = keys
-                    .into_iter()
+                let outcomes = d
+                    .changed_keys
+                    .iter()
                     .map(|k| (k.as_str(), d.outcomes.get(k).map_or(&[][..], Vec::as_slice)))
                     .collect();
                 (changed, removed, outcomes)
