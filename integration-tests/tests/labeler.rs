@@ -1127,7 +1127,83 @@ async fn an_erased_user_leaves_the_local_join_state_and_every_checkpoint() {
     labeler::wait_rows(&control, &dataset, total, Duration::from_secs(60)).await;
     let (named, detail) = checkpoints_name(&root, &user).await;
     assert!(!named, "{detail}");
+
+    // A user with an open example (still in the state), erased while the labeler is down: the
+    // eraser purges the checkpoint itself, under the dataset's lock, which a running labeler
+    // holds (the eraser then leaves the purge to it).
+    let latecomer = format!("open-{}", uuid::Uuid::new_v4().simple());
+    let clock = scenario
+        .events
+        .last()
+        .map(labeler::Ev::time)
+        .expect("clock");
+    let open = Scenario {
+        events: vec![labeler::Ev::Impression(labeler::Imp {
+            event_id: uuid::Uuid::new_v4(),
+            match_id: uuid::Uuid::new_v4(),
+            viewer: latecomer.clone(),
+            // Not a scenario user: any of them may be the one erased above.
+            candidate: format!("open-candidate-{}", uuid::Uuid::new_v4().simple()),
+            time: clock,
+        })],
+        rows: Vec::new(),
+        impressions: Vec::new(),
+    };
+    labeler::publish_events(&cdc.registry.client(), &events_topic, &open).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while events_committed(&control, &dataset, &events_topic).await < published + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the labeler did not commit the open impression"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (named, detail) = checkpoints_name(&root, &latecomer).await;
+    assert!(
+        named,
+        "the open example's impression is in the checkpoint: {detail}"
+    );
+    let root_store =
+        feedloop_labeler::dataset::Root::open(&root.display().to_string(), &Default::default())
+            .expect("root");
+    assert_eq!(
+        feedloop_labeler::erasure::purge_idle_checkpoint(&control, &root_store, &dataset)
+            .await
+            .expect("purge"),
+        None,
+        "the running labeler holds the dataset"
+    );
+    // The labeler crashes (no final commit), then the user is erased.
+    running.task.abort();
+    let _ = running.task.await;
     stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    feedloop_labeler::erasure::suppress(&control, std::slice::from_ref(&latecomer))
+        .await
+        .expect("suppress");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let purged = loop {
+        // The aborted labeler's lock goes with its connection, a moment later.
+        if let Some(n) =
+            feedloop_labeler::erasure::purge_idle_checkpoint(&control, &root_store, &dataset)
+                .await
+                .expect("purge")
+        {
+            break n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the crashed labeler's lock was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(purged >= 1, "the open impression was purged ({purged})");
+    let (named, detail) = checkpoints_name(&root, &latecomer).await;
+    assert!(!named, "{detail} ({purged} entries purged)");
+    assert_eq!(
+        feedloop_labeler::erasure::local_state_behind(&control, std::slice::from_ref(&latecomer))
+            .await
+            .expect("behind"),
+        Some(Vec::new())
+    );
     cdc.cleanup().await;
 }

@@ -354,8 +354,9 @@ impl Worker {
     }
 
     /// Purges the users from a shared join-state store, then waits until every dataset
-    /// whose labeler keeps local state has committed a checkpoint without them (each purges
-    /// the users above its checkpoint's suppression seq at its next commit).
+    /// whose labeler keeps local state has a checkpoint without them: a running labeler purges
+    /// the users above its checkpoint's suppression seq at its next commit, and the checkpoint
+    /// of one that is not running is purged here.
     async fn purge_join_state(&self, users: &[String]) -> Result<Done, String> {
         let shared = if self.state.local().is_none() {
             self.state
@@ -366,6 +367,7 @@ impl Worker {
             0
         };
         let deadline = tokio::time::Instant::now() + LOCAL_STATE_WAIT;
+        let (mut idle, mut idle_datasets) = (0u64, 0u64);
         loop {
             let behind = erasure::local_state_behind(&self.control, users)
                 .await
@@ -373,14 +375,28 @@ impl Worker {
                 .ok_or("the users are not on the suppression list")?;
             if behind.is_empty() {
                 return Ok((
-                    shared as i64,
-                    json!({ "entries_removed": shared, "local_state_checkpoints": "purged" }),
+                    (shared + idle) as i64,
+                    json!({
+                        "entries_removed": shared + idle,
+                        "local_state_checkpoints": "purged",
+                        "idle_checkpoints_purged": idle_datasets,
+                    }),
                 ));
+            }
+            // A dataset whose labeler is not running is purged here, under its lock.
+            for dataset in &behind {
+                if let Some(n) = erasure::purge_idle_checkpoint(&self.control, &self.root, dataset)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    idle += n;
+                    idle_datasets += 1;
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!(
                     "the local join state of dataset(s) {} has no checkpoint without the users yet: \
-                     their labeler purges them at its next commit (is it running?)",
+                     their running labeler purges them at its next commit",
                     behind.join(", ")
                 ));
             }

@@ -367,11 +367,10 @@ pub(crate) async fn session(
     let name = dataset.name().to_owned();
     // One writer per dataset: a session-level advisory lock on its own connection.
     let mut lock = shared.control.acquire().await?.detach();
-    let locked: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('feedloop.labeler.' || $1))")
-            .bind(&name)
-            .fetch_one(&mut lock)
-            .await?;
+    let locked: bool = sqlx::query_scalar(erasure::dataset_lock_sql(true))
+        .bind(&name)
+        .fetch_one(&mut lock)
+        .await?;
     if !locked {
         return Err(EngineError::Locked(name));
     }
