@@ -160,9 +160,10 @@ impl ProcessStack {
                  {kafka}{producer}{registry}{keys}[control]\nurl = \"{pg}\"\n{log}",
                 product = self.product_url,
             ),
+            // Postgres join state: the bad-input battery counts stored impressions in it.
             "labeler" => format!(
                 "[http]\nlisten = \"{listen}\"\n[datasets]\nroot = \"{datasets}\"\n\
-                 commit_interval_ms = 2000\n\
+                 commit_interval_ms = 2000\n[state]\nstore = \"postgres\"\n\
                  {kafka}{producer}{registry}[control]\nurl = \"{pg}\"\n{log}"
             ),
             "eraser" => format!(

@@ -401,7 +401,9 @@ async fn a_labeler_resuming_inside_a_record_batch_reads_the_rest_of_it() {
     let dataset = format!("m_{}", &id[8..16]);
     let spec = labeler::spec_file(dir.path(), &dataset);
     let root = dir.path().join("datasets");
-    let cfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    let mut cfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    // The refusal is a trigger on the Postgres state's table.
+    cfg.state.store = feedloop_labeler::config::StoreKind::Postgres;
     let control = PgPool::connect(cfg.control.url.expose())
         .await
         .expect("control");
@@ -530,7 +532,9 @@ async fn a_record_the_join_state_refuses_is_found_and_dead_lettered() {
     let dataset = format!("r_{}", &id[8..16]);
     let spec = labeler::spec_file(dir.path(), &dataset);
     let root = dir.path().join("datasets");
-    let cfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    let mut cfg = labeler::config(&registry, &spec, &events_topic, &prefix, &root).await;
+    // The refusal is a trigger on the Postgres state's table.
+    cfg.state.store = feedloop_labeler::config::StoreKind::Postgres;
     let control = PgPool::connect(cfg.control.url.expose())
         .await
         .expect("control");
