@@ -1052,6 +1052,23 @@ async fn an_erased_user_leaves_the_local_join_state_and_every_checkpoint() {
         .expect("labeler");
     labeler::wait_rows(&control, &dataset, total, Duration::from_secs(120)).await;
     check_rows(&scenario, &labeler::read_dataset(&root, &dataset));
+    // Operators see how big the state and its checkpoint are.
+    let metrics = reqwest::get(format!("http://{}/metrics", running.addr))
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let series = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("dataset=\"{dataset}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} series for the dataset"))
+    };
+    // Entries may be none by now: every window closed and expired.
+    assert!(series("feedloop_labeler_state_entries{") >= 0.0);
+    assert!(series("feedloop_labeler_checkpoint_bytes{") > 0.0);
 
     let user = scenario.impressions[0].viewer.clone();
     let (named, detail) = checkpoints_name(&root, &user).await;

@@ -759,6 +759,7 @@ impl Pipeline {
             let segment = tokio::task::block_in_place(|| Segment::decode(&bytes))?;
             local.apply(&self.name, segment);
         }
+        observability::local_state(&self.name, local.live(&self.name), checkpoint.bytes());
         tracing::info!(
             dataset = %self.name,
             segments = checkpoint.segments.len(),
@@ -859,6 +860,7 @@ impl Pipeline {
             path: rel.clone(),
             sha256: dataset::sha256_hex(&bytes),
             rows,
+            bytes: bytes.len() as u64,
         };
         let size = bytes.len();
         let hashed_ms = started.elapsed().as_millis() as u64;
@@ -1814,6 +1816,9 @@ impl Pipeline {
         self.seq += 1;
         self.batch_start.clear();
         if let Some((next, gone, full)) = segment {
+            if let Some(local) = shared.state.local() {
+                observability::local_state(&self.name, local.live(&self.name), next.bytes());
+            }
             self.checkpoint = Some(next);
             if full {
                 self.snapshot_due = false;

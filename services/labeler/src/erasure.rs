@@ -169,6 +169,7 @@ pub async fn purge_idle_checkpoint(
                 path: rel.clone(),
                 sha256: dataset::sha256_hex(&taken.bytes),
                 rows: taken.rows,
+                bytes: taken.bytes.len() as u64,
             }],
         };
         root.put(&rel, taken.bytes).await?;

@@ -21,6 +21,8 @@ pub const RESTARTS: &str = "feedloop_labeler_restarts_total";
 pub const STATE_EXPIRED: &str = "feedloop_labeler_state_expired_entries_total";
 pub const LOG_RESETS: &str = "feedloop_labeler_log_resets_total";
 pub const PRODUCER_RESETS: &str = "feedloop_labeler_producer_resets_total";
+pub const STATE_ENTRIES: &str = "feedloop_labeler_state_entries";
+pub const CHECKPOINT_BYTES: &str = "feedloop_labeler_checkpoint_bytes";
 
 pub const HTTP: HttpMetrics = HttpMetrics {
     requests: "feedloop_labeler_http_requests_total",
@@ -90,6 +92,14 @@ pub fn describe() {
     describe_gauge!(
         PENDING_ROWS,
         "Examples waiting for the next commit, by dataset."
+    );
+    describe_gauge!(
+        STATE_ENTRIES,
+        "Impressions and outcomes in the local join state, by dataset (it is held in memory)."
+    );
+    describe_gauge!(
+        CHECKPOINT_BYTES,
+        "Bytes of the segments the local join state's committed checkpoint lists, by dataset."
     );
     describe_counter!(
         RESTARTS,
@@ -210,4 +220,10 @@ pub fn restart(dataset: &str) {
 
 pub fn expired(dataset: &str, n: u64) {
     counter!(STATE_EXPIRED, "dataset" => dataset.to_owned()).increment(n);
+}
+
+/// The local join state's size after a commit.
+pub fn local_state(dataset: &str, entries: u64, checkpoint_bytes: u64) {
+    gauge!(STATE_ENTRIES, "dataset" => dataset.to_owned()).set(entries as f64);
+    gauge!(CHECKPOINT_BYTES, "dataset" => dataset.to_owned()).set(checkpoint_bytes as f64);
 }

@@ -492,6 +492,8 @@ pub struct SegmentRef {
     pub path: String,
     pub sha256: String,
     pub rows: u64,
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// The segments that make up a dataset's committed state, oldest first; the first one is a
@@ -502,6 +504,11 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Bytes of every segment.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
     /// Whether the next segment should be a snapshot: too many segments to read at a restore,
     /// or they write more than twice what the state holds (`live` entries).
     pub fn wants_snapshot(&self, live: u64) -> bool {
@@ -561,6 +568,7 @@ mod tests {
             path: format!("_state/d/seg-{rows}"),
             sha256: String::new(),
             rows,
+            bytes: rows * 100,
         }
     }
 
