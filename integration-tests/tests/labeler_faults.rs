@@ -80,17 +80,27 @@ async fn prepared(seed: u64, matches: usize) -> (Scenario, TestCdc, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labeler_killed_mid_run_writes_the_same_dataset_as_an_uninterrupted_run() {
-    killed_mid_run("postgres").await;
+    killed_mid_run("postgres", "postgres").await;
 }
 
 /// The same with local join state: the restarted labeler has nothing but its checkpoint
 /// (segments written with each commit, snapshots among them) and the log after its offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labeler_with_local_state_killed_mid_run_restores_its_checkpoint() {
-    killed_mid_run("local").await;
+    killed_mid_run("local", "local").await;
 }
 
-async fn killed_mid_run(store: &str) {
+/// A dataset whose state is in the Postgres store (the default before local state) continues
+/// on local state after a restart: its state moves into memory, and the first checkpoint's
+/// commit deletes it from Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_on_the_postgres_store_moves_to_local_state_at_a_restart() {
+    killed_mid_run("postgres", "local").await;
+}
+
+/// Kills a labeler on `first` state store after its first commits, restarts it on `second`,
+/// and compares the dataset with an uninterrupted run's.
+async fn killed_mid_run(first: &str, second: &str) {
     let (scenario, cdc, events_topic) = prepared(11, 1200).await;
     let total = scenario.impressions.len() as i64;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -122,8 +132,9 @@ async fn killed_mid_run(store: &str) {
     let control = PgPool::connect(cfg.control.url.expose())
         .await
         .expect("control");
-    let file = dir.path().join("labeler.toml");
-    std::fs::write(
+    let config_file = |store: &str| {
+        let file = dir.path().join(format!("labeler-{store}.toml"));
+        std::fs::write(
         &file,
         format!(
             "[specs]\nfiles = [\"{spec}\"]\n[inputs]\nevents_topic = \"{events_topic}\"\ncdc_prefix = \"{prefix}\"\n\
@@ -140,8 +151,10 @@ async fn killed_mid_run(store: &str) {
         ),
     )
     .expect("config");
-    let spawn = || Service::spawn("labeler", &file, dir.path());
-    let mut first = spawn();
+        file
+    };
+    let spawn = |store: &str| Service::spawn("labeler", &config_file(store), dir.path());
+    let mut labeler = spawn(first);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let n = labeler::committed_rows(&control, &killed).await;
@@ -155,8 +168,8 @@ async fn killed_mid_run(store: &str) {
         assert!(Instant::now() < deadline, "the labeler never committed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    first.kill();
-    let _second = spawn();
+    labeler.kill();
+    let _second = spawn(second);
     labeler::wait_rows(&control, &killed, total, Duration::from_secs(120)).await;
     let checkpoint: Option<String> =
         sqlx::query_scalar("SELECT checkpoint FROM labeler.positions WHERE dataset = $1")
@@ -164,7 +177,7 @@ async fn killed_mid_run(store: &str) {
             .fetch_one(&control)
             .await
             .expect("position");
-    if store == "local" {
+    if second == "local" {
         let checkpoint: Value =
             serde_json::from_str(&checkpoint.expect("a checkpoint")).expect("checkpoint JSON");
         let segments = checkpoint["segments"].as_array().expect("segments");
@@ -177,6 +190,18 @@ async fn killed_mid_run(store: &str) {
                 path.display()
             );
         }
+        let left: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM labeler.impressions WHERE dataset = $1)
+                  + (SELECT count(*) FROM labeler.outcomes WHERE dataset = $1)",
+        )
+        .bind(&killed)
+        .fetch_one(&control)
+        .await
+        .expect("postgres state");
+        assert_eq!(
+            left, 0,
+            "the state left the Postgres store once checkpointed"
+        );
     } else {
         assert_eq!(checkpoint, None, "a shared store writes no checkpoint");
     }

@@ -608,6 +608,9 @@ struct Pipeline {
     suppressed: HashSet<String>,
     suppression_through: i64,
     snapshot_due: bool,
+    /// Local state read from the Postgres store at this start: the first commit of a
+    /// checkpoint deletes the dataset's rows there, in its transaction.
+    moved_from_postgres: bool,
 }
 
 impl Pipeline {
@@ -706,8 +709,11 @@ impl Pipeline {
             suppressed: HashSet::new(),
             suppression_through: position.suppression_through,
             snapshot_due: false,
+            moved_from_postgres: false,
         };
+        let moving = position.checkpoint.is_none() && p.seq > 0;
         p.checkpoint = p.restore(position.checkpoint).await?;
+        p.moved_from_postgres = moving && p.checkpoint.is_some();
         if p.checkpoint.is_some() {
             p.load_suppressed().await?;
         }
@@ -737,7 +743,16 @@ impl Pipeline {
             };
         };
         let checkpoint = match committed {
-            None if self.seq > 0 => return Err(changed(SHARED_STATE, LOCAL_STATE)),
+            None if self.seq > 0 => {
+                // Committed with the Postgres store (the default before local state): its
+                // state moves into memory, and the next commit checkpoints it as a snapshot.
+                // A ScyllaDB state is not moved: set the store back, or replay.
+                let imported = self.import_postgres_state(local).await?;
+                if imported.is_none() {
+                    return Err(changed(SHARED_STATE, LOCAL_STATE));
+                }
+                return Ok(Some(Checkpoint::default()));
+            }
             None => Checkpoint::default(),
             Some(text) => serde_json::from_str(&text).map_err(|e| EngineError::Position {
                 dataset: self.name.clone(),
@@ -769,6 +784,54 @@ impl Pipeline {
             "Join state restored from its checkpoint"
         );
         Ok(Some(checkpoint))
+    }
+
+    /// Local state for a dataset whose state is in the Postgres store: reads it all into
+    /// memory and has the next commit write a snapshot. `None` when the Postgres store holds
+    /// nothing of the dataset (its state was elsewhere).
+    async fn import_postgres_state(
+        &self,
+        local: &dyn crate::state::LocalState,
+    ) -> Result<Option<()>, EngineError> {
+        let store = crate::state::postgres::PostgresStore::new(self.shared.control.clone());
+        let started = Instant::now();
+        local.reset(&self.name);
+        let mut from = CloseCursor::after(i64::MIN);
+        let mut impressions = 0;
+        loop {
+            let page = store
+                .due_impressions(&self.name, from, i64::MAX, 5000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            from = CloseCursor {
+                close_ms: last.close_ms,
+                example_id: last.example_id,
+            };
+            impressions += page.len();
+            self.shared.state.put_impressions(&self.name, page).await?;
+        }
+        let outcomes = store.all_outcomes(&self.name).await?;
+        let n = outcomes.len();
+        self.shared.state.put_outcomes(&self.name, outcomes).await?;
+        if impressions + n == 0 {
+            let position: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM labeler.partitions WHERE dataset = $1")
+                    .bind(&self.name)
+                    .fetch_one(&self.shared.control)
+                    .await?;
+            // An empty state is only certain for a dataset that never committed a row.
+            if position > 0 {
+                return Ok(None);
+            }
+        }
+        tracing::info!(
+            dataset = %self.name,
+            impressions,
+            outcomes = n,
+            ms = started.elapsed().as_millis() as u64,
+            "Join state moved from the Postgres store into local state; the next commit checkpoints it"
+        );
+        Ok(Some(()))
     }
 
     /// Local state: reads the whole suppression list, and purges the users suppressed since
@@ -1816,6 +1879,7 @@ impl Pipeline {
         self.seq += 1;
         self.batch_start.clear();
         if let Some((next, gone, full)) = segment {
+            self.moved_from_postgres = false;
             if let Some(local) = shared.state.local() {
                 observability::local_state(&self.name, local.live(&self.name), next.bytes());
             }
@@ -1913,6 +1977,24 @@ impl Pipeline {
         // A local state's segment was written without the users suppressed through
         // `suppression_through`; one suppressed since may be in it.
         if checkpoint.is_some() {
+            // The checkpoint holds the state from here on: what the Postgres store kept of it
+            // (moved at this start), and its outbox of emissions, go in the same transaction.
+            let statements: &[&'static str] = if self.moved_from_postgres {
+                &[
+                    "DELETE FROM labeler.emission_outbox WHERE dataset = $1",
+                    "DELETE FROM labeler.impressions WHERE dataset = $1",
+                    "DELETE FROM labeler.outcomes WHERE dataset = $1",
+                    "DELETE FROM labeler.emissions WHERE dataset = $1",
+                ]
+            } else {
+                &["DELETE FROM labeler.emission_outbox WHERE dataset = $1"]
+            };
+            for statement in statements {
+                sqlx::query(*statement)
+                    .bind(&self.name)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let latest: i64 =
                 sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM collector.suppressed_users")
                     .fetch_one(&mut *tx)

@@ -14,6 +14,17 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// Every outcome of `dataset` (to move a dataset's state to another store).
+    pub async fn all_outcomes(&self, dataset: &str) -> Result<Vec<Outcome>, StateError> {
+        let rows = sqlx::query("SELECT payload FROM labeler.outcomes WHERE dataset = $1")
+            .bind(dataset)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| decode::<Outcome>(&r.try_get::<Vec<u8>, _>("payload")?))
+            .collect()
+    }
+
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
     }
