@@ -367,7 +367,7 @@ pub(crate) async fn session(
     let name = dataset.name().to_owned();
     // One writer per dataset: a session-level advisory lock on its own connection.
     let mut lock = shared.control.acquire().await?.detach();
-    let locked: bool = sqlx::query_scalar(erasure::dataset_lock_sql(true))
+    let locked: bool = sqlx::query_scalar(erasure::DATASET_LOCK_SQL)
         .bind(&name)
         .fetch_one(&mut lock)
         .await?;

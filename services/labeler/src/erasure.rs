@@ -90,13 +90,9 @@ pub async fn local_state_behind(
 }
 
 /// The advisory lock a dataset's labeler holds while it runs (on a connection of its own).
-pub fn dataset_lock_sql(lock: bool) -> &'static str {
-    if lock {
-        "SELECT pg_try_advisory_lock(hashtext('feedloop.labeler.' || $1))"
-    } else {
-        "SELECT pg_advisory_unlock(hashtext('feedloop.labeler.' || $1))"
-    }
-}
+/// [`purge_idle_checkpoint`] takes the same key for one transaction.
+pub const DATASET_LOCK_SQL: &str =
+    "SELECT pg_try_advisory_lock(hashtext('feedloop.labeler.' || $1))";
 
 /// For a dataset with local join state whose labeler is not running: purges every user
 /// suppressed since its checkpoint from the checkpoint itself, as the labeler would at its next
@@ -114,98 +110,84 @@ pub async fn purge_idle_checkpoint(
         checkpoint::{Checkpoint, Segment, SegmentRef, segment_rel},
         memory::MemoryStore,
     };
-    let mut conn = control.acquire().await?;
-    let locked: bool = sqlx::query_scalar(dataset_lock_sql(true))
-        .bind(dataset)
-        .fetch_one(&mut *conn)
-        .await?;
+    // A transaction-level lock: released with the transaction, however this ends.
+    let mut tx = control.begin().await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('feedloop.labeler.' || $1))")
+            .bind(dataset)
+            .fetch_one(&mut *tx)
+            .await?;
     if !locked {
         return Ok(None);
     }
-    let result = async {
-        let row: Option<(i64, Option<String>, i64)> = sqlx::query_as(
-            "SELECT seq, checkpoint, suppression_through FROM labeler.positions WHERE dataset = $1",
-        )
-        .bind(dataset)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some((seq, Some(text), through)) = row else {
-            return Ok(0);
-        };
-        let suppressed: Vec<(String, i64)> =
-            sqlx::query_as("SELECT user_id, seq FROM collector.suppressed_users WHERE seq > $1")
-                .bind(through)
-                .fetch_all(&mut *conn)
-                .await?;
-        let Some(latest) = suppressed.iter().map(|(_, s)| *s).max() else {
-            return Ok(0);
-        };
-        let corrupt = |m: String| ErasureError::Checkpoint(dataset.to_owned(), m);
-        let checkpoint: Checkpoint =
-            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        let state = MemoryStore::default();
-        for s in &checkpoint.segments {
-            let bytes = root.get(&s.path).await?;
-            if dataset::sha256_hex(&bytes) != s.sha256 {
-                return Err(corrupt(format!(
-                    "segment {} does not match its checksum",
-                    s.path
-                )));
-            }
-            state.apply(
-                dataset,
-                Segment::decode(&bytes).map_err(|e| corrupt(e.to_string()))?,
-            );
+    let row: Option<(i64, Option<String>, i64)> = sqlx::query_as(
+        "SELECT seq, checkpoint, suppression_through FROM labeler.positions WHERE dataset = $1",
+    )
+    .bind(dataset)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((seq, Some(text), through)) = row else {
+        return Ok(Some(0));
+    };
+    let suppressed: Vec<(String, i64)> =
+        sqlx::query_as("SELECT user_id, seq FROM collector.suppressed_users WHERE seq > $1")
+            .bind(through)
+            .fetch_all(&mut *tx)
+            .await?;
+    let Some(latest) = suppressed.iter().map(|(_, s)| *s).max() else {
+        return Ok(Some(0));
+    };
+    let corrupt = |m: String| ErasureError::Checkpoint(dataset.to_owned(), m);
+    let checkpoint: Checkpoint = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+    let state = MemoryStore::default();
+    for s in &checkpoint.segments {
+        let bytes = root.get(&s.path).await?;
+        if dataset::sha256_hex(&bytes) != s.sha256 {
+            return Err(corrupt(format!(
+                "segment {} does not match its checksum",
+                s.path
+            )));
         }
-        let users: Vec<String> = suppressed.into_iter().map(|(u, _)| u).collect();
-        let removed = state
-            .purge_users(&users)
-            .await
-            .map_err(|e| corrupt(e.to_string()))?;
-        let taken = state.take(dataset, true, &[]);
-        let rel = segment_rel(dataset, seq);
-        let next = Checkpoint {
-            segments: vec![SegmentRef {
-                path: rel.clone(),
-                sha256: dataset::sha256_hex(&taken.bytes),
-                rows: taken.rows,
-                bytes: taken.bytes.len() as u64,
-            }],
-        };
-        root.put(&rel, taken.bytes).await?;
-        let updated = sqlx::query(
-            "UPDATE labeler.positions SET checkpoint = $2, suppression_through = $3
-             WHERE dataset = $1 AND seq = $4",
-        )
-        .bind(dataset)
-        .bind(serde_json::to_string(&next).map_err(|e| corrupt(e.to_string()))?)
-        .bind(latest)
-        .bind(seq)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if updated != 1 {
-            root.delete(&rel).await?;
-            return Err(corrupt(
-                "the position changed under the dataset's lock".into(),
-            ));
-        }
-        for s in &checkpoint.segments {
-            root.delete(&s.path).await?;
-        }
-        tracing::info!(
+        state.apply(
             dataset,
-            entries = removed,
-            "Erased users purged from an idle labeler's join-state checkpoint"
+            Segment::decode(&bytes).map_err(|e| corrupt(e.to_string()))?,
         );
-        Ok(removed)
     }
-    .await;
-    let _ = sqlx::query(dataset_lock_sql(false))
-        .bind(dataset)
-        .execute(&mut *conn)
-        .await;
-    result.map(Some)
+    let users: Vec<String> = suppressed.into_iter().map(|(u, _)| u).collect();
+    let removed = state
+        .purge_users(&users)
+        .await
+        .map_err(|e| corrupt(e.to_string()))?;
+    let taken = state.take(dataset, true, &[]);
+    let rel = segment_rel(dataset, seq);
+    let next = Checkpoint {
+        segments: vec![SegmentRef {
+            path: rel.clone(),
+            sha256: dataset::sha256_hex(&taken.bytes),
+            rows: taken.rows,
+            bytes: taken.bytes.len() as u64,
+        }],
+    };
+    root.put(&rel, taken.bytes).await?;
+    // A failure from here leaves the new segment unlisted: the labeler's next start removes it.
+    sqlx::query(
+        "UPDATE labeler.positions SET checkpoint = $2, suppression_through = $3 WHERE dataset = $1",
+    )
+    .bind(dataset)
+    .bind(serde_json::to_string(&next).map_err(|e| corrupt(e.to_string()))?)
+    .bind(latest)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    for s in &checkpoint.segments {
+        root.delete(&s.path).await?;
+    }
+    tracing::info!(
+        dataset,
+        entries = removed,
+        "Erased users purged from an idle labeler's join-state checkpoint"
+    );
+    Ok(Some(removed))
 }
 
 /// Which of `users` are erased (on the suppression list the eraser keeps).
