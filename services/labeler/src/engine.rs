@@ -834,23 +834,17 @@ impl Pipeline {
         Ok(Some(()))
     }
 
-    /// Local state: reads the whole suppression list, and purges the users suppressed since
-    /// the checkpoint was committed (its segments may name them: the next one is a snapshot).
+    /// Local state: reads the suppression list the checkpoint was written without, then takes
+    /// the users suppressed since out of the state (its segments may name them: the next one
+    /// is a snapshot).
     async fn load_suppressed(&mut self) -> Result<(), EngineError> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT user_id, seq FROM collector.suppressed_users")
+        let users: Vec<String> =
+            sqlx::query_scalar("SELECT user_id FROM collector.suppressed_users WHERE seq <= $1")
+                .bind(self.suppression_through)
                 .fetch_all(&self.shared.control)
                 .await?;
-        let committed = self.suppression_through;
-        let mut new = Vec::new();
-        for (user, seq) in rows {
-            if seq > committed {
-                new.push(user.clone());
-            }
-            self.suppression_through = self.suppression_through.max(seq);
-            self.suppressed.insert(user);
-        }
-        self.purge(&new).await
+        self.suppressed.extend(users);
+        self.poll_suppressions().await
     }
 
     /// Local state: takes the users suppressed since the last look on the list and out of the
